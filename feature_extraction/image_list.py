@@ -1,0 +1,171 @@
+"""Image lists (`path,label,domain` per line) and the ILIAS id encoding of their paths.
+
+A list line is either `path` alone or `path,label,domain`, with `label` and `domain`
+integers; `path` is relative to the dataset folder. Blank lines are skipped, a UTF-8
+byte-order mark and Windows line endings are accepted. Paths cannot contain commas.
+
+HDF5 files written by the ILIAS tools store each path as an ASCII id: every character
+outside ASCII becomes `#U` followed by four lowercase hex digits of its code point.
+"""
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+_ESCAPED_CHAR = re.compile(r"#U([0-9a-f]{4})")
+
+
+class ImageListError(ValueError):
+    """A list file that cannot be used as it is: the message names the line and the fix."""
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    path: str
+    label: int | None
+    domain: int | None
+    line_no: int
+
+
+def escape_id(path: str) -> str:
+    """Encode a path as the ASCII id the ILIAS extractor stores in HDF5 `index`.
+
+    Same transformation as the ILIAS extractor (the repr of the `unicode-escape` bytes,
+    with `\\u` and `\\x` turned into `#U` and `#U00`), so ids of both tools match exactly,
+    including its rare oddities: backslashes are doubled and characters above U+FFFF
+    keep the form `\\\\U0001f600`.
+    """
+    escaped = repr(path.encode("unicode-escape"))[2:-1]
+    return escaped.replace("\\\\u", "#U").replace("\\\\x", "#U00")
+
+
+def unescape_id(image_id: str) -> str:
+    """Decode the `#Uxxxx` sequences of an id back to characters.
+
+    NOTE: a path that literally contains `#U` plus four hex digits cannot be told apart
+    from an escaped one; such paths do not occur in UnED or ILIAS.
+    """
+    return _ESCAPED_CHAR.sub(lambda m: chr(int(m.group(1), 16)), image_id)
+
+
+def canonical_id(image_id: str) -> str:
+    """Map an HDF5 id to its escaped form, whether the writer escaped it or not."""
+    return image_id if image_id.isascii() else escape_id(image_id)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_relative(path: str, list_path: str, line_no: int) -> None:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", path) or path.startswith("\\"):
+        raise ImageListError(
+            f"{list_path}:{line_no}: absolute path {path!r} is not allowed; "
+            "write paths relative to --dataset_dir"
+        )
+    if ".." in pure.parts or ".." in path.split("\\"):
+        raise ImageListError(
+            f"{list_path}:{line_no}: path {path!r} contains '..' and could leave --dataset_dir; "
+            "write paths relative to --dataset_dir without '..'"
+        )
+
+
+def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ImageListError(
+            f"{list_path}:{line_no}: {field} {value!r} is not an integer; "
+            "each line must be 'path,label,domain' with integer label and domain"
+        ) from None
+
+
+def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) -> list[ListEntry]:
+    """Parse a list file into entries in file order.
+
+    Raises ImageListError with the line number for a malformed line, a path that
+    escapes the dataset folder, a duplicate path, a missing label when
+    `require_labels` is set, or a list without any entry.
+    """
+    list_path = str(list_path)
+    entries: list[ListEntry] = []
+    first_line_of: dict[str, int] = {}
+
+    # utf-8-sig drops a byte-order mark; universal newlines turn \r\n into \n
+    with open(list_path, encoding="utf-8-sig") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) == 1:
+                if require_labels:
+                    raise ImageListError(
+                        f"{list_path}:{line_no}: line {line!r} has a path but no label and domain; "
+                        "labelled lists need 'path,label,domain'"
+                    )
+                path, label, domain = fields[0], None, None
+            elif len(fields) == 3:
+                path = fields[0]
+                label = _parse_int(fields[1], "label", list_path, line_no)
+                domain = _parse_int(fields[2], "domain", list_path, line_no)
+            else:
+                raise ImageListError(
+                    f"{list_path}:{line_no}: expected 'path,label,domain' (3 fields) or a path "
+                    f"alone, got {len(fields)} fields in {line!r}; paths cannot contain commas"
+                )
+
+            if not path:
+                raise ImageListError(f"{list_path}:{line_no}: empty path in {line!r}")
+            _check_relative(path, list_path, line_no)
+            if path in first_line_of:
+                raise ImageListError(
+                    f"{list_path}:{line_no}: duplicate path {path!r} (first on line "
+                    f"{first_line_of[path]}); remove the repeated line"
+                )
+            first_line_of[path] = line_no
+            entries.append(ListEntry(path, label, domain, line_no))
+
+    if not entries:
+        raise ImageListError(f"{list_path}: the list contains no image paths")
+    return entries
+
+
+def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
+    """List every image file under `dataset_dir` as unlabelled entries, sorted by path."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise ImageListError(f"--dataset_dir {str(root)!r} is not a folder")
+    paths = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not paths:
+        raise ImageListError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}"
+        )
+    return [ListEntry(path, None, None, 0) for path in paths]
+
+
+def resolve_image_path(dataset_dir: str | os.PathLike, path: str) -> Path:
+    """Return the file to read for a list path.
+
+    Some UnED folders (RP2K) store files under the escaped name rather than the
+    Unicode one, so the escaped form is used when only it exists.
+    """
+    full = Path(dataset_dir) / path
+    if full.exists() or path.isascii():
+        return full
+    escaped = Path(dataset_dir) / escape_id(path)
+    return escaped if escaped.exists() else full

@@ -1,0 +1,159 @@
+"""Reading HDF5 embedding files and joining their rows to list labels by id.
+
+The HDF5 layout is that of the ILIAS tools: dataset `features` (N x D) and dataset
+`index` (N ASCII ids, the list paths escaped with `#Uxxxx`).
+"""
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from feature_extraction.image_list import ListEntry, canonical_id, escape_id
+
+_logger = logging.getLogger(__name__)
+
+_FINITE_CHECK_ROWS = 65536
+_MAX_EXAMPLES = 5
+
+
+class DataError(ValueError):
+    """Input embeddings or lists that cannot be used: the message names the value and the fix."""
+
+
+def load_hdf5_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Load `features` in their stored dtype and the decoded `index` ids.
+
+    Raises DataError for a missing file or dataset, a shape mismatch between the two,
+    zero rows, or rows with NaN or Inf values.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"embedding file {path!r} not found; check the path")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
+
+    with f:
+        for name in ("features", "index"):
+            if name not in f:
+                raise DataError(
+                    f"{path!r} has no '{name}' dataset (found: {sorted(f.keys())}); "
+                    "expected the ILIAS layout written by feature_extraction/extract.py"
+                )
+        features = f["features"][()]
+        ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f["index"][()]]
+
+    if features.ndim != 2:
+        raise DataError(f"{path!r}: 'features' has shape {features.shape}, expected N x D")
+    if features.shape[0] == 0:
+        raise DataError(f"{path!r}: 'features' has zero rows")
+    if features.shape[0] != len(ids):
+        raise DataError(
+            f"{path!r}: 'features' has {features.shape[0]} rows but 'index' has {len(ids)} ids"
+        )
+    if not np.issubdtype(features.dtype, np.floating):
+        raise DataError(f"{path!r}: 'features' has dtype {features.dtype}, expected float16/32/64")
+
+    # checked in blocks so a float16 file is never copied whole to another dtype
+    for start in range(0, features.shape[0], _FINITE_CHECK_ROWS):
+        block = features[start : start + _FINITE_CHECK_ROWS]
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = start + np.flatnonzero(~finite)
+            raise DataError(
+                f"{path!r}: {int((~finite).sum())}+ rows contain NaN or Inf, e.g. row {bad[0]} "
+                f"(id {ids[bad[0]]!r}); re-extract those images or drop them from the list"
+            )
+
+    _logger.info("loaded %s: %d x %d %s", path, features.shape[0], features.shape[1], features.dtype)
+    return features, ids
+
+
+@dataclass
+class JoinReport:
+    """Ids that did not pair up one-to-one between a list and an HDF5 index."""
+
+    missing_in_hdf5: list[str] = field(default_factory=list)
+    missing_in_list: list[str] = field(default_factory=list)
+    duplicate_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_in_hdf5 or self.missing_in_list or self.duplicate_ids)
+
+    def describe(self) -> str:
+        parts = []
+        for name, values in (
+            ("list paths missing from the HDF5 index", self.missing_in_hdf5),
+            ("HDF5 ids missing from the list", self.missing_in_list),
+            ("duplicate HDF5 ids", self.duplicate_ids),
+        ):
+            if values:
+                examples = ", ".join(repr(v) for v in values[:_MAX_EXAMPLES])
+                parts.append(f"{len(values)} {name} (e.g. {examples})")
+        return "; ".join(parts)
+
+
+@dataclass
+class JoinedLabels:
+    """Rows of an embedding matrix paired with their (domain, label) class."""
+
+    rows: np.ndarray  # (M,) int64 row numbers into `features`, in list order
+    labels: np.ndarray  # (M,) int64
+    domains: np.ndarray  # (M,) int64
+    ids: list[str]  # (M,) escaped ids
+    report: JoinReport
+
+
+def join_by_id(
+    hdf5_ids: list[str],
+    entries: list[ListEntry],
+    allow_missing: bool = False,
+    source: str = "embeddings",
+) -> JoinedLabels:
+    """Pair each list entry with the HDF5 row of the same id, whatever the row order.
+
+    Without `allow_missing`, any id that is not matched one-to-one raises DataError;
+    with it, only the intersection is kept and the mismatch is logged. Duplicate ids
+    are never used, since their row cannot be chosen safely.
+    """
+    canonical = [canonical_id(i) for i in hdf5_ids]
+    counts = Counter(canonical)
+    duplicates = sorted(i for i, n in counts.items() if n > 1)
+    row_of = {i: r for r, i in enumerate(canonical) if counts[i] == 1}
+
+    list_ids = [escape_id(e.path) for e in entries]
+    list_set = set(list_ids)
+    report = JoinReport(
+        missing_in_hdf5=[i for i in list_ids if i not in row_of and i not in duplicates],
+        missing_in_list=[i for i in canonical if i not in list_set and counts[i] == 1],
+        duplicate_ids=duplicates,
+    )
+
+    if not report.ok:
+        message = f"{source}: ids do not match the list one-to-one: {report.describe()}"
+        if not allow_missing:
+            raise DataError(message + "; fix the inputs, or pass --allow_missing to use the intersection")
+        _logger.warning("%s; using the intersection (--allow_missing)", message)
+
+    keep = [k for k, i in enumerate(list_ids) if i in row_of]
+    if not keep:
+        raise DataError(f"{source}: no list path matches an HDF5 id; are the list and file for the same images?")
+    for k in keep:
+        if entries[k].label is None:
+            raise DataError(
+                f"list line {entries[k].line_no} ({entries[k].path!r}) has no label and domain; "
+                "training and evaluation need 'path,label,domain' lines"
+            )
+
+    return JoinedLabels(
+        rows=np.array([row_of[list_ids[k]] for k in keep], dtype=np.int64),
+        labels=np.array([entries[k].label for k in keep], dtype=np.int64),
+        domains=np.array([entries[k].domain for k in keep], dtype=np.int64),
+        ids=[list_ids[k] for k in keep],
+        report=report,
+    )

@@ -1,0 +1,92 @@
+"""Retrieval metrics over ranked kNN lists: mAP@k, recall@1 and mMP@5.
+
+Definitions, per query with P positives in the database and a ranked list of k ids:
+- AP@k = sum over ranks r <= k of precision@r * rel(r), divided by min(k, P). A query
+  with no positive in its top k scores 0.
+- recall@1 = 1 if the top-ranked id is a positive.
+- MP@5 = (positives in the top m) / m with m = min(5, P).
+Queries with P = 0 have no defined score and are left out of every mean; their count
+is reported as `queries_without_positives`.
+"""
+import numpy as np
+
+METRIC_NAMES = ("map", "recall@1", "mmp@5")
+
+
+def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray) -> dict[str, np.ndarray]:
+    """Compute AP@k, recall@1 and MP@5 for each query.
+
+    `relevant` is (Q, k) bool, True where the id at that rank is a positive;
+    `num_positives` is (Q,) int, the positives of each query in the whole database.
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    num_positives = np.asarray(num_positives, dtype=np.int64)
+    num_queries, k = relevant.shape
+    if num_positives.shape != (num_queries,):
+        raise ValueError(f"num_positives has shape {num_positives.shape}, expected ({num_queries},)")
+
+    hits = np.cumsum(relevant, axis=1)  # (Q, k) positives up to each rank
+    ranks = np.arange(1, k + 1)
+    precision_sum = (relevant * hits / ranks).sum(axis=1)  # (Q,)
+    ap = precision_sum / np.maximum(np.minimum(num_positives, k), 1)
+
+    recall_at_1 = relevant[:, 0].astype(np.float64) if k > 0 else np.zeros(num_queries)
+
+    m = np.clip(np.minimum(num_positives, 5), 1, max(min(k, 5), 1))
+    hits_at_m = hits[np.arange(num_queries), np.minimum(m, k) - 1] if k > 0 else np.zeros(num_queries)
+    mp5 = hits_at_m / np.minimum(num_positives.clip(min=1), 5)
+
+    return {"map": ap, "recall@1": recall_at_1, "mmp@5": mp5}
+
+
+def summarise(per_query: dict[str, np.ndarray], num_positives: np.ndarray) -> dict:
+    """Average per-query metrics (in percent) over the queries that have positives."""
+    valid = np.asarray(num_positives) > 0
+    summary = {
+        name: float(per_query[name][valid].mean() * 100) if valid.any() else float("nan")
+        for name in METRIC_NAMES
+    }
+    summary["num_queries"] = int(valid.sum())
+    summary["queries_without_positives"] = int((~valid).sum())
+    return summary
+
+
+def class_ids(labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """Number each distinct (domain, label) pair, since labels restart in every domain."""
+    pairs = np.stack([np.asarray(domains, np.int64), np.asarray(labels, np.int64)], axis=1)
+    _, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    return inverse.reshape(-1)
+
+
+def labelled_set_metrics(
+    ranked_indices: np.ndarray, labels: np.ndarray, domains: np.ndarray, k: int
+) -> dict:
+    """Score a labelled set where every image queried all the others.
+
+    `ranked_indices` (Q=N, k) holds database rows of the same set, self excluded,
+    padded with -1 where fewer than k results exist. Positives share (domain, label).
+    Returns per-domain summaries and their macro average over domains.
+    """
+    classes = class_ids(labels, domains)
+    class_sizes = np.bincount(classes)
+    num_positives = class_sizes[classes] - 1  # (N,) the query itself is not a positive
+
+    ranked_indices = np.asarray(ranked_indices)[:, :k]
+    found = ranked_indices >= 0
+    relevant = found & (classes[np.where(found, ranked_indices, 0)] == classes[:, None])
+    per_query = per_query_metrics(relevant, num_positives)
+
+    domains = np.asarray(domains)
+    per_domain = {}
+    for domain in np.unique(domains):
+        mask = domains == domain
+        per_domain[int(domain)] = summarise({n: v[mask] for n, v in per_query.items()}, num_positives[mask])
+
+    result = {name: float(np.nanmean([d[name] for d in per_domain.values()])) for name in METRIC_NAMES}
+    result.update(
+        k=k,
+        num_queries=int(sum(d["num_queries"] for d in per_domain.values())),
+        queries_without_positives=int((num_positives == 0).sum()),
+        per_domain=per_domain,
+    )
+    return result
