@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create (or reuse) the virtual environment $(VENV) and install what they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data/mini_uned
+OUT ?= outputs/demo
+
+VENV_PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+# reinstall only when a requirements file changes
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
+	$(VENV_PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PYTHON=$(VENV_PYTHON) DATA=$(DATA) OUT=$(OUT) bash misc/run_demo.sh
+
+test: $(STAMP)
+	$(VENV_PYTHON) -m pytest -q
+
+clean-demo:
+	rm -rf $(OUT)
