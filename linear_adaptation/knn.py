@@ -2,11 +2,16 @@
 
 On CPU each database chunk goes through a faiss `IndexFlatIP`; on CUDA through a
 torch matmul and top-k. Partial top-k lists are merged chunk by chunk, so memory is
-bounded by one chunk plus the (Q, k) results. Ties are broken by the lower database
-row, so results do not depend on the backend or the chunking.
+bounded by one chunk, its (Q, k) candidates and the (Q, k) results.
+
+Ties are broken by the lower database row, whatever the backend or the chunking.
+Neither faiss nor `torch.topk` guarantees which of several equal scores survives a
+cut to k (faiss 1.15 may evict row 0 of five tied rows when a better row arrives), so
+each chunk is searched a little deeper than needed. A query whose score at the cut still equals the deepest score fetched is
+searched again with twice the depth, until the cut is strict or the chunk is exhausted.
 """
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -17,25 +22,81 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 65536
 
+_MIN_EXTRA_DEPTH = 16  # rows fetched beyond the cut per chunk, so that ties at the cut are seen
+_TORCH_BLOCK_ELEMENTS = 1 << 28  # query block x chunk rows per score matrix on the torch backend (1 GiB)
+_RESEARCH_BLOCK_ELEMENTS = 1 << 24  # queries x depth per deeper search of tied queries
+_NO_ROW = np.iinfo(np.int64).max  # sorts after every real row
 
-def _topk_chunk(
-    queries: np.ndarray, chunk: np.ndarray, k: int, device: torch.device
+
+class _FaissBackend:
+    """Exact search of one chunk with a faiss flat inner-product index on CPU."""
+
+    def prepare(self, chunk: np.ndarray) -> faiss.IndexFlatIP:
+        index = faiss.IndexFlatIP(chunk.shape[1])
+        index.add(chunk)
+        return index
+
+    def search(self, index: faiss.IndexFlatIP, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, rows = index.search(queries, depth)
+        return scores, rows.astype(np.int64)
+
+
+class _TorchBackend:
+    """Exact search of one chunk with a torch matmul and top-k, in query blocks of bounded size."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def prepare(self, chunk: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(chunk).to(self.device)
+
+    def search(self, chunk: torch.Tensor, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        block = max(1, _TORCH_BLOCK_ELEMENTS // chunk.shape[0])
+        all_scores, all_rows = [], []
+        for start in range(0, queries.shape[0], block):
+            q = torch.from_numpy(queries[start : start + block]).to(self.device)
+            scores, rows = torch.topk(q @ chunk.T, depth, dim=1)  # (B, depth)
+            all_scores.append(scores.cpu().numpy())
+            all_rows.append(rows.cpu().numpy())
+        return np.concatenate(all_scores), np.concatenate(all_rows).astype(np.int64)
+
+
+def _sort_ties(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row of results by score descending, then database row ascending."""
+    order = np.lexsort((rows, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def _exact_chunk_topk(
+    queries: np.ndarray, chunk: np.ndarray, k: int, backend
 ) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, chunk.shape[0])
-    if device.type == "cuda":
-        q = torch.from_numpy(queries).to(device)
-        d = torch.from_numpy(chunk).to(device)
-        scores, idx = torch.topk(q @ d.T, k, dim=1)
-        return scores.float().cpu().numpy(), idx.cpu().numpy()
-    index = faiss.IndexFlatIP(chunk.shape[1])
-    index.add(chunk)
-    return index.search(queries, k)
+    """Return the top min(k, n) chunk rows per query, ordered by (-score, row).
 
+    The rows are chunk-local. The fetched candidates decide the cut exactly when the k-th
+    score is strictly above the deepest fetched score, because every row scoring at least
+    the k-th score is then among them.
+    """
+    n = chunk.shape[0]
+    k = min(k, n)
+    depth = min(n, k + max(_MIN_EXTRA_DEPTH, k // 8))
+    prepared = backend.prepare(chunk)
 
-def _sort_ties(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by score descending, then database row ascending."""
-    order = np.lexsort((indices, -scores), axis=1)
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+    scores, rows = _sort_ties(*backend.search(prepared, queries, depth))
+    best_scores, best_rows = scores[:, :k].copy(), rows[:, :k].copy()
+    pending = np.flatnonzero(scores[:, k - 1] == scores[:, depth - 1]) if depth < n else np.array([], np.int64)
+
+    # queries with ties across the cut: search deeper until the cut is strict or the chunk is exhausted
+    while pending.size:
+        depth = min(n, 2 * depth)
+        still_tied = []
+        block = max(1, _RESEARCH_BLOCK_ELEMENTS // depth)
+        for start in range(0, pending.size, block):
+            subset = pending[start : start + block]
+            scores, rows = _sort_ties(*backend.search(prepared, queries[subset], depth))
+            best_scores[subset], best_rows[subset] = scores[:, :k], rows[:, :k]
+            still_tied.append(subset[scores[:, k - 1] == scores[:, depth - 1]])
+        pending = np.concatenate(still_tied) if depth < n else np.array([], np.int64)
+    return best_scores, best_rows
 
 
 def knn_search(
@@ -46,17 +107,29 @@ def knn_search(
     exclude_self: bool = False,
     total_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return the top-k database rows for each query by inner product.
+    """Find the top-k database rows for each query by inner product.
 
-    `database_chunks` yields (n_i, D) arrays; row numbers count across chunks.
+    `database_chunks` yields (n_i, D) arrays and row numbers count across chunks.
     With `exclude_self`, query i and database row i are the same image and that row
-    is never returned. Returns scores (Q, k) float32 and rows (Q, k) int64, padded
-    with -inf and -1 when the database has fewer than k other rows.
+    is never returned. `total_rows` only sizes the progress bar.
+
+    Returns:
+        Scores (Q, k) float32 and rows (Q, k) int64, ordered by score descending and then
+        by lower row, padded with -inf and -1 when the database has fewer than k rows to return.
+
+    Raises:
+        ValueError: `k` is below 1, or a chunk's dimension differs from the queries'.
     """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     device = torch.device(device)
+    backend = _TorchBackend(device) if device.type == "cuda" else _FaissBackend()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     num_queries = queries.shape[0]
-    search_k = k + 1 if exclude_self else k
+    query_rows = np.arange(num_queries)[:, None]  # (Q, 1)
+
+    # one extra per chunk, because the query's own row may take a place in the chunk's top k
+    chunk_k = k + 1 if exclude_self else k
 
     best_scores = np.full((num_queries, 0), -np.inf, dtype=np.float32)
     best_rows = np.full((num_queries, 0), -1, dtype=np.int64)
@@ -64,22 +137,24 @@ def knn_search(
     bar = tqdm(total=total_rows, desc="kNN search", unit="rows", leave=False, disable=None)
     for chunk in database_chunks:
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
-        if chunk.shape[1] != queries.shape[1]:
+        if chunk.ndim != 2 or chunk.shape[1] != queries.shape[1]:
             raise ValueError(
-                f"database dimension {chunk.shape[1]} does not match query dimension {queries.shape[1]}"
+                f"database chunk has shape {chunk.shape}, expected (rows, {queries.shape[1]}) like the queries"
             )
-        scores, rows = _topk_chunk(queries, chunk, search_k, device)
-        rows = rows.astype(np.int64) + offset
+        if chunk.shape[0] == 0:
+            continue
+        scores, rows = _exact_chunk_topk(queries, chunk, chunk_k, backend)
+        rows = rows + offset
 
-        # merge with the running top-k
+        # merge with the running top-k, dropping each query's own row
         scores = np.concatenate([best_scores, scores], axis=1)
         rows = np.concatenate([best_rows, rows], axis=1)
         if exclude_self:
-            is_self = rows == np.arange(num_queries)[:, None]
+            is_self = rows == query_rows
             scores = np.where(is_self, -np.inf, scores)
             rows = np.where(is_self, -1, rows)
-        scores, rows = _sort_ties(scores, np.where(rows < 0, np.iinfo(np.int64).max, rows))
-        rows = np.where(rows == np.iinfo(np.int64).max, -1, rows)
+        scores, rows = _sort_ties(scores, np.where(rows < 0, _NO_ROW, rows))
+        rows = np.where(rows == _NO_ROW, -1, rows)
         best_scores, best_rows = scores[:, :k], rows[:, :k]
 
         offset += chunk.shape[0]
@@ -93,8 +168,15 @@ def knn_search(
     return best_scores.astype(np.float32), best_rows
 
 
-def iterate_chunks(array, chunk_rows: int = DEFAULT_CHUNK_ROWS, transform=None):
-    """Yield consecutive row blocks of an array or HDF5 dataset, optionally transformed."""
+def iterate_chunks(
+    array, chunk_rows: int = DEFAULT_CHUNK_ROWS, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Iterator[np.ndarray]:
+    """Yield consecutive row blocks of an array or HDF5 dataset, optionally transformed.
+
+    An HDF5 dataset is read one block at a time, so only one block is in memory.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     for start in range(0, array.shape[0], chunk_rows):
         block = np.asarray(array[start : start + chunk_rows])
         yield transform(block) if transform is not None else block

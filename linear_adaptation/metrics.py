@@ -58,20 +58,36 @@ def class_ids(labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
     return inverse.reshape(-1)
 
 
+def _ranks_at_k(ranked_indices: np.ndarray, k: int, num_queries: int) -> np.ndarray:
+    """Cut or pad (with -1) ranked lists to exactly k columns.
+
+    Padding keeps AP normalised by min(k, positives) when fewer than k results were kept.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    ranked_indices = np.asarray(ranked_indices, dtype=np.int64)
+    if ranked_indices.ndim != 2 or ranked_indices.shape[0] != num_queries:
+        raise ValueError(f"ranked_indices has shape {ranked_indices.shape}, expected ({num_queries}, k)")
+    if ranked_indices.shape[1] >= k:
+        return ranked_indices[:, :k]
+    return np.pad(ranked_indices, ((0, 0), (0, k - ranked_indices.shape[1])), constant_values=-1)
+
+
 def labelled_set_metrics(
     ranked_indices: np.ndarray, labels: np.ndarray, domains: np.ndarray, k: int
 ) -> dict:
     """Score a labelled set where every image queried all the others.
 
     `ranked_indices` (Q=N, k) holds database rows of the same set, self excluded,
-    padded with -1 where fewer than k results exist. Positives share (domain, label).
-    Returns per-domain summaries and their macro average over domains.
+    padded with -1 where fewer than k results exist; narrower lists are padded to k.
+    Positives share (domain, label). Returns per-domain summaries and their macro
+    average over the domains that have queries with positives.
     """
     classes = class_ids(labels, domains)
     class_sizes = np.bincount(classes)
     num_positives = class_sizes[classes] - 1  # (N,) the query itself is not a positive
 
-    ranked_indices = np.asarray(ranked_indices)[:, :k]
+    ranked_indices = _ranks_at_k(ranked_indices, k, len(classes))
     found = ranked_indices >= 0
     relevant = found & (classes[np.where(found, ranked_indices, 0)] == classes[:, None])
     per_query = per_query_metrics(relevant, num_positives)
@@ -82,11 +98,40 @@ def labelled_set_metrics(
         mask = domains == domain
         per_domain[int(domain)] = summarise({n: v[mask] for n, v in per_query.items()}, num_positives[mask])
 
-    result = {name: float(np.nanmean([d[name] for d in per_domain.values()])) for name in METRIC_NAMES}
+    # a domain whose queries all lack positives has NaN metrics and stays out of the macro average
+    result = {}
+    for name in METRIC_NAMES:
+        values = np.array([d[name] for d in per_domain.values()])
+        values = values[~np.isnan(values)]
+        result[name] = float(values.mean()) if values.size else float("nan")
     result.update(
         k=k,
         num_queries=int(sum(d["num_queries"] for d in per_domain.values())),
         queries_without_positives=int((num_positives == 0).sum()),
         per_domain=per_domain,
     )
+    return result
+
+
+def positive_set_metrics(ranked_indices: np.ndarray, positives: list[np.ndarray], k: int) -> dict:
+    """Score queries against a database whose positives are listed per query.
+
+    `ranked_indices` (Q, k) holds database rows, padded with -1; `positives[q]` holds
+    the distinct database rows that are positives of query q. Returns the summary of
+    `summarise` plus `k`.
+    """
+    ranked_indices = _ranks_at_k(ranked_indices, k, len(positives))
+    num_positives = np.array([len(p) for p in positives], dtype=np.int64)
+
+    # (query, row) pairs packed into one int64 each, so that membership is one np.isin
+    width = int(max(ranked_indices.max(initial=-1), max((int(p.max()) for p in positives if len(p)), default=-1))) + 2
+    query_column = np.arange(len(positives), dtype=np.int64)[:, None]  # (Q, 1)
+    ranked_keys = query_column * width + ranked_indices + 1  # (Q, k); a -1 pad maps to the unused key q * width
+    positive_keys = np.concatenate(
+        [q * width + np.asarray(p, dtype=np.int64) + 1 for q, p in enumerate(positives)] + [np.zeros(0, np.int64)]
+    )
+    relevant = (ranked_indices >= 0) & np.isin(ranked_keys, positive_keys)
+
+    result = summarise(per_query_metrics(relevant, num_positives), num_positives)
+    result["k"] = k
     return result
