@@ -78,8 +78,8 @@ def labelled_set_metrics(
 ) -> dict:
     """Score a labelled set where every image queried all the others.
 
-    `ranked_indices` (Q=N, k) holds database rows of the same set, self excluded,
-    padded with -1 where fewer than k results exist; narrower lists are padded to k.
+    `ranked_indices` (Q=N, k) contains database rows of the same set, self excluded,
+    with -1 where fewer than k results exist. Narrower lists are padded to k.
     Positives share (domain, label). Returns per-domain summaries and their macro
     average over the domains that have queries with positives.
     """
@@ -116,8 +116,8 @@ def labelled_set_metrics(
 def positive_set_metrics(ranked_indices: np.ndarray, positives: list[np.ndarray], k: int) -> dict:
     """Score queries against a database whose positives are listed per query.
 
-    `ranked_indices` (Q, k) holds database rows, padded with -1; `positives[q]` holds
-    the distinct database rows that are positives of query q. Returns the summary of
+    `ranked_indices` (Q, k) contains database rows, padded with -1. `positives[q]`
+    contains the distinct database rows that are positives of query q. Returns the summary of
     `summarise` plus `k`.
     """
     ranked_indices = _ranks_at_k(ranked_indices, k, len(positives))

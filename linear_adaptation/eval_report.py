@@ -1,0 +1,169 @@
+"""Outputs of the retrieval evaluation: the metrics table, the metrics JSON and the ranked lists.
+
+Ranked-list files (`--save_ranks`), chosen by extension:
+- `.json`: {"k": k, "tie_break": ..., "without_layer": {query_id: {"ids": [...], "scores": [...]}},
+  "with_layer": {...}}, with the padding of short lists left out. Readable, but large
+  for many queries.
+- `.npz` or `.hdf5`/`.h5`: arrays `query_ids` (Q,) and `database_ids` (N,) as ASCII
+  bytes, `k` (a file attribute in HDF5), and per variant `rows_<variant>` (Q, k) int64 database rows (-1 pads) and
+  `scores_<variant>` (Q, k) float32 (-inf pads). Compressed, for large runs.
+`<variant>` is `without_layer` or `with_layer`. Ids are the escaped form of the HDF5 index.
+Every file is written to a temporary name first and renamed when complete.
+"""
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+
+from feature_extraction.image_list import file_sha256
+
+VARIANTS = ("without_layer", "with_layer")
+RANK_EXTENSIONS = (".json", ".npz", ".hdf5", ".h5")
+TIE_BREAK = "equal scores are ordered by lower database row"
+
+_VARIANT_HEADERS = {"without_layer": "without", "with_layer": "with"}
+_VALUE_WIDTH = 9
+
+
+def _metric_labels(k: int) -> dict[str, str]:
+    return {"map": f"mAP@{k}", "recall@1": "recall@1", "mmp@5": "mMP@5"}
+
+
+def _format_value(value: float) -> str:
+    return f"{'n/a':>{_VALUE_WIDTH}}" if math.isnan(value) else f"{value:{_VALUE_WIDTH}.2f}"
+
+
+def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
+    """Format metrics (in percent) as a text table with variants side by side.
+
+    `metrics` maps `without_layer` and optionally `with_layer` to the result of
+    `labelled_set_metrics` (one row per domain plus the macro average) or of
+    `positive_set_metrics` (one row).
+    """
+    variants = [v for v in VARIANTS if v in metrics]
+    first = metrics[variants[0]]
+    if "per_domain" in first:
+        groups = [(f"domain {d}", d) for d in first["per_domain"]] + [("macro average", None)]
+    else:
+        groups = [("all queries", None)]
+
+    labels = _metric_labels(k)
+    left = f"{'':<14}{'queries':>8}"
+    if len(variants) == 1:
+        lines = [left + "".join(f"{label:>{_VALUE_WIDTH}}" for label in labels.values())]
+    else:
+        span = _VALUE_WIDTH * len(variants)
+        sub = "".join(f"{_VARIANT_HEADERS[v]:>{_VALUE_WIDTH}}" for v in variants)
+        lines = [" " * len(left) + "".join(f"{label:>{span}}" for label in labels.values()), left + sub * len(labels)]
+
+    for title, key in groups:
+        summaries = [metrics[v] if key is None else metrics[v]["per_domain"][key] for v in variants]
+        values = "".join(_format_value(s[name]) for name in labels for s in summaries)
+        lines.append(f"{title:<14}{summaries[0]['num_queries']:>8}" + values)
+    return "\n".join(lines)
+
+
+def json_safe(value):
+    """Recursively turn NaN and infinite floats into None and numpy scalars into Python ones."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@contextmanager
+def _atomic_path(path: str):
+    """Yield a temporary path beside `path` and rename it to `path` only if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write `payload` as indented JSON, with NaN written as null."""
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(json_safe(payload), f, indent=2)
+            f.write("\n")
+
+
+def write_ranks(
+    path: str,
+    query_ids: list[str],
+    database_ids: list[str],
+    ranks: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int,
+) -> None:
+    """Write the ranked lists in the format chosen by the extension of `path` (see the module docstring).
+
+    `ranks` maps each variant to its (scores, rows) arrays of shape (Q, k).
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in RANK_EXTENSIONS:
+        raise ValueError(f"ranked-list file {path!r} must end with one of {RANK_EXTENSIONS}")
+
+    if extension == ".json":
+        payload = {"k": k, "tie_break": TIE_BREAK}
+        for variant, (scores, rows) in ranks.items():
+            payload[variant] = {
+                query_id: {
+                    "ids": [database_ids[r] for r in row_list if r >= 0],
+                    "scores": [float(s) for s, r in zip(score_list, row_list) if r >= 0],
+                }
+                for query_id, score_list, row_list in zip(query_ids, scores.tolist(), rows.tolist())
+            }
+        write_json(path, payload)
+        return
+
+    # canonical ids are ASCII, so fixed-width bytes hold them without loss
+    arrays = {
+        "query_ids": np.array(query_ids, dtype=np.bytes_),
+        "database_ids": np.array(database_ids, dtype=np.bytes_),
+        "k": np.int64(k),
+    }
+    for variant, (scores, rows) in ranks.items():
+        arrays[f"rows_{variant}"] = np.asarray(rows, dtype=np.int64)
+        arrays[f"scores_{variant}"] = np.asarray(scores, dtype=np.float32)
+
+    with _atomic_path(path) as tmp:
+        if extension == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+        else:
+            with h5py.File(tmp, "w") as f:
+                for name, array in arrays.items():
+                    if array.ndim == 0:
+                        f.attrs[name] = array
+                    else:
+                        f.create_dataset(name, data=array, compression="gzip")
+                f.attrs["tie_break"] = TIE_BREAK
+
+
+def describe_inputs(paths: dict[str, list[str]], hash_files: bool) -> dict[str, list[dict]]:
+    """Record the size and, with `hash_files`, the SHA-256 of each input file by role."""
+    described = {}
+    for role, files in paths.items():
+        entries = []
+        for path in files:
+            entry = {"path": os.path.abspath(path), "bytes": os.path.getsize(path)}
+            if hash_files:
+                entry["sha256"] = file_sha256(path)
+            entries.append(entry)
+        described[role] = entries
+    return described

@@ -1,0 +1,402 @@
+"""Evaluate kNN retrieval on embeddings, without and with a linear adaptation layer.
+
+Mode 1, one labelled set: every image queries all the others (itself excluded) and the
+positives are the images of the same (domain, label), as in UnED's kNN evaluation.
+Metrics are reported per domain and macro-averaged over domains.
+
+    python linear_adaptation/evaluate.py --features_path heldout.hdf5 \\
+        --info_path heldout_paths.txt --lin_adapt_path lin_adapt.pth
+
+Mode 2, queries against a database (one or several files, e.g. distractor shards) with
+a ground-truth JSON mapping each query id to its positive database ids (format in
+linear_adaptation/ground_truth.py):
+
+    python linear_adaptation/evaluate.py --query_hdf5 queries.hdf5 \\
+        --db_hdf5 'db/features_{idx}.hdf5' --gt_path gt.json --k 1000
+
+Raw embeddings are L2-normalised and the layer's output is L2-normalised, so both
+variants rank by cosine similarity. Search is exact inner product (faiss on CPU, torch
+on CUDA), with the database read in blocks of --chunk_rows rows. Equal scores are
+ordered by lower database row. The table
+is printed to stdout and the log goes to stderr. Exit status: 0 on success, 1 for
+unusable input data (nothing is written), 2 for invalid arguments.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from feature_extraction.image_list import ImageListError, canonical_id, read_image_list  # noqa: E402
+from linear_adaptation.eval_report import (  # noqa: E402
+    RANK_EXTENSIONS,
+    TIE_BREAK,
+    describe_inputs,
+    format_metrics_table,
+    write_json,
+    write_ranks,
+)
+from linear_adaptation.features_io import DataError, join_by_id, load_hdf5_features  # noqa: E402
+from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth  # noqa: E402
+from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
+from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
+from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
+from linear_adaptation.metrics import labelled_set_metrics, positive_set_metrics  # noqa: E402
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_K_LABELLED_SET = 100
+DEFAULT_K_QUERY_DATABASE = 1000
+_NORM_TOLERANCE = 1e-2
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics and ranked lists of one evaluation, per variant (`without_layer`, `with_layer`)."""
+
+    k: int
+    metrics: dict[str, dict]
+    ranks: dict[str, tuple[np.ndarray, np.ndarray]]  # variant -> (scores, rows), each (Q, k)
+    query_ids: list[str]
+    database_ids: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+    """Return the rows L2-normalised in float32, the same operation the trainer applies to raw embeddings."""
+    tensor = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    return torch.nn.functional.normalize(tensor, dim=-1).numpy()
+
+
+def _warn_if_not_normalised(features: np.ndarray, source: str) -> None:
+    norms = np.linalg.norm(np.asarray(features, dtype=np.float32), axis=1)
+    off = np.abs(norms - 1) > _NORM_TOLERANCE
+    if off.any():
+        _logger.warning(
+            "%s: %d of %d embeddings are not L2-normalised (norms %.3f to %.3f); they are normalised for the search",
+            source,
+            int(off.sum()),
+            len(norms),
+            float(norms.min()),
+            float(norms.max()),
+        )
+
+
+def evaluate_labelled_set(
+    features_path: str,
+    info_path: str,
+    k: int = DEFAULT_K_LABELLED_SET,
+    device: str = "cpu",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    lin_adapt_path: str | None = None,
+    allow_missing: bool = False,
+) -> EvaluationResult:
+    """Let every image of a labelled set query all the others, without and with a layer.
+
+    Uses the same `knn_search(exclude_self=True)` and `labelled_set_metrics` calls as
+    the trainer's validation, so both report the same figures for the same embeddings.
+
+    Raises:
+        DataError: Unusable embeddings, list, or layer file.
+        ImageListError: A malformed list.
+    """
+    features, hdf5_ids = load_hdf5_features(features_path)
+    entries = read_image_list(info_path, require_labels=True)
+    joined = join_by_id(hdf5_ids, entries, allow_missing=allow_missing, source=features_path)
+    features = features[joined.rows]  # (N, D) in list order, stored dtype
+    _warn_if_not_normalised(features, features_path)
+
+    adapter = None
+    if lin_adapt_path is not None:
+        adapter = load_lin_adapt_layer(lin_adapt_path, device=device, expected_in_features=features.shape[1])
+
+    variants = {"without_layer": l2_normalise(features)}
+    if adapter is not None:
+        variants["with_layer"] = apply_layer(adapter, features, batch_rows=chunk_rows)
+
+    metrics, ranks = {}, {}
+    for variant, embeddings in variants.items():
+        _logger.info("searching %d queries, %s", len(embeddings), variant.replace("_", " "))
+        scores, rows = knn_search(
+            embeddings,
+            iterate_chunks(embeddings, chunk_rows=chunk_rows),
+            k=k,
+            device=device,
+            exclude_self=True,
+            total_rows=len(embeddings),
+        )
+        metrics[variant] = labelled_set_metrics(rows, joined.labels, joined.domains, k)
+        ranks[variant] = (scores, rows)
+
+    return EvaluationResult(
+        k=k,
+        metrics=metrics,
+        ranks=ranks,
+        query_ids=joined.ids,
+        database_ids=joined.ids,
+        counts={
+            "images": len(joined.ids),
+            "list_paths_missing_from_hdf5": len(joined.report.missing_in_hdf5),
+            "hdf5_ids_missing_from_list": len(joined.report.missing_in_list),
+            "duplicate_hdf5_ids": len(joined.report.duplicate_ids),
+        },
+    )
+
+
+def evaluate_query_database(
+    query_path: str,
+    database_paths: list[str],
+    gt_path: str,
+    k: int = DEFAULT_K_QUERY_DATABASE,
+    device: str = "cpu",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    lin_adapt_path: str | None = None,
+) -> EvaluationResult:
+    """Search a database with the queries that have ground truth, without and with a layer.
+
+    The database files are read in blocks of `chunk_rows` rows, and the layer is applied
+    block by block, so memory holds one block, the queries and the (Q, k) results.
+
+    Raises:
+        DataError: Unusable embeddings, ground truth, or layer file.
+    """
+    query_features, query_ids = load_hdf5_features(query_path)
+    database = HDF5Database(database_paths)
+    if database.dim != query_features.shape[1]:
+        raise DataError(
+            f"queries in {query_path!r} have {query_features.shape[1]} dimensions but the database has "
+            f"{database.dim}; embed both with the same backbone"
+        )
+
+    matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids)
+    queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)
+    _warn_if_not_normalised(queries, query_path)
+
+    adapter = None
+    if lin_adapt_path is not None:
+        adapter = load_lin_adapt_layer(lin_adapt_path, device=device, expected_in_features=database.dim)
+
+    metrics, ranks = {}, {}
+    for variant in ("without_layer", "with_layer") if adapter is not None else ("without_layer",):
+        if variant == "with_layer":
+            variant_queries = apply_layer(adapter, queries, batch_rows=chunk_rows)
+            chunks = database.iterate_chunks(chunk_rows, transform=lambda block: apply_layer(adapter, block))
+        else:
+            variant_queries = l2_normalise(queries)
+            chunks = database.iterate_chunks(chunk_rows, transform=l2_normalise)
+
+        _logger.info(
+            "searching %d queries in %d database rows, %s", len(queries), database.num_rows, variant.replace("_", " ")
+        )
+        scores, rows = knn_search(
+            variant_queries, chunks, k=k, device=device, exclude_self=False, total_rows=database.num_rows
+        )
+        metrics[variant] = positive_set_metrics(rows, matched.positives, k)
+        ranks[variant] = (scores, rows)
+
+    return EvaluationResult(
+        k=k,
+        metrics=metrics,
+        ranks=ranks,
+        query_ids=[canonical_id(query_ids[r]) for r in matched.query_rows],
+        database_ids=database.ids,
+        counts={"database_rows": database.num_rows, **matched.counts()},
+    )
+
+
+def str2bool(value: str) -> bool:
+    """Parse true/false, on/off, yes/no or 1/0 (any case) for boolean flags."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "on", "yes", "1"):
+        return True
+    if lowered in ("false", "off", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, on/off, yes/no or 1/0, got {value!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="kNN retrieval mAP@k, recall@1 and mMP@5 of embeddings, without and with a linear adaptation layer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    labelled = parser.add_argument_group("mode 1: one labelled set, every image queries all the others")
+    labelled.add_argument("--features_path", metavar="HDF5", help="embeddings of the labelled set (ILIAS layout)")
+    labelled.add_argument("--info_path", metavar="LIST", help="list file with 'path,label,domain' lines")
+    labelled.add_argument(
+        "--allow_missing",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        metavar="BOOL",
+        help="evaluate the ids present in both list and HDF5 instead of failing on a mismatch",
+    )
+
+    query_db = parser.add_argument_group("mode 2: queries against a database with ground truth")
+    query_db.add_argument("--query_hdf5", metavar="HDF5", help="query embeddings (ILIAS layout)")
+    query_db.add_argument(
+        "--db_hdf5",
+        nargs="+",
+        metavar="HDF5",
+        help="database embeddings: one or more files, globs, or a pattern with {idx} for numbered shards "
+        "(quote globs and patterns); rows are numbered across files in this order",
+    )
+    query_db.add_argument(
+        "--gt_path", metavar="JSON", help='ground truth {"query_id": ["db_id", ...], ...}; ids escaped or not'
+    )
+
+    common = parser.add_argument_group("search and outputs")
+    common.add_argument(
+        "--lin_adapt_path",
+        metavar="PTH",
+        help="adaptation layer (state dict with layer.weight and layer.bias) applied to queries and database; "
+        "metrics are then reported without and with it",
+    )
+    common.add_argument(
+        "--k",
+        type=int,
+        metavar="N",
+        help=f"ranked-list length; None means {DEFAULT_K_LABELLED_SET} in mode 1 and {DEFAULT_K_QUERY_DATABASE} "
+        "in mode 2 (default: %(default)s)",
+    )
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), metavar="DEVICE", help="auto, cpu or cuda")
+    common.add_argument(
+        "--chunk_rows", type=int, metavar="ROWS", help="database rows read, adapted and searched per block"
+    )
+    common.add_argument("--save_json", metavar="PATH", help="write metrics, arguments and input file sizes/hashes")
+    common.add_argument(
+        "--save_ranks",
+        metavar="PATH",
+        help="write the top-k ids and scores per query: .json, or compressed .npz/.hdf5 for large runs",
+    )
+    common.add_argument(
+        "--hash_inputs",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        metavar="BOOL",
+        help="store the SHA-256 of every input file in --save_json (reads each file once more)",
+    )
+
+    parser.set_defaults(
+        allow_missing=False,
+        k=None,
+        device="auto",
+        chunk_rows=DEFAULT_CHUNK_ROWS,
+        hash_inputs=True,
+    )
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate flag combinations and fill the mode-dependent defaults, calling parser.error on misuse."""
+    labelled = [args.features_path, args.info_path]
+    query_db = [args.query_hdf5, args.db_hdf5, args.gt_path]
+    if any(v is not None for v in labelled) and any(v is not None for v in query_db):
+        parser.error("give either --features_path/--info_path (mode 1) or --query_hdf5/--db_hdf5/--gt_path (mode 2)")
+    if any(v is not None for v in labelled):
+        if None in labelled:
+            parser.error("mode 1 needs both --features_path and --info_path")
+        args.mode = "labelled_set"
+    elif any(v is not None for v in query_db):
+        if None in query_db:
+            parser.error("mode 2 needs --query_hdf5, --db_hdf5 and --gt_path")
+        if args.allow_missing:
+            parser.error("--allow_missing applies to mode 1 only")
+        args.mode = "query_database"
+    else:
+        parser.error("give --features_path and --info_path (mode 1) or --query_hdf5, --db_hdf5 and --gt_path (mode 2)")
+
+    if args.k is None:
+        args.k = DEFAULT_K_LABELLED_SET if args.mode == "labelled_set" else DEFAULT_K_QUERY_DATABASE
+    if args.k < 1:
+        parser.error(f"--k must be at least 1, got {args.k}")
+    if args.chunk_rows < 1:
+        parser.error(f"--chunk_rows must be at least 1, got {args.chunk_rows}")
+    if args.save_ranks is not None and os.path.splitext(args.save_ranks)[1].lower() not in RANK_EXTENSIONS:
+        parser.error(f"--save_ranks {args.save_ranks!r} must end with one of {', '.join(RANK_EXTENSIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _input_files(args: argparse.Namespace) -> dict[str, list[str]]:
+    if args.mode == "labelled_set":
+        files = {"features_path": [args.features_path], "info_path": [args.info_path]}
+    else:
+        files = {"query_hdf5": [args.query_hdf5], "db_hdf5": args.db_files, "gt_path": [args.gt_path]}
+    if args.lin_adapt_path is not None:
+        files["lin_adapt_path"] = [args.lin_adapt_path]
+    return files
+
+
+def main(args: argparse.Namespace) -> int:
+    _check_args(get_args_parser(), args)
+    _logger.info("config: %s", {key: value for key, value in sorted(vars(args).items())})
+    start = time.time()
+
+    try:
+        if args.mode == "labelled_set":
+            result = evaluate_labelled_set(
+                features_path=args.features_path,
+                info_path=args.info_path,
+                k=args.k,
+                device=args.device,
+                chunk_rows=args.chunk_rows,
+                lin_adapt_path=args.lin_adapt_path,
+                allow_missing=args.allow_missing,
+            )
+        else:
+            args.db_files = expand_database_paths(args.db_hdf5)
+            result = evaluate_query_database(
+                query_path=args.query_hdf5,
+                database_paths=args.db_files,
+                gt_path=args.gt_path,
+                k=args.k,
+                device=args.device,
+                chunk_rows=args.chunk_rows,
+                lin_adapt_path=args.lin_adapt_path,
+            )
+    except (DataError, ImageListError) as e:
+        _logger.error("%s", e)
+        return 1
+
+    print(format_metrics_table(result.metrics, result.k), flush=True)
+    _logger.info("evaluated in %.1f s", time.time() - start)
+
+    try:
+        if args.save_json is not None:
+            write_json(
+                args.save_json,
+                {
+                    "mode": args.mode,
+                    "k": result.k,
+                    "tie_break": TIE_BREAK,
+                    "metrics": result.metrics,
+                    "counts": result.counts,
+                    "args": vars(args),
+                    "inputs": describe_inputs(_input_files(args), hash_files=args.hash_inputs),
+                    "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},
+                },
+            )
+            _logger.info("wrote metrics to %s", args.save_json)
+        if args.save_ranks is not None:
+            write_ranks(args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k)
+            _logger.info("wrote ranked lists to %s", args.save_ranks)
+    except OSError as e:
+        _logger.error("cannot write the outputs (%s); check that the output folder is writable", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,173 @@
+"""A database of embeddings split over one or several HDF5 files, read block by block.
+
+Each file has the ILIAS layout (`features` N x D, `index` N ids). Database rows are
+numbered across files in the order given, so row r of the second file is row
+(rows of the first file) + r. Only the ids are held in memory; features are read one
+block at a time while searching.
+"""
+import glob
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import h5py
+import numpy as np
+
+from feature_extraction.image_list import canonical_id
+from linear_adaptation.features_io import DataError
+
+_logger = logging.getLogger(__name__)
+
+SHARD_PLACEHOLDER = "{idx}"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _natural_key(path: str) -> list:
+    """Sort key comparing digit runs as numbers, so that part_2 sorts before part_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _expand_shard_pattern(pattern: str) -> list[str]:
+    prefix, suffix = pattern.split(SHARD_PLACEHOLDER, 1)
+    if SHARD_PLACEHOLDER in suffix:
+        raise DataError(f"database pattern {pattern!r} contains {SHARD_PLACEHOLDER} more than once; use it once")
+    matcher = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"\Z")
+    found = []
+    for path in glob.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        match = matcher.match(path)
+        if match:
+            found.append((int(match.group(1)), path))
+    if not found:
+        raise DataError(
+            f"no file matches the database pattern {pattern!r} ({SHARD_PLACEHOLDER} stands for a shard number)"
+        )
+    found.sort()
+    numbers = [number for number, _ in found]
+    gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if gaps:
+        _logger.warning("database pattern %r: shard numbers %s are missing", pattern, gaps[:10])
+    return [path for _, path in found]
+
+
+def expand_database_paths(patterns: list[str]) -> list[str]:
+    """Expand database arguments into an ordered list of existing files.
+
+    An argument containing `{idx}` matches files with any number in its place, in
+    numeric order. One with `*`, `?` or `[` is a glob, expanded in natural order. Any
+    other argument must name an existing file.
+
+    Raises:
+        DataError: A pattern matches nothing, a file is missing, or a file is given twice.
+    """
+    paths = []
+    for pattern in patterns:
+        if SHARD_PLACEHOLDER in pattern:
+            paths.extend(_expand_shard_pattern(pattern))
+        elif _GLOB_CHARS.search(pattern):
+            matches = sorted(glob.glob(pattern), key=_natural_key)
+            if not matches:
+                raise DataError(f"no file matches the database glob {pattern!r}")
+            paths.extend(matches)
+        elif not os.path.isfile(pattern):
+            raise DataError(f"database file {pattern!r} not found; check --db_hdf5")
+        else:
+            paths.append(pattern)
+
+    uses = Counter(os.path.realpath(p) for p in paths)
+    repeated = sorted({p for p in paths if uses[os.path.realpath(p)] > 1})
+    if repeated:
+        raise DataError(f"database files given more than once: {repeated}; list each shard once")
+    return paths
+
+
+class HDF5Database:
+    """Database files checked for layout and dimension, with their ids loaded.
+
+    Attributes:
+        paths: Files in row order.
+        rows_per_file: Rows of each file.
+        ids: Canonical ids of all rows, in row order.
+        dim: Embedding dimension, equal in all files.
+    """
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self.rows_per_file: list[int] = []
+        self.ids: list[str] = []
+        self.dim: int | None = None
+        for path in self.paths:
+            self._read_header(path)
+        _logger.info(
+            "database: %d rows x %d dimensions in %d file(s)", self.num_rows, self.dim, len(self.paths)
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows_per_file)
+
+    def _read_header(self, path: str) -> None:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
+
+        with f:
+            for name in ("features", "index"):
+                if name not in f:
+                    raise DataError(
+                        f"{path!r} has no '{name}' dataset (found: {sorted(f.keys())}); "
+                        "expected the ILIAS layout written by feature_extraction/extract.py"
+                    )
+            features = f["features"]
+            if features.ndim != 2 or features.shape[0] == 0:
+                raise DataError(f"{path!r}: 'features' has shape {features.shape}, expected N x D with N > 0")
+            if not np.issubdtype(features.dtype, np.floating):
+                raise DataError(f"{path!r}: 'features' has dtype {features.dtype}, expected float16/32/64")
+            if self.dim is not None and features.shape[1] != self.dim:
+                raise DataError(
+                    f"{path!r} has {features.shape[1]}-dimensional embeddings but {self.paths[0]!r} has "
+                    f"{self.dim}; all database files must come from the same backbone"
+                )
+            ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f["index"][()]]
+            if len(ids) != features.shape[0]:
+                raise DataError(
+                    f"{path!r}: 'features' has {features.shape[0]} rows but 'index' has {len(ids)} ids"
+                )
+            self.dim = features.shape[1]
+
+        self.rows_per_file.append(len(ids))
+        self.ids.extend(canonical_id(i) for i in ids)
+
+    def iterate_chunks(
+        self, chunk_rows: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Yield blocks of at most `chunk_rows` rows in row order, file by file.
+
+        Blocks do not span files. Each block is read from disk when requested, checked
+        for NaN and Inf, and then passed through `transform` when given.
+
+        Raises:
+            DataError: A block cannot be read or contains NaN or Inf.
+        """
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        offset = 0
+        for path, num_rows in zip(self.paths, self.rows_per_file):
+            with h5py.File(path, "r") as f:
+                features = f["features"]
+                for start in range(0, num_rows, chunk_rows):
+                    try:
+                        block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
+                    except OSError as e:
+                        raise DataError(f"cannot read rows {start}+ of {path!r} ({e}); is the file damaged?") from e
+                    finite = np.isfinite(block).all(axis=1)
+                    if not finite.all():
+                        bad = start + int(np.flatnonzero(~finite)[0])
+                        raise DataError(
+                            f"{path!r}: row {bad} (id {self.ids[offset + bad]!r}) contains NaN or Inf; "
+                            "re-extract that image or drop it from the database"
+                        )
+                    yield transform(block) if transform is not None else block
+            offset += num_rows

@@ -1,0 +1,449 @@
+"""The evaluation command on small HDF5 files, checked against a brute-force reference."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from feature_extraction.image_list import escape_id, file_sha256
+from linear_adaptation.evaluate import evaluate_query_database, get_args_parser, main
+from linear_adaptation.features_io import DataError
+from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth
+from linear_adaptation.hdf5_shards import expand_database_paths
+from linear_adaptation.lin_adapt import LinearAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 8
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _write_hdf5(path, ids, features, escape=True):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features)
+        if escape:
+            f.create_dataset("index", data=np.array([escape_id(i) for i in ids], dtype=np.bytes_))
+        else:
+            f.create_dataset("index", data=ids, dtype=h5py.string_dtype())
+
+
+def _normalise(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ranked_ids(queries, database, database_ids, k, query_ids=None):
+    """Rank by cosine in float64, ties by lower row; with query_ids, a query's own id is skipped."""
+    scores = _normalise(queries) @ _normalise(database).T
+    ranked = []
+    for q, row_scores in enumerate(scores):
+        order = sorted(range(len(database_ids)), key=lambda r: (-row_scores[r], r))
+        ids = [database_ids[r] for r in order if query_ids is None or database_ids[r] != query_ids[q]]
+        ranked.append(ids[:k])
+    return ranked
+
+
+def _reference_metrics(ranked, positives, k):
+    """Mean AP@k, recall@1 and MP@5 in percent over queries with positives, written independently."""
+    aps, recalls, precisions = [], [], []
+    for ranked_ids, positive_ids in zip(ranked, positives):
+        if not positive_ids:
+            continue
+        hits, precision_sum = 0, 0.0
+        for rank, image_id in enumerate(ranked_ids[:k], start=1):
+            if image_id in positive_ids:
+                hits += 1
+                precision_sum += hits / rank
+        aps.append(precision_sum / min(k, len(positive_ids)))
+        recalls.append(float(ranked_ids[0] in positive_ids))
+        m = min(5, len(positive_ids))
+        precisions.append(sum(i in positive_ids for i in ranked_ids[:m]) / m)
+    return {"map": 100 * np.mean(aps), "recall@1": 100 * np.mean(recalls), "mmp@5": 100 * np.mean(precisions)}
+
+
+def _adapt(weight, bias, features):
+    return _normalise(np.asarray(features, dtype=np.float64) @ weight.T.astype(np.float64) + bias)
+
+
+def _save_layer(path, weight, bias):
+    torch.save({"layer.weight": torch.from_numpy(weight), "layer.bias": torch.from_numpy(bias)}, path)
+
+
+def _run(argv):
+    return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def layer_params():
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((6, DIM)).astype(np.float32), rng.standard_normal(6).astype(np.float32) * 0.1
+
+
+# ---------------------------------------------------------------- mode 1: labelled set
+
+
+@pytest.fixture
+def labelled_set(tmp_path):
+    """24 images, 2 domains x 3 classes x 4 images, clustered around class centres."""
+    rng = np.random.default_rng(3)
+    entries, features = [], []
+    for domain in range(2):
+        for label in range(3):
+            centre = rng.standard_normal(DIM)
+            for i in range(4):
+                name = f"d{domain}/c{label}/caf\u00e9_{i}.jpg" if (domain, label, i) == (1, 2, 0) else f"d{domain}/c{label}/{i}.jpg"
+                entries.append((name, label, domain))
+                features.append(centre + 0.9 * rng.standard_normal(DIM))
+    features = _normalise(features).astype(np.float32)
+
+    # the HDF5 rows are stored in another order than the list
+    order = rng.permutation(len(entries))
+    hdf5_path = tmp_path / "heldout.hdf5"
+    _write_hdf5(hdf5_path, [entries[i][0] for i in order], features[order])
+    list_path = tmp_path / "heldout_paths.txt"
+    list_path.write_text("".join(f"{p},{l},{d}\n" for p, l, d in entries), encoding="utf-8")
+    return {"hdf5": hdf5_path, "list": list_path, "entries": entries, "features": features}
+
+
+def _labelled_reference(entries, embeddings, k):
+    ids = [e[0] for e in entries]
+    ranked = _ranked_ids(embeddings, embeddings, ids, k, query_ids=ids)
+    classes = {e[0]: (e[2], e[1]) for e in entries}
+    per_domain = {}
+    for domain in sorted({e[2] for e in entries}):
+        members = [q for q, e in enumerate(entries) if e[2] == domain]
+        positives = [{i for i in ids if classes[i] == classes[ids[q]] and i != ids[q]} for q in members]
+        per_domain[domain] = _reference_metrics([ranked[q] for q in members], positives, k)
+    return per_domain, ranked
+
+
+def test_labelled_set_without_layer(labelled_set, tmp_path, capsys):
+    save_json, save_ranks = tmp_path / "out" / "metrics.json", tmp_path / "out" / "ranks.json"
+    code = _run(
+        ["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"], "--k", 5,
+         "--device", "cpu", "--chunk_rows", 7, "--save_json", save_json, "--save_ranks", save_ranks]
+    )
+    assert code == 0
+
+    per_domain, ranked = _labelled_reference(labelled_set["entries"], labelled_set["features"], 5)
+    report = json.loads(save_json.read_text())
+    metrics = report["metrics"]["without_layer"]
+    assert "with_layer" not in report["metrics"]
+    for domain, expected in per_domain.items():
+        for name, value in expected.items():
+            assert metrics["per_domain"][str(domain)][name] == pytest.approx(value)
+    assert metrics["map"] == pytest.approx(np.mean([m["map"] for m in per_domain.values()]))
+    assert report["mode"] == "labelled_set"
+    assert report["k"] == 5
+    assert report["counts"]["images"] == 24
+    assert report["inputs"]["features_path"][0]["sha256"] == file_sha256(labelled_set["hdf5"])
+    assert report["args"]["device"] == "cpu"
+
+    ranks = json.loads(save_ranks.read_text())
+    first_id = escape_id(labelled_set["entries"][0][0])
+    assert ranks["without_layer"][first_id]["ids"] == [escape_id(i) for i in ranked[0]]
+    assert len(ranks["without_layer"][first_id]["scores"]) == 5
+
+    table = capsys.readouterr().out
+    assert "mAP@5" in table
+    assert f"{metrics['map']:.2f}" in table.splitlines()[-1]
+    assert "domain 1" in table
+
+
+def test_labelled_set_with_layer(labelled_set, tmp_path, layer_params, capsys):
+    weight, bias = layer_params
+    layer_path = tmp_path / "lin_adapt.pth"
+    _save_layer(layer_path, weight, bias)
+    save_json = tmp_path / "metrics.json"
+    code = _run(
+        ["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"], "--k", 6,
+         "--lin_adapt_path", layer_path, "--device", "cpu", "--save_json", save_json]
+    )
+    assert code == 0
+
+    report = json.loads(save_json.read_text())["metrics"]
+    adapted = _adapt(weight, bias, labelled_set["features"])
+    without, _ = _labelled_reference(labelled_set["entries"], labelled_set["features"], 6)
+    with_layer, _ = _labelled_reference(labelled_set["entries"], adapted, 6)
+    for domain in (0, 1):
+        assert report["without_layer"]["per_domain"][str(domain)]["map"] == pytest.approx(without[domain]["map"])
+        assert report["with_layer"]["per_domain"][str(domain)]["map"] == pytest.approx(with_layer[domain]["map"])
+    assert report["with_layer"]["map"] != pytest.approx(report["without_layer"]["map"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:3] == ["without", "with"]
+    macro = lines[-1].split()
+    assert macro[:2] == ["macro", "average"]
+    assert float(macro[3]) == pytest.approx(report["without_layer"]["map"], abs=0.006)
+    assert float(macro[4]) == pytest.approx(report["with_layer"]["map"], abs=0.006)
+
+
+def test_labelled_set_missing_list_entry(labelled_set, tmp_path):
+    lines = labelled_set["list"].read_text().splitlines()
+    labelled_set["list"].write_text("\n".join(lines[1:]) + "\n")
+    save_json = tmp_path / "metrics.json"
+    args = ["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"], "--save_json", save_json]
+    assert _run(args) == 1
+    assert not save_json.exists()
+    assert _run(args + ["--allow_missing", "yes"]) == 0
+    assert json.loads(save_json.read_text())["counts"]["hdf5_ids_missing_from_list"] == 1
+
+
+def test_layer_dimension_mismatch_exits_1(labelled_set, tmp_path, caplog):
+    layer_path = tmp_path / "wide.pth"
+    torch.save(LinearAdapter(DIM + 1, 4).state_dict(), layer_path)
+    save_json = tmp_path / "metrics.json"
+    code = _run(
+        ["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"],
+         "--lin_adapt_path", layer_path, "--save_json", save_json]
+    )
+    assert code == 1
+    assert "maps 9-dimensional embeddings but the embeddings have 8" in caplog.text
+    assert not save_json.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--features_path", "a.hdf5"],
+        ["--features_path", "a.hdf5", "--info_path", "l.txt", "--query_hdf5", "q.hdf5"],
+        ["--features_path", "a.hdf5", "--info_path", "l.txt", "--k", "0"],
+        ["--features_path", "a.hdf5", "--info_path", "l.txt", "--save_ranks", "ranks.csv"],
+        ["--features_path", "a.hdf5", "--info_path", "l.txt", "--allow_missing", "maybe"],
+        ["--query_hdf5", "q.hdf5", "--db_hdf5", "d.hdf5"],
+    ],
+    ids=["no_mode", "mode1_incomplete", "both_modes", "k_zero", "rank_extension", "bad_bool", "mode2_incomplete"],
+)
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(argv)
+    assert exit_info.value.code == 2
+
+
+def test_cli_subprocess_exit_codes(labelled_set, tmp_path):
+    script = REPO / "linear_adaptation" / "evaluate.py"
+    ok = subprocess.run(
+        [sys.executable, script, "--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"],
+         "--k", "5", "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "macro average" in ok.stdout
+
+    save_json = tmp_path / "metrics.json"
+    missing = subprocess.run(
+        [sys.executable, script, "--features_path", tmp_path / "absent.hdf5", "--info_path", labelled_set["list"],
+         "--save_json", save_json],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert missing.returncode == 1
+    assert "absent.hdf5' not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not save_json.exists()
+
+
+# ---------------------------------------------------------------- mode 2: queries against a database
+
+
+@pytest.fixture
+def query_database(tmp_path):
+    """4 query rows (one without ground truth) and 25 database rows in shards 1, 2 and 10."""
+    rng = np.random.default_rng(11)
+    query_ids = ["q/0.jpg", "q/\u00fcn\u00ef.jpg", "q/2.jpg", "q/no_gt.jpg"]
+    queries = _normalise(rng.standard_normal((4, DIM))).astype(np.float32)
+    _write_hdf5(tmp_path / "queries.hdf5", query_ids, queries)
+
+    shard_rows = {1: 10, 2: 10, 10: 5}  # numeric order 1, 2, 10; text order would put 10 before 2
+    database = rng.standard_normal((25, DIM))
+    # positives lie near their query, so that they rank at various places in the top k
+    for query, rows in ((0, (3, 17, 20)), (1, (10, 24))):
+        database[list(rows)] = queries[query] + 0.5 * rng.standard_normal((len(rows), DIM))
+    database = _normalise(database).astype(np.float16)
+
+    database_ids, start = [], 0
+    for shard, rows in shard_rows.items():
+        ids = [f"db/{shard}/\u00f1_{i}.jpg" if i == 0 else f"db/{shard}/{i}.jpg" for i in range(rows)]
+        # shard 10 stores unescaped UTF-8 ids, as some writers do
+        _write_hdf5(tmp_path / f"db_{shard}.hdf5", ids, database[start : start + rows], escape=shard != 10)
+        database_ids += ids
+        start += rows
+
+    ground_truth = {
+        "q/0.jpg": ["db/1/3.jpg", "db/10/\u00f1_0.jpg", "db/2/7.jpg", "db/missing.jpg"],
+        escape_id("q/\u00fcn\u00ef.jpg"): [escape_id("db/2/\u00f1_0.jpg"), "db/10/4.jpg"],
+        "q/2.jpg": [],
+        "q/not_in_query_file.jpg": ["db/1/1.jpg"],
+    }
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(ground_truth, ensure_ascii=False), encoding="utf-8")
+    positives = [
+        {"db/1/3.jpg", "db/10/\u00f1_0.jpg", "db/2/7.jpg"},
+        {"db/2/\u00f1_0.jpg", "db/10/4.jpg"},
+        set(),
+    ]
+    return {
+        "dir": tmp_path, "queries": queries, "query_ids": query_ids, "database": database,
+        "database_ids": database_ids, "gt": gt_path, "positives": positives,
+    }
+
+
+def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_params, capsys):
+    weight, bias = layer_params
+    layer_path = tmp_path / "lin_adapt.pth"
+    _save_layer(layer_path, weight, bias)
+    save_json, save_ranks = tmp_path / "metrics.json", tmp_path / "ranks.json"
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path",
+         query_database["gt"], "--k", 6, "--chunk_rows", 4, "--lin_adapt_path", layer_path, "--device", "cpu",
+         "--save_json", save_json, "--save_ranks", save_ranks]
+    )
+    assert code == 0
+
+    queries, database = query_database["queries"][:3], query_database["database"]
+    ids = query_database["database_ids"]
+    expected = {
+        "without_layer": _ranked_ids(queries, database, ids, 6),
+        "with_layer": _ranked_ids(_adapt(weight, bias, queries), _adapt(weight, bias, database), ids, 6),
+    }
+    report = json.loads(save_json.read_text())
+    ranks = json.loads(save_ranks.read_text())
+    for variant, ranked in expected.items():
+        reference = _reference_metrics(ranked, query_database["positives"], 6)
+        for name, value in reference.items():
+            assert report["metrics"][variant][name] == pytest.approx(value)
+        assert report["metrics"][variant]["num_queries"] == 2
+        assert report["metrics"][variant]["queries_without_positives"] == 1
+        escaped_query = escape_id(query_database["query_ids"][1])
+        assert ranks[variant][escaped_query]["ids"] == [escape_id(i) for i in ranked[1]]
+
+    assert report["counts"] == {
+        "database_rows": 25,
+        "queries_scored": 3,
+        "queries_without_ground_truth": 1,
+        "ground_truth_queries_missing": 1,
+        "positives_missing_from_database": 1,
+    }
+    assert [Path(e["path"]).name for e in report["inputs"]["db_hdf5"]] == ["db_1.hdf5", "db_2.hdf5", "db_10.hdf5"]
+    table = capsys.readouterr().out
+    assert "all queries" in table
+    assert "mAP@6" in table
+
+
+@pytest.mark.parametrize("extension", [".npz", ".hdf5"])
+def test_query_database_compact_ranks(query_database, tmp_path, extension):
+    save_ranks = tmp_path / f"ranks{extension}"
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", tmp_path / "db_2.hdf5",
+         tmp_path / "db_1?.hdf5", "--gt_path", query_database["gt"], "--k", 30, "--save_ranks", save_ranks]
+    )
+    assert code == 0
+
+    if extension == ".npz":
+        with np.load(save_ranks) as f:
+            arrays = {name: f[name] for name in f.files}
+    else:
+        with h5py.File(save_ranks, "r") as f:
+            arrays = {name: f[name][()] for name in f}
+            arrays["k"] = f.attrs["k"]
+    assert int(arrays["k"]) == 30
+    assert arrays["rows_without_layer"].shape == (3, 30)
+    assert "rows_with_layer" not in arrays
+    # 25 database rows and k = 30: the last 5 places are padding
+    assert (arrays["rows_without_layer"][:, 25:] == -1).all()
+    assert np.isneginf(arrays["scores_without_layer"][:, 25:]).all()
+
+    database_ids = [i.decode() for i in arrays["database_ids"]]
+    assert database_ids == [escape_id(i) for i in query_database["database_ids"]]
+    expected = _ranked_ids(query_database["queries"][:3], query_database["database"], database_ids, 25)
+    ranked = [[database_ids[r] for r in rows[:25]] for rows in arrays["rows_without_layer"]]
+    assert ranked == expected
+    assert [i.decode() for i in arrays["query_ids"]] == [escape_id(i) for i in query_database["query_ids"][:3]]
+
+
+def test_query_database_dimension_mismatch(query_database, tmp_path):
+    _write_hdf5(tmp_path / "wide.hdf5", ["w/0.jpg"], np.ones((1, DIM + 2), dtype=np.float32))
+    with pytest.raises(DataError, match="queries in .* have 8 dimensions but the database has 10"):
+        evaluate_query_database(str(tmp_path / "queries.hdf5"), [str(tmp_path / "wide.hdf5")], str(query_database["gt"]))
+
+
+def test_query_database_nan_row(query_database, tmp_path):
+    features = np.ones((3, DIM), dtype=np.float32)
+    features[2, 0] = np.nan
+    _write_hdf5(tmp_path / "nan.hdf5", ["n/0.jpg", "n/1.jpg", "n/2.jpg"], features)
+    with pytest.raises(DataError, match="row 2 \\(id 'n/2.jpg'\\) contains NaN or Inf"):
+        evaluate_query_database(
+            str(tmp_path / "queries.hdf5"), [str(tmp_path / "nan.hdf5")], str(query_database["gt"]), chunk_rows=2
+        )
+
+
+# ---------------------------------------------------------------- database paths and ground truth
+
+
+def test_shard_pattern_numeric_order(tmp_path):
+    for shard in (10, 2, 1):
+        (tmp_path / f"part_{shard}.h5").touch()
+    (tmp_path / "part_x.h5").touch()
+    paths = expand_database_paths([str(tmp_path / "part_{idx}.h5")])
+    assert [Path(p).name for p in paths] == ["part_1.h5", "part_2.h5", "part_10.h5"]
+    paths = expand_database_paths([str(tmp_path / "part_*.h5")])
+    assert [Path(p).name for p in paths] == ["part_1.h5", "part_2.h5", "part_10.h5", "part_x.h5"]
+
+
+def test_shard_pattern_errors(tmp_path):
+    (tmp_path / "a.h5").touch()
+    with pytest.raises(DataError, match="no file matches the database pattern"):
+        expand_database_paths([str(tmp_path / "b_{idx}.h5")])
+    with pytest.raises(DataError, match="no file matches the database glob"):
+        expand_database_paths([str(tmp_path / "b*.h5")])
+    with pytest.raises(DataError, match="not found"):
+        expand_database_paths([str(tmp_path / "b.h5")])
+    with pytest.raises(DataError, match="given more than once"):
+        expand_database_paths([str(tmp_path / "a.h5"), str(tmp_path / "*.h5")])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid UTF-8 JSON"),
+        ('["q.jpg"]', "contains a JSON list, expected an object"),
+        ('{"q.jpg": "a.jpg"}', "expected a list of database id strings"),
+        ('{"q\\u00e9.jpg": [], "q#U00e9.jpg": []}', "occurs twice"),
+        ("{}", "lists no queries"),
+    ],
+    ids=["syntax", "list", "string_value", "escaped_twice", "empty"],
+)
+def test_ground_truth_format_errors(tmp_path, content, message):
+    path = tmp_path / "gt.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_ground_truth(path)
+
+
+def test_ground_truth_matching(tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"q\u00e9.jpg": ["b.jpg", "a.jpg", "b.jpg", "zz.jpg"], "other.jpg": ["a.jpg"]}))
+    matched = match_ground_truth(read_ground_truth(path), ["x.jpg", "q#U00e9.jpg"], ["a.jpg", "b.jpg", "c.jpg"])
+    assert matched.query_rows.tolist() == [1]
+    assert matched.positives[0].tolist() == [1, 0]  # the repeated b.jpg counts once
+    assert matched.counts() == {
+        "queries_scored": 1,
+        "queries_without_ground_truth": 1,
+        "ground_truth_queries_missing": 1,
+        "positives_missing_from_database": 1,
+    }
+
+
+def test_ground_truth_rejects_repeated_database_ids(tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"q.jpg": ["a.jpg"]}))
+    with pytest.raises(DataError, match="1 database ids occur more than once"):
+        match_ground_truth(read_ground_truth(path), ["q.jpg"], ["a.jpg", "b.jpg", "a.jpg"])
+    with pytest.raises(DataError, match="none of the 1 ground-truth queries"):
+        match_ground_truth(read_ground_truth(path), ["x.jpg"], ["a.jpg"])

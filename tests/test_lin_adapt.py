@@ -1,0 +1,143 @@
+"""Loading adaptation layers: our state dicts, the ILIAS key layout, and rejected files."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_adaptation.lin_adapt import LayerLoadError, LinearAdapter, apply_layer, load_lin_adapt_layer
+
+
+def _create_marker(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("code ran")
+
+
+class _RunsCodeWhenUnpickled:
+    """Pickles to a call of _create_marker, as a malicious checkpoint would to any callable."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_create_marker, (self.marker,))
+
+
+def test_loads_trainer_state_dict(tmp_path):
+    torch.manual_seed(0)
+    adapter = LinearAdapter(8, 4)
+    torch.nn.init.normal_(adapter.layer.bias)
+    path = tmp_path / "lin_adapt.pth"
+    torch.save(adapter.state_dict(), path)
+
+    loaded = load_lin_adapt_layer(path, expected_in_features=8)
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(loaded(x), adapter(x))
+
+
+def test_loads_ilias_layout_by_hand(tmp_path):
+    weight, bias = torch.randn(3, 6), torch.randn(3)
+    path = tmp_path / "ilias.pth"
+    torch.save({"layer.weight": weight, "layer.bias": bias}, path)
+
+    loaded = load_lin_adapt_layer(str(path))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded(x), F.normalize(x @ weight.T + bias, dim=-1))
+    assert loaded.in_features == 6
+    assert loaded.out_features == 3
+    assert torch.linalg.norm(loaded(x), dim=1).allclose(torch.ones(4))
+
+
+def test_half_precision_weights_become_float32(tmp_path):
+    path = tmp_path / "half.pth"
+    torch.save({"layer.weight": torch.randn(2, 3).half(), "layer.bias": torch.zeros(2).half()}, path)
+    assert load_lin_adapt_layer(path).layer.weight.dtype == torch.float32
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LayerLoadError, match="not found"):
+        load_lin_adapt_layer(tmp_path / "absent.pth")
+
+
+def test_weights_only_rejects_code(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.pth"
+    torch.save({"layer.weight": _RunsCodeWhenUnpickled(str(marker)), "layer.bias": torch.zeros(1)}, path)
+
+    with pytest.raises(LayerLoadError, match=r"rejected by torch.load\(weights_only=True\)"):
+        load_lin_adapt_layer(path)
+    assert not marker.exists()
+
+    # the same file does run code through a full unpickler, so the check above is meaningful
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)},
+        {"layer.weight": torch.zeros(2, 3)},
+        {"layer.weight": torch.zeros(2, 3), "layer.bias": torch.zeros(2), "epoch": torch.tensor(3)},
+        {"module.layer.weight": torch.zeros(2, 3), "module.layer.bias": torch.zeros(2)},
+    ],
+    ids=["plain_linear", "no_bias", "extra_key", "prefixed"],
+)
+def test_wrong_keys(tmp_path, state):
+    path = tmp_path / "layer.pth"
+    torch.save(state, path)
+    with pytest.raises(LayerLoadError, match=r"expected exactly \['layer.weight', 'layer.bias'\]"):
+        load_lin_adapt_layer(path)
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias", "message"),
+    [
+        (torch.zeros(6), torch.zeros(6), "'layer.weight' has shape \\(6,\\), expected 2"),
+        (torch.zeros(2, 3), torch.zeros(3), "'layer.bias' has 3 values but 'layer.weight' has 2 rows"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2), "expected a floating-point tensor"),
+        (torch.full((2, 3), float("nan")), torch.zeros(2), "NaN or Inf"),
+    ],
+    ids=["weight_1d", "bias_length", "integer_weight", "nan_weight"],
+)
+def test_bad_tensors(tmp_path, weight, bias, message):
+    path = tmp_path / "layer.pth"
+    torch.save({"layer.weight": weight, "layer.bias": bias}, path)
+    with pytest.raises(LayerLoadError, match=message):
+        load_lin_adapt_layer(path)
+
+
+def test_dimension_mismatch(tmp_path):
+    path = tmp_path / "layer.pth"
+    torch.save(LinearAdapter(1024, 512).state_dict(), path)
+    with pytest.raises(LayerLoadError, match="maps 1024-dimensional embeddings but the embeddings have 768"):
+        load_lin_adapt_layer(path, expected_in_features=768)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(LayerLoadError, match="contains a Tensor, expected a state dict"):
+        load_lin_adapt_layer(path)
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"this is not a torch file")
+    with pytest.raises(LayerLoadError, match="cannot read"):
+        load_lin_adapt_layer(path)
+
+
+def test_apply_layer_matches_module():
+    adapter = LinearAdapter(5, 3).eval()
+    embeddings = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float16)
+    adapted = apply_layer(adapter, embeddings, batch_rows=3)
+    assert adapted.dtype == np.float32
+    expected = adapter(torch.from_numpy(embeddings.astype(np.float32))).detach().numpy()
+    np.testing.assert_allclose(adapted, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_apply_layer_rejects_dimension():
+    with pytest.raises(ValueError, match=r"the layer expects \(N, 5\)"):
+        apply_layer(LinearAdapter(5, 3), np.zeros((2, 4), dtype=np.float32))
