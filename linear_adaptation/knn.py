@@ -42,7 +42,10 @@ class _FaissBackend:
 
 
 class _TorchBackend:
-    """Exact search of one chunk with a torch matmul and top-k, in query blocks of bounded size."""
+    """Exact search of one chunk with a torch matmul and top-k, in query blocks of bounded size.
+
+    NOTE: the tests run this backend on CPU tensors only; no CUDA device was available to run it on a GPU.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
