@@ -1,0 +1,294 @@
+"""Output files of a training run: the `.pth` state dict, a JSON record and a PNG plot.
+
+All three are first written to temporary files in the output folder (flushed and
+fsynced), then renamed into place one after the other with SIGINT and SIGTERM blocked,
+so an interrupted or failed run leaves either all three complete files or none of
+the new ones. The temporary files start with "." and end with ".tmp".
+"""
+import io
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_logger = logging.getLogger(__name__)
+
+_BLOCKED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class OutputError(OSError):
+    """An output path that cannot be written: the message names the path and the fix."""
+
+
+def sidecar_paths(pth_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Return the JSON and PNG paths beside a `.pth` file: same name, other suffix."""
+    pth_path = Path(pth_path)
+    stem = pth_path.name[: -len(".pth")] if pth_path.name.endswith(".pth") else pth_path.name
+    return pth_path.with_name(stem + ".json"), pth_path.with_name(stem + ".png")
+
+
+def prepare_output_folder(pth_path: str | os.PathLike) -> Path | None:
+    """Create the folder of `pth_path` if needed and check that a file can be written in it.
+
+    Returns the topmost folder this call created (for removal if the run fails before
+    writing), or None when the folder already existed.
+
+    Raises:
+        OutputError: the path is a folder, or the folder cannot be created or written.
+    """
+    pth_path = Path(pth_path)
+    if pth_path.is_dir():
+        raise OutputError(f"--save_dir {str(pth_path)!r} is a folder; give the path of the .pth file to write")
+    folder = pth_path.parent
+
+    created = None
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    if missing:
+        created = missing[-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{pth_path.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to the output folder {str(folder)!r} ({e}); choose a writable --save_dir") from e
+    return created
+
+
+def remove_created_folder(created: Path | None) -> None:
+    """Remove the empty folders made by prepare_output_folder, innermost first; keep any that has files."""
+    if created is None:
+        return
+    for path in sorted([p for p in created.rglob("*") if p.is_dir()] + [created], key=lambda p: -len(p.parts)):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+def to_jsonable(value):
+    """Convert numpy scalars and arrays, tuples and non-string keys to JSON types; NaN and Inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def state_dict_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise a state dict with torch.save, tensors contiguous and on the CPU."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def json_bytes(record: Mapping) -> bytes:
+    """Serialise a record as indented, strictly valid JSON (no NaN)."""
+    return (json.dumps(to_jsonable(record), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
+    """Plot the training loss and the validation mAP per epoch; return the PNG bytes.
+
+    `epochs` holds one dict per epoch with "epoch", "loss" (None before training) and
+    "val" (None without validation). Uses the Agg canvas directly, so no display and no
+    global pyplot state are involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    loss_points = [(e["epoch"], e["loss"]) for e in epochs if e.get("loss") is not None]
+    val_points = [(e["epoch"], e["val"]["map"], e["val"]["k"]) for e in epochs if e.get("val")]
+
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axes, map_axes = figure.subplots(1, 2)
+
+    if loss_points:
+        loss_axes.plot(*zip(*loss_points), marker="o")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("mean training loss")
+    loss_axes.set_title("training loss")
+    loss_axes.grid(alpha=0.3)
+
+    if val_points:
+        x, y, k = zip(*val_points)
+        map_axes.plot(x, y, marker="o", color="tab:green")
+        map_axes.axhline(y[0], color="grey", linestyle="--", linewidth=1, label="raw embeddings (epoch 0)")
+        map_axes.set_ylabel(f"held-out mAP@{k[0]} (%)")
+        map_axes.legend(loc="lower right")
+    else:
+        map_axes.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=map_axes.transAxes)
+    map_axes.set_xlabel("epoch")
+    map_axes.set_title("held-out retrieval")
+    map_axes.grid(alpha=0.3)
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every platform can open a folder; the renames are done regardless
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_files_atomically(contents: Mapping[Path, bytes]) -> None:
+    """Write every file under a temporary name in its folder, then rename them all into place.
+
+    Temporary files are removed if anything fails before the renames. SIGINT and SIGTERM
+    are held back during the renames and delivered afterwards.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in contents.items():
+            path = Path(path)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp_name, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
+
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+        try:
+            for tmp_name, path in staged:
+                os.replace(tmp_name, path)
+            for folder in {path.parent for _, path in staged}:
+                _fsync_folder(folder)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    finally:
+        for tmp_name, _ in staged:
+            if os.path.exists(tmp_name):
+                os.remove(tmp_name)
+
+
+def library_versions() -> dict[str, str]:
+    """Return the versions of Python and of the libraries that shape the results."""
+    import platform
+
+    import faiss
+    import h5py
+    import matplotlib
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "faiss": getattr(faiss, "__version__", "unknown"),
+        "matplotlib": matplotlib.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _epoch_dict(record) -> dict:
+    return {
+        "epoch": record.epoch,
+        "loss": record.loss,
+        "lr": record.lr,
+        "steps": record.steps,
+        "seconds": record.seconds,
+        "steps_per_second": record.steps_per_second,
+        "val": record.val,
+        "val_seconds": record.val_seconds,
+    }
+
+
+def _join_dict(report) -> dict | None:
+    if report is None:
+        return None
+    return {
+        "missing_in_hdf5": len(report.missing_in_hdf5),
+        "missing_in_list": len(report.missing_in_list),
+        "duplicate_ids": len(report.duplicate_ids),
+        "examples": {
+            "missing_in_hdf5": report.missing_in_hdf5[:5],
+            "missing_in_list": report.missing_in_list[:5],
+            "duplicate_ids": report.duplicate_ids[:5],
+        },
+    }
+
+
+def build_run_record(
+    *,
+    args: Mapping,
+    result,
+    train,
+    validation,
+    join_reports: Mapping,
+    inputs: Mapping,
+    output_paths: Mapping[str, Path],
+    wall_seconds: float,
+) -> dict:
+    """Assemble the JSON record of a training run.
+
+    Args:
+        args: The command-line arguments as a dict.
+        result: The trainer's TrainResult.
+        train: The LabelledEmbeddings trained on.
+        validation: The LabelledEmbeddings validated on, or None.
+        join_reports: JoinReport (or None) per input set name.
+        inputs: {"path", "sha256"} per input flag name.
+        output_paths: Paths of the written files per kind ("pth", "json", "png").
+        wall_seconds: Seconds since the run started, up to writing the outputs.
+    """
+    import datetime
+
+    weight = result.state_dict["layer.weight"]
+    epochs = [_epoch_dict(r) for r in result.history]
+    record = {
+        "format_version": 1,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "outputs": {kind: str(path) for kind, path in output_paths.items()},
+        "in_dim": int(weight.shape[1]),
+        "out_dim": int(weight.shape[0]),
+        "num_classes": result.num_classes,
+        "num_images": train.num_images,
+        "num_val_images": validation.num_images if validation is not None else 0,
+        "device": result.device,
+        "amp": result.amp,
+        "optimizer": f"Adam ({result.optimizer_impl})",
+        "torch_threads": torch.get_num_threads(),
+        "kept_epoch": result.kept_epoch,
+        "val_before": epochs[0]["val"],
+        "val_kept": epochs[result.kept_epoch]["val"],
+        "epochs": epochs,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": wall_seconds,
+        "args": dict(args),
+        "inputs": dict(inputs),
+        "join": {name: _join_dict(report) for name, report in join_reports.items()},
+        "versions": library_versions(),
+    }
+    return record

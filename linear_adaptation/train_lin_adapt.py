@@ -1,0 +1,344 @@
+"""Train a linear adaptation layer on backbone embeddings with a cosine-classifier loss.
+
+Embeddings come from an ILIAS-layout HDF5 file (as written by feature_extraction/extract.py)
+and are joined by id to a `path,label,domain` list; each (domain, label) pair is a class.
+The layer is saved as a plain state dict (`layer.weight`, `layer.bias`), with a JSON record
+and a PNG plot of loss and held-out mAP beside it.
+
+Example:
+    python linear_adaptation/train_lin_adapt.py \
+        --uned_features_path features/train.hdf5 --uned_info_path train_paths.txt \
+        --val_features_path features/heldout.hdf5 --val_info_path heldout_paths.txt \
+        --save_dir outputs/lin_adapt_512.pth
+
+Exit status: 0 on success, 1 for unusable data or a failed run, 2 for invalid arguments,
+130 after SIGINT and 143 after SIGTERM (nothing is written in those cases).
+"""
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E402
+from linear_adaptation.features_io import DataError  # noqa: E402
+from linear_adaptation.model import LOSS_TYPES  # noqa: E402
+from linear_adaptation.outputs import (  # noqa: E402
+    OutputError,
+    build_run_record,
+    json_bytes,
+    plot_png_bytes,
+    prepare_output_folder,
+    remove_created_folder,
+    sidecar_paths,
+    state_dict_bytes,
+    write_files_atomically,
+)
+from linear_adaptation.trainer import AMP_MODES, KEEP_MODES, LR_SCHEDULES, describe_metrics, seed_everything  # noqa: E402
+from linear_adaptation.trainer import train_linear_adapter  # noqa: E402
+from linear_adaptation.training_data import load_training_inputs  # noqa: E402
+
+_logger = logging.getLogger("train_lin_adapt")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+DEVICES = ("auto", "cpu", "cuda")
+_TRUE_WORDS = ("true", "on", "1", "yes")
+_FALSE_WORDS = ("false", "off", "0", "no")
+
+
+class TerminationRequested(BaseException):
+    """Raised from the SIGTERM handler; a BaseException so no `except Exception` swallows it."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults in the help, except for required flags and flags without a default."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_bool(value: str) -> bool:
+    """Parse true/false, on/off, 1/0 or yes/no (any case) for argparse."""
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}; use one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser; flag names and defaults follow the older ILIAS trainer."""
+    parser = argparse.ArgumentParser(
+        description="Train a linear adaptation layer on HDF5 embeddings with a cosine-classifier loss.",
+        formatter_class=_HelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--uned_features_path", metavar="HDF5", required=True,
+                      help="training embeddings: HDF5 with 'features' (N x D) and 'index' (N ids)")
+    data.add_argument("--uned_info_path", metavar="LIST", required=True,
+                      help="training list, one 'path,label,domain' line per image; joined to the HDF5 ids by path")
+    data.add_argument("--allow_missing", metavar="BOOL", type=parse_bool, nargs="?", const=True,
+                      help="train on the ids present in both list and HDF5 instead of stopping when they differ "
+                           "(true/false; the flag alone means true)")
+
+    model = parser.add_argument_group("model and loss")
+    model.add_argument("--adaptation_layer_dim", metavar="N", type=int, help="output dimension of the layer")
+    model.add_argument("--loss", metavar="TYPE", choices=LOSS_TYPES,
+                       help=f"margin softmax loss on the cosine logits, one of {', '.join(LOSS_TYPES)}")
+    model.add_argument("--scale", metavar="S", type=float, help="logit scale applied to the cosines")
+    model.add_argument("--margin", metavar="M", type=float,
+                       help="margin: subtracted from the target cosine (cosface) or added to the target angle "
+                            "in radians (arcface); must be 0 for normface")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--num_epochs", metavar="N", type=int, help="passes over the training images")
+    optim.add_argument("--batch_size", metavar="N", type=int,
+                       help="images per step; the last partial batch of each epoch is dropped")
+    optim.add_argument("--lr", metavar="LR", type=float, help="Adam learning rate (peak value with a schedule)")
+    optim.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay")
+    optim.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
+                       help="learning rate over the steps: constant, or cosine decay to 0 at the last step")
+    optim.add_argument("--warmup_steps", metavar="N", type=int,
+                       help="steps of linear learning-rate warmup before the schedule")
+    optim.add_argument("--seed", metavar="N", type=int,
+                       help="seed of the initialisation, the batch order and --val_fraction's class draw")
+
+    val = parser.add_argument_group("validation")
+    val.add_argument("--val_features_path", metavar="HDF5",
+                     help="held-out embeddings (classes not in the training list); needs --val_info_path")
+    val.add_argument("--val_info_path", metavar="LIST", help="held-out 'path,label,domain' list")
+    val.add_argument("--val_fraction", metavar="F", type=float,
+                     help="without a held-out file, hold out this fraction (0 < F < 1) of the training classes "
+                          "for validation and train on the rest")
+    val.add_argument("--val_k", metavar="K", type=int, help="ranking depth k of the held-out mAP@k")
+    val.add_argument("--keep", metavar="WHICH", choices=KEEP_MODES,
+                     help="save the last epoch, or the epoch with the best held-out mAP (needs validation)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--save_dir", metavar="PTH", required=True,
+                     help="path of the .pth file to write (despite the name, a file); its folder is created, "
+                          "and the .json record and .png plot go beside it")
+    run.add_argument("--device", metavar="DEV", choices=DEVICES,
+                     help="training device: auto (CUDA when available), cpu or cuda")
+    run.add_argument("--use_gpu", metavar="BOOL", type=parse_bool,
+                     help="older flag kept for existing commands (true/false): false forces the CPU; true with "
+                          "--device auto asks for CUDA and warns when there is none (default: unset, same as true "
+                          "without the warning)")
+    run.add_argument("--amp", metavar="MODE", choices=AMP_MODES,
+                     help="autocast the matrix products: none (float32), bf16 (CPU with bfloat16 support, or CUDA) "
+                          "or fp16 (CUDA only, with loss scaling)")
+    run.add_argument("--progress", metavar="BOOL", type=parse_bool,
+                     help="show a progress bar per epoch when stderr is a terminal")
+
+    parser.set_defaults(
+        allow_missing=False,
+        adaptation_layer_dim=512,
+        loss="cosface",
+        scale=16.0,
+        margin=0.0,
+        num_epochs=5,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=1e-6,
+        lr_schedule="constant",
+        warmup_steps=0,
+        seed=0,
+        val_features_path=None,
+        val_info_path=None,
+        val_fraction=None,
+        val_k=100,
+        keep="last",
+        device="auto",
+        use_gpu=None,
+        amp="none",
+        progress=True,
+    )
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject invalid or conflicting flag values with parser.error (exit status 2)."""
+    for name in ("adaptation_layer_dim", "num_epochs", "batch_size", "val_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if not args.lr > 0:
+        parser.error(f"--lr is {args.lr}; it must be positive")
+    if not args.scale > 0:
+        parser.error(f"--scale is {args.scale}; it must be positive")
+    if args.weight_decay < 0:
+        parser.error(f"--weight_decay is {args.weight_decay}; it must be 0 or positive")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup_steps is {args.warmup_steps}; it must be 0 or positive")
+    if args.margin < 0:
+        parser.error(f"--margin is {args.margin}; it must be 0 or positive")
+    if args.loss == "normface" and args.margin != 0:
+        parser.error(f"--loss normface has no margin but --margin is {args.margin}; use cosface or arcface")
+
+    has_val_file = args.val_features_path is not None or args.val_info_path is not None
+    if has_val_file and (args.val_features_path is None or args.val_info_path is None):
+        parser.error("--val_features_path and --val_info_path must be given together")
+    if args.val_fraction is not None:
+        if has_val_file:
+            parser.error("--val_fraction holds out training classes; do not combine it with --val_features_path")
+        if not 0.0 < args.val_fraction < 1.0:
+            parser.error(f"--val_fraction is {args.val_fraction}; it must lie strictly between 0 and 1")
+    if args.keep == "best" and not has_val_file and args.val_fraction is None:
+        parser.error("--keep best needs validation: give --val_features_path/--val_info_path or --val_fraction")
+
+    if Path(args.save_dir).is_dir():
+        parser.error(f"--save_dir {args.save_dir!r} is a folder; give the path of the .pth file to write")
+
+
+def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """Combine --device and --use_gpu into one device; exit with status 2 when they conflict."""
+    cuda_available = torch.cuda.is_available()
+    if args.use_gpu is False:
+        if args.device == "cuda":
+            parser.error("--use_gpu false conflicts with --device cuda")
+        device = torch.device("cpu")
+    elif args.device == "cuda":
+        if not cuda_available:
+            parser.error("--device cuda was given but torch finds no CUDA device; use --device cpu or auto")
+        device = torch.device("cuda")
+    elif args.device == "cpu":
+        if args.use_gpu:
+            parser.error("--use_gpu true conflicts with --device cpu")
+        device = torch.device("cpu")
+    else:
+        if args.use_gpu and not cuda_available:
+            _logger.warning("--use_gpu true but torch finds no CUDA device; training on the CPU")
+        device = torch.device("cuda" if cuda_available else "cpu")
+
+    if args.amp == "fp16" and device.type != "cuda":
+        parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    return device
+
+
+def setup_logging() -> None:
+    """Log INFO and above to stderr with timestamps; keep library chatter at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def _raise_termination(signum, frame):
+    raise TerminationRequested()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load and check the data, train on `args.device`, and write the .pth, .json and .png files."""
+    wall_start = time.perf_counter()
+    _logger.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    _logger.info("torch %s, %d intra-op threads", torch.__version__, torch.get_num_threads())
+
+    pth_path = Path(args.save_dir)
+    json_path, png_path = sidecar_paths(pth_path)
+    created_folder = prepare_output_folder(pth_path)
+    try:
+        inputs = load_training_inputs(
+            features_path=args.uned_features_path,
+            list_path=args.uned_info_path,
+            val_features_path=args.val_features_path,
+            val_list_path=args.val_info_path,
+            val_fraction=args.val_fraction,
+            allow_missing=args.allow_missing,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            val_k=args.val_k,
+        )
+        checksums = {
+            name: {"path": str(getattr(args, name)), "sha256": file_sha256(getattr(args, name))}
+            for name in ("uned_features_path", "uned_info_path", "val_features_path", "val_info_path")
+            if getattr(args, name) is not None
+        }
+
+        seed_everything(args.seed)
+        result = train_linear_adapter(
+            inputs.train,
+            validation=inputs.validation,
+            out_dim=args.adaptation_layer_dim,
+            num_epochs=args.num_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            loss_type=args.loss,
+            margin=args.margin,
+            scale=args.scale,
+            weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            device=args.device,
+            amp=args.amp,
+            val_k=args.val_k,
+            keep=args.keep,
+            show_progress=args.progress,
+        )
+
+        record = build_run_record(
+            args=vars(args),
+            result=result,
+            train=inputs.train,
+            validation=inputs.validation,
+            join_reports=inputs.join_reports,
+            inputs=checksums,
+            output_paths={"pth": pth_path, "json": json_path, "png": png_path},
+            wall_seconds=time.perf_counter() - wall_start,
+        )
+        if pth_path.exists():
+            _logger.warning("replacing the existing %s", pth_path)
+        write_files_atomically({
+            pth_path: state_dict_bytes(result.state_dict),
+            json_path: json_bytes(record),
+            png_path: plot_png_bytes(record["epochs"], title=pth_path.name),
+        })
+    except BaseException:
+        remove_created_folder(created_folder)
+        raise
+
+    if inputs.validation is not None:
+        before, kept = record["val_before"], record["val_kept"]
+        _logger.info(
+            "held-out mAP@%d: %.2f with the raw embeddings, %.2f with the layer (epoch %d kept); %s",
+            args.val_k, before["map"], kept["map"], result.kept_epoch, describe_metrics(kept),
+        )
+    _logger.info("wrote %s, %s and %s in %.1f s", pth_path, json_path, png_path, time.perf_counter() - wall_start)
+    return EXIT_OK
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and check the arguments, run main and map failures and signals to exit statuses."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    check_args(parser, args)
+    args.device = resolve_device(parser, args).type
+
+    previous_handler = signal.signal(signal.SIGTERM, _raise_termination)
+    try:
+        return main(args)
+    except (DataError, ImageListError, OutputError) as e:
+        _logger.error("%s", e)
+        return EXIT_FAILED
+    except (ValueError, OSError, RuntimeError) as e:
+        _logger.error("training failed: %s: %s", type(e).__name__, e)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _logger.error("interrupted (SIGINT); no output written")
+        return EXIT_SIGINT
+    except TerminationRequested:
+        _logger.error("terminated (SIGTERM); no output written")
+        return EXIT_SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

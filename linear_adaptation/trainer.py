@@ -1,0 +1,408 @@
+"""Training loop of the linear adaptation layer, with held-out retrieval validation.
+
+The embeddings stay in their stored dtype in one tensor on the training device; each step
+gathers its batch rows by index and converts only those to float32. Batches are random
+permutations of the list positions (not of the HDF5 rows), drawn from a generator seeded
+by `seed`, so the same list and seed give the same layer whatever the HDF5 row order.
+"""
+import copy
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from linear_adaptation.knn import knn_search
+from linear_adaptation.lin_adapt import LinearAdapter
+from linear_adaptation.metrics import labelled_set_metrics
+from linear_adaptation.model import LOSS_TYPES, CosineClassifier, margin_softmax_loss
+
+_logger = logging.getLogger(__name__)
+
+AMP_MODES = ("none", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+KEEP_MODES = ("last", "best")
+
+_EMBED_CHUNK_ROWS = 65536
+_POSTFIX_EVERY_STEPS = 20
+
+
+@dataclass
+class LabelledEmbeddings:
+    """Labelled images as rows of an embedding matrix.
+
+    `features` may hold more rows than are used, in any order; `rows` picks the used
+    ones in list order, and `labels`/`domains` follow that order.
+    """
+
+    features: np.ndarray  # (N, D) in the stored dtype
+    rows: np.ndarray  # (M,) int64 row numbers into `features`
+    labels: np.ndarray  # (M,) int64
+    domains: np.ndarray  # (M,) int64
+
+    @property
+    def num_images(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def subset(self, mask: np.ndarray) -> "LabelledEmbeddings":
+        """Return the entries where `mask` (M,) is True, sharing the feature matrix."""
+        return LabelledEmbeddings(self.features, self.rows[mask], self.labels[mask], self.domains[mask])
+
+
+@dataclass
+class EpochRecord:
+    """Loss, learning rate, timing and validation metrics of one epoch; epoch 0 is before training."""
+
+    epoch: int
+    loss: float | None = None
+    lr: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    steps_per_second: float | None = None
+    val: dict | None = None
+    val_seconds: float | None = None
+
+
+@dataclass
+class TrainResult:
+    """The kept adapter weights and what happened on the way."""
+
+    state_dict: dict[str, torch.Tensor]  # `layer.weight` (out, in) and `layer.bias` (out), on CPU
+    history: list[EpochRecord]
+    kept_epoch: int
+    class_pairs: np.ndarray  # (C, 2) (domain, label) of each class, in first-appearance order
+    device: str
+    amp: str
+    optimizer_impl: str
+    train_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_pairs.shape[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def class_index_first_appearance(labels: np.ndarray, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Number each distinct (domain, label) pair in order of first appearance.
+
+    Returns the class index of every entry (M,) and the (domain, label) pair of every class (C, 2).
+    """
+    pairs = np.stack([np.asarray(domains, np.int64), np.asarray(labels, np.int64)], axis=1)
+    unique_pairs, first_position, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first_position, kind="stable")  # sorted-pair number -> first-appearance rank
+    rank_of_sorted = np.empty_like(order)
+    rank_of_sorted[order] = np.arange(order.shape[0])
+    return rank_of_sorted[inverse.reshape(-1)], unique_pairs[order]
+
+
+def lr_at_step(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int) -> float:
+    """Return the learning rate of optimisation step `step` (0-based).
+
+    A linear warmup from base_lr / warmup_steps reaches base_lr after `warmup_steps` steps;
+    then "constant" keeps base_lr and "cosine" decays it to 0 at `total_steps`.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning rate schedule {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype for `amp` on `device`, or None for float32.
+
+    Raises ValueError for fp16 on CPU, where it brings no speed-up and no loss scaling is set up.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp mode {amp!r} is not one of {', '.join(AMP_MODES)}")
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast is supported on CUDA only; use bf16 on CPU")
+    if amp == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        _logger.warning("this CPU has no native bfloat16 support; bf16 matmuls will be slower than float32")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def make_adam(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> tuple[torch.optim.Adam, str]:
+    """Build Adam with the fused kernel where this torch build has one for the device, else foreach."""
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True), "fused"
+    except (RuntimeError, ValueError) as e:
+        _logger.info("fused Adam is not available here (%s); using the foreach implementation", e)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True), "foreach"
+
+
+def _to_device_tensor(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Wrap the array without copying on CPU; copy it once, in its stored dtype, to a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(features))
+    return tensor.to(device) if device.type != "cpu" else tensor
+
+
+@torch.no_grad()
+def embed_rows(
+    adapter: LinearAdapter | None, features: torch.Tensor, rows: np.ndarray, chunk_rows: int = _EMBED_CHUNK_ROWS
+) -> np.ndarray:
+    """Return L2-normalised float32 embeddings (M, D') of the given rows, adapted when `adapter` is set.
+
+    The raw embeddings are normalised too, so they are compared by cosine like the adapted ones.
+    """
+    device = features.device
+    rows_t = torch.from_numpy(rows).to(device)
+    chunks = []
+    for start in range(0, rows_t.shape[0], chunk_rows):
+        batch = features[rows_t[start : start + chunk_rows]].float()
+        out = adapter(batch) if adapter is not None else torch.nn.functional.normalize(batch, dim=-1)
+        chunks.append(out.float().cpu().numpy())
+    return np.concatenate(chunks, axis=0)
+
+
+def evaluate_retrieval(
+    adapter: LinearAdapter | None, data: LabelledEmbeddings, features: torch.Tensor, k: int
+) -> dict:
+    """Score retrieval where every image queries all other images of `data`.
+
+    `features` is `data.features` as a tensor on the evaluation device. Returns
+    labelled_set_metrics' result: mAP@k, recall@1 and mMP@5 in percent, per domain and
+    averaged over domains.
+    """
+    was_training = adapter.training if adapter is not None else False
+    if adapter is not None:
+        adapter.eval()
+    embeddings = embed_rows(adapter, features, data.rows)
+    if adapter is not None:
+        adapter.train(was_training)
+
+    _, ranked = knn_search(embeddings, [embeddings], k=k, device=features.device, exclude_self=True)
+    return labelled_set_metrics(ranked, data.labels, data.domains, k)
+
+
+def describe_metrics(metrics: dict) -> str:
+    """Format mAP@k and recall@1, averaged and per domain, for a log line."""
+    per_domain = ", ".join(f"{d}: {m['map']:.2f}" for d, m in metrics["per_domain"].items())
+    return (
+        f"mAP@{metrics['k']} {metrics['map']:.2f}, recall@1 {metrics['recall@1']:.2f} "
+        f"(mAP per domain {per_domain})"
+    )
+
+
+def _check_training_set(train: LabelledEmbeddings, num_classes: int, batch_size: int) -> None:
+    if train.num_images == 0:
+        raise ValueError("the training set is empty")
+    if num_classes < 2:
+        raise ValueError(
+            f"the training set has {num_classes} class; the classification loss needs at least 2 (domain, label) pairs"
+        )
+    if batch_size > train.num_images:
+        raise ValueError(
+            f"batch size {batch_size} exceeds the {train.num_images} training images, so an epoch has no full "
+            "batch; lower --batch_size"
+        )
+
+
+def train_linear_adapter(
+    train: LabelledEmbeddings,
+    *,
+    validation: LabelledEmbeddings | None = None,
+    out_dim: int = 512,
+    num_epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    loss_type: str = "cosface",
+    margin: float = 0.0,
+    scale: float = 16.0,
+    weight_decay: float = 1e-6,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    amp: str = "none",
+    val_k: int = 100,
+    keep: str = "last",
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a LinearAdapter with a cosine classifier over the (domain, label) classes of `train`.
+
+    Each epoch draws a random permutation of the training entries and takes full batches
+    of `batch_size` in that order (the last partial batch is dropped). When `validation`
+    is given, retrieval on it is scored before training (raw embeddings) and after every
+    epoch. `keep="best"` returns the epoch with the highest validation mAP, else the last.
+
+    Raises:
+        ValueError: an empty or single-class training set, a batch larger than the set,
+            a dimension mismatch with `validation`, or an unknown option value.
+    """
+    device = torch.device(device)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"keep mode {keep!r} is not one of {', '.join(KEEP_MODES)}")
+    if keep == "best" and validation is None:
+        raise ValueError("keep='best' needs a validation set")
+    if validation is not None and validation.dim != train.dim:
+        raise ValueError(
+            f"validation embeddings have dimension {validation.dim} but training embeddings {train.dim}; "
+            "extract both with the same backbone"
+        )
+    amp_dtype = resolve_amp_dtype(amp, device)
+
+    classes, class_pairs = class_index_first_appearance(train.labels, train.domains)
+    num_classes = int(class_pairs.shape[0])
+    _check_training_set(train, num_classes, batch_size)
+    steps_per_epoch = train.num_images // batch_size
+    total_steps = steps_per_epoch * num_epochs
+
+    # data on the device: stored dtype, no float32 copy of the whole matrix
+    features_t = _to_device_tensor(train.features, device)
+    rows_t = torch.from_numpy(train.rows).to(device)
+    classes_t = torch.from_numpy(classes).to(device)
+    val_features_t = None
+    if validation is not None:
+        same_matrix = validation.features is train.features
+        val_features_t = features_t if same_matrix else _to_device_tensor(validation.features, device)
+
+    # model, in the published recipe's creation order so the seed gives the same start
+    torch.manual_seed(seed)
+    adapter = LinearAdapter(train.dim, out_dim).to(device)
+    classifier = CosineClassifier(out_dim, num_classes).to(device)
+    params = list(adapter.parameters()) + list(classifier.parameters())
+    optimizer, optimizer_impl = make_adam(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    )
+    batch_generator = torch.Generator().manual_seed(seed)
+
+    _logger.info(
+        "training on %s: %d images, %d classes, %d -> %d, %d epochs of %d steps (batch %d), "
+        "loss %s (scale %g, margin %g), Adam lr %g (%s, warmup %d steps), weight decay %g, amp %s, optimizer %s",
+        device, train.num_images, num_classes, train.dim, out_dim, num_epochs, steps_per_epoch, batch_size,
+        loss_type, scale, margin, lr, lr_schedule, warmup_steps, weight_decay, amp, optimizer_impl,
+    )
+
+    history = [EpochRecord(epoch=0)]
+    if validation is not None:
+        start = time.perf_counter()
+        history[0].val = evaluate_retrieval(None, validation, val_features_t, val_k)
+        history[0].val_seconds = time.perf_counter() - start
+        _logger.info("held-out before training (raw embeddings): %s", describe_metrics(history[0].val))
+
+    kept_state = None
+    kept_epoch = num_epochs
+    best_map = -math.inf
+    step = 0
+    train_seconds = 0.0
+
+    for epoch in range(1, num_epochs + 1):
+        record = EpochRecord(epoch=epoch, steps=steps_per_epoch)
+        adapter.train()
+        classifier.train()
+        start = time.perf_counter()
+
+        perm = torch.randperm(train.num_images, generator=batch_generator).to(device)
+        epoch_rows = rows_t[perm]  # (M,) HDF5 rows in this epoch's order
+        epoch_classes = classes_t[perm]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{num_epochs}",
+            unit="step",
+            disable=None if show_progress else True,
+            leave=False,
+        )
+        for i in range(steps_per_epoch):
+            batch_slice = slice(i * batch_size, (i + 1) * batch_size)
+            batch = features_t[epoch_rows[batch_slice]].float()  # (B, D)
+            targets = epoch_classes[batch_slice]  # (B,)
+
+            current_lr = lr_at_step(step, total_steps, lr, lr_schedule, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+
+            with autocast:
+                cosine = classifier(adapter(batch))  # (B, C) float32
+            loss = margin_softmax_loss(cosine, targets, loss_type, margin, scale)
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+            loss_sum += loss.detach()
+            step += 1
+            bar.update(1)
+            if (i + 1) % _POSTFIX_EVERY_STEPS == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", refresh=False)
+        bar.close()
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record.seconds = time.perf_counter() - start
+        train_seconds += record.seconds
+        record.loss = loss_sum.item() / max(steps_per_epoch, 1)
+        record.lr = current_lr if steps_per_epoch else lr
+        record.steps_per_second = steps_per_epoch / record.seconds if record.seconds > 0 else None
+
+        message = (
+            f"epoch {epoch}/{num_epochs}: loss {record.loss:.4f}, {steps_per_epoch} steps in "
+            f"{record.seconds:.2f} s ({record.steps_per_second or 0:.1f} steps/s), lr {record.lr:.3g}"
+        )
+        if validation is not None:
+            start = time.perf_counter()
+            record.val = evaluate_retrieval(adapter, validation, val_features_t, val_k)
+            record.val_seconds = time.perf_counter() - start
+            delta = record.val["map"] - history[0].val["map"]
+            message += f"; held-out {describe_metrics(record.val)}, {delta:+.2f} mAP vs raw"
+            if keep == "best" and record.val["map"] > best_map:
+                best_map = record.val["map"]
+                kept_epoch = epoch
+                kept_state = copy.deepcopy({k: v.detach().cpu() for k, v in adapter.state_dict().items()})
+        _logger.info(message)
+        history.append(record)
+
+    if kept_state is None:
+        kept_epoch = num_epochs
+        kept_state = {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()}
+    if keep == "best":
+        _logger.info("keeping epoch %d, the best held-out mAP@%d (%.2f)", kept_epoch, val_k, best_map)
+        if best_map < history[0].val["map"]:
+            _logger.warning(
+                "no epoch beat the raw embeddings on the held-out set (%.2f < %.2f mAP@%d)",
+                best_map, history[0].val["map"], val_k,
+            )
+
+    return TrainResult(
+        state_dict=kept_state,
+        history=history,
+        kept_epoch=kept_epoch,
+        class_pairs=class_pairs,
+        device=str(device),
+        amp=amp,
+        optimizer_impl=optimizer_impl,
+        train_seconds=train_seconds,
+    )

@@ -1,0 +1,301 @@
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from feature_extraction.image_list import file_sha256
+from linear_adaptation.synthetic import make_synthetic_dataset, write_split
+from linear_adaptation.train_lin_adapt import run
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "linear_adaptation" / "train_lin_adapt.py"
+
+DATA_ARGS = dict(
+    num_train_images=1500,
+    num_train_classes=150,
+    num_heldout_images=300,
+    num_heldout_classes=30,
+    dim=48,
+    nuisance_rank=6,
+    nuisance_scale=0.4,
+    noise_scale=1.0,
+)
+FAST = ["--adaptation_layer_dim", "32", "--batch_size", "64", "--lr", "3e-3", "--num_epochs", "2", "--progress", "false"]
+
+
+class IliasStyleAdapter(nn.Module):
+    """The module layout of the older ILIAS loading code: an nn.Linear named `layer`."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.layer = nn.Linear(in_features, out_features)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    data = make_synthetic_dataset(**DATA_ARGS, seed=2)
+    write_split(data.train, folder / "train.hdf5", folder / "train.txt")
+    write_split(data.heldout, folder / "heldout.hdf5", folder / "heldout.txt")
+    return folder
+
+
+def train_args(data_dir, save_path, *extra, with_val=True):
+    args = ["--uned_features_path", str(data_dir / "train.hdf5"), "--uned_info_path", str(data_dir / "train.txt")]
+    if with_val:
+        args += ["--val_features_path", str(data_dir / "heldout.hdf5"), "--val_info_path", str(data_dir / "heldout.txt")]
+    return args + ["--save_dir", str(save_path), *FAST, *extra]
+
+
+def copy_hdf5(source, target, transform):
+    """Write a modified copy of an HDF5 embedding file; transform(features, ids) returns new ones."""
+    with h5py.File(source, "r") as f:
+        features, ids = f["features"][()], [i.decode() for i in f["index"][()]]
+    features, ids = transform(features, ids)
+    with h5py.File(target, "w") as f:
+        f.create_dataset("features", data=features)
+        f.create_dataset("index", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("ascii"))
+
+
+def assert_no_outputs(folder):
+    assert not folder.exists() or sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_cli_writes_loadable_layer_and_record(data_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    save_path = tmp_path / "out" / "layer.pth"
+    assert run(train_args(data_dir, save_path)) == 0
+
+    state = torch.load(save_path, map_location="cpu", weights_only=True)
+    assert sorted(state) == ["layer.bias", "layer.weight"]
+    assert state["layer.weight"].shape == (32, 48)
+
+    # kNN code builds nn.Linear from the weight shape and loads strictly
+    out_dim, in_dim = state["layer.weight"].shape
+    linear = nn.Linear(in_dim, out_dim)
+    linear.load_state_dict({k.removeprefix("layer."): v for k, v in state.items()}, strict=True)
+    wrapper = IliasStyleAdapter(in_dim, out_dim)
+    wrapper.load_state_dict(state, strict=True)
+
+    record = json.loads((tmp_path / "out" / "layer.json").read_text())
+    assert record["in_dim"] == 48
+    assert record["out_dim"] == 32
+    assert record["num_classes"] == 150
+    assert record["num_images"] == 1500
+    assert record["num_val_images"] == 300
+    assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2]
+    assert record["epochs"][0]["loss"] is None
+    assert record["epochs"][2]["loss"] > 0
+    assert set(record["epochs"][2]["val"]["per_domain"]) == {"0", "1", "2", "3"}
+    assert record["val_kept"]["map"] == record["epochs"][2]["val"]["map"]
+    assert record["args"]["batch_size"] == 64
+    assert record["inputs"]["uned_features_path"]["sha256"] == file_sha256(data_dir / "train.hdf5")
+    assert record["inputs"]["val_info_path"]["sha256"] == file_sha256(data_dir / "heldout.txt")
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["wall_seconds"] >= record["train_seconds"] > 0
+
+    assert (tmp_path / "out" / "layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["layer.json", "layer.png", "layer.pth"]
+    assert f"held-out mAP@100: {record['val_before']['map']:.2f} with the raw embeddings" in caplog.text
+
+
+def test_cli_same_seed_same_file(data_dir, tmp_path):
+    assert run(train_args(data_dir, tmp_path / "a.pth", with_val=False)) == 0
+    assert run(train_args(data_dir, tmp_path / "b.pth", with_val=False)) == 0
+    first = torch.load(tmp_path / "a.pth", weights_only=True)
+    second = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert torch.equal(first["layer.weight"], second["layer.weight"])
+    assert torch.equal(first["layer.bias"], second["layer.bias"])
+
+
+def test_cli_shuffled_hdf5_rows_same_layer(data_dir, tmp_path):
+    order = np.random.default_rng(3).permutation(1500)
+    copy_hdf5(data_dir / "train.hdf5", tmp_path / "shuffled.hdf5", lambda f, i: (f[order], [i[k] for k in order]))
+    base = ["--uned_info_path", str(data_dir / "train.txt"), *FAST]
+
+    assert run(["--uned_features_path", str(data_dir / "train.hdf5"), "--save_dir", str(tmp_path / "a.pth"), *base]) == 0
+    assert run(["--uned_features_path", str(tmp_path / "shuffled.hdf5"), "--save_dir", str(tmp_path / "b.pth"), *base]) == 0
+    first = torch.load(tmp_path / "a.pth", weights_only=True)
+    second = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert torch.equal(first["layer.weight"], second["layer.weight"])
+
+
+def test_cli_val_fraction_holds_out_classes(data_dir, tmp_path):
+    save_path = tmp_path / "layer.pth"
+    assert run(train_args(data_dir, save_path, "--val_fraction", "0.2", "--keep", "best", with_val=False)) == 0
+    record = json.loads((tmp_path / "layer.json").read_text())
+    assert record["num_classes"] == 120
+    assert record["num_images"] + record["num_val_images"] == 1500
+    assert record["kept_epoch"] in (1, 2)
+    assert record["val_kept"]["map"] == max(e["val"]["map"] for e in record["epochs"][1:])
+
+
+def test_cli_missing_ids_stop_without_output(data_dir, tmp_path, caplog):
+    listing = (data_dir / "train.txt").read_text() + "train/extra/not_extracted.jpg,0,0\n"
+    (tmp_path / "list.txt").write_text(listing)
+    out = tmp_path / "out"
+    args = train_args(data_dir, out / "layer.pth", with_val=False)
+    args[args.index("--uned_info_path") + 1] = str(tmp_path / "list.txt")
+
+    assert run(args) == 1
+    assert "1 list paths missing from the HDF5 index" in caplog.text
+    assert "--allow_missing" in caplog.text
+    assert not out.exists()
+
+
+def test_cli_allow_missing_uses_intersection(data_dir, tmp_path):
+    listing = (data_dir / "train.txt").read_text() + "train/extra/not_extracted.jpg,0,0\n"
+    (tmp_path / "list.txt").write_text(listing)
+    args = train_args(data_dir, tmp_path / "layer.pth", "--allow_missing", with_val=False)
+    args[args.index("--uned_info_path") + 1] = str(tmp_path / "list.txt")
+
+    assert run(args) == 0
+    record = json.loads((tmp_path / "layer.json").read_text())
+    assert record["num_images"] == 1500
+    assert record["join"]["training"]["missing_in_hdf5"] == 1
+    assert record["join"]["training"]["examples"]["missing_in_hdf5"] == ["train/extra/not_extracted.jpg"]
+
+
+def test_cli_duplicate_ids_stop(data_dir, tmp_path, caplog):
+    copy_hdf5(data_dir / "train.hdf5", tmp_path / "dup.hdf5", lambda f, i: (f, i[:1] + i[:1] + i[2:]))
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
+    args[args.index("--uned_features_path") + 1] = str(tmp_path / "dup.hdf5")
+
+    assert run(args) == 1
+    assert "1 duplicate HDF5 ids" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_malformed_line_reports_line_number(data_dir, tmp_path, caplog):
+    lines = (data_dir / "train.txt").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",x"
+    (tmp_path / "bad.txt").write_text("\n".join(lines) + "\n")
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
+    args[args.index("--uned_info_path") + 1] = str(tmp_path / "bad.txt")
+
+    assert run(args) == 1
+    assert "bad.txt:3: domain 'x' is not an integer" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_nan_embeddings_stop(data_dir, tmp_path, caplog):
+    def poison(features, ids):
+        features = features.copy()
+        features[5, 3] = np.nan
+        return features, ids
+
+    copy_hdf5(data_dir / "train.hdf5", tmp_path / "nan.hdf5", poison)
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
+    args[args.index("--uned_features_path") + 1] = str(tmp_path / "nan.hdf5")
+
+    assert run(args) == 1
+    assert "NaN or Inf" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_validation_dimension_mismatch_stops(data_dir, tmp_path, caplog):
+    copy_hdf5(data_dir / "heldout.hdf5", tmp_path / "narrow.hdf5", lambda f, i: (f[:, :40], i))
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth")
+    args[args.index("--val_features_path") + 1] = str(tmp_path / "narrow.hdf5")
+
+    assert run(args) == 1
+    assert "validation embeddings have dimension 40 but training embeddings 48" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_single_class_stops(data_dir, tmp_path, caplog):
+    lines = (data_dir / "train.txt").read_text().splitlines()
+    (tmp_path / "one.txt").write_text("".join(line.split(",")[0] + ",0,0\n" for line in lines))
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
+    args[args.index("--uned_info_path") + 1] = str(tmp_path / "one.txt")
+
+    assert run(args) == 1
+    assert "needs at least 2" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_output_stops(data_dir, tmp_path, caplog):
+    (tmp_path / "file").write_text("not a folder")
+    assert run(train_args(data_dir, tmp_path / "file" / "sub" / "layer.pth", with_val=False)) == 1
+    assert "cannot write to the output folder" in caplog.text
+
+
+def test_cli_failure_keeps_existing_folder(data_dir, tmp_path):
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "bad.txt").write_text("a.jpg,1\n")
+    args = train_args(data_dir, tmp_path / "keep" / "layer.pth", with_val=False)
+    args[args.index("--uned_info_path") + 1] = str(tmp_path / "bad.txt")
+    assert run(args) == 1
+    assert (tmp_path / "keep").is_dir()
+    assert_no_outputs(tmp_path / "keep")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--val_fraction", "1.5"], "--val_fraction is 1.5"),
+        (["--val_fraction", "0"], "--val_fraction is 0.0"),
+        (["--keep", "best"], "--keep best needs validation"),
+        (["--loss", "normface", "--margin", "0.2"], "normface has no margin"),
+        (["--use_gpu", "maybe"], "invalid boolean 'maybe'"),
+        (["--use_gpu", "false", "--device", "cuda"], "conflicts with --device cuda"),
+        (["--batch_size", "0"], "--batch_size is 0"),
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
+        (["--val_info_path", "x.txt"], "must be given together"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(data_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, tmp_path / "out" / "layer.pth", *extra, with_val=False))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_save_dir_folder_exit_2(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, tmp_path, with_val=False))
+    assert exit_info.value.code == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cli_cuda_without_gpu_exit_2(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, tmp_path / "layer.pth", "--device", "cuda", with_val=False))
+    assert exit_info.value.code == 2
+    assert "finds no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum,expected", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_signal_stops_without_output(data_dir, tmp_path, signum, expected):
+    out = tmp_path / "out"
+    args = train_args(data_dir, out / "layer.pth", with_val=False)
+    args[args.index("--num_epochs") + 1] = "1000"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for line in process.stderr:
+            if "training on cpu" in line:
+                break
+        process.send_signal(signum)
+        remaining = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert process.returncode == expected
+    assert "no output written" in remaining
+    assert not out.exists()

@@ -1,0 +1,167 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from linear_adaptation.lin_adapt import LinearAdapter
+from linear_adaptation.synthetic import make_synthetic_dataset
+from linear_adaptation.trainer import (
+    LabelledEmbeddings,
+    class_index_first_appearance,
+    evaluate_retrieval,
+    lr_at_step,
+    train_linear_adapter,
+)
+
+# small enough to train in well under a second per run on two cores
+DATA_ARGS = dict(
+    num_train_images=2000,
+    num_train_classes=200,
+    num_heldout_images=400,
+    num_heldout_classes=40,
+    dim=64,
+    nuisance_rank=8,
+    nuisance_scale=0.4,
+    noise_scale=1.0,
+)
+TRAIN_ARGS = dict(out_dim=64, batch_size=64, lr=3e-3, num_epochs=5, show_progress=False)
+
+
+def as_labelled(split, order=None):
+    rows = np.arange(len(split.ids)) if order is None else order
+    return LabelledEmbeddings(split.features, rows, split.labels, split.domains)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic_dataset(**DATA_ARGS, seed=1)
+
+
+def test_classes_numbered_by_first_appearance():
+    labels = np.array([5, 5, 0, 1, 0, 5])
+    domains = np.array([1, 1, 0, 1, 1, 0])
+    classes, pairs = class_index_first_appearance(labels, domains)
+    assert classes.tolist() == [0, 0, 1, 2, 3, 4]
+    assert pairs.tolist() == [[1, 5], [0, 0], [1, 1], [1, 0], [0, 5]]
+
+
+def test_lr_schedules():
+    assert lr_at_step(0, 100, 1.0, "constant", 0) == 1.0
+    assert lr_at_step(0, 100, 1.0, "constant", 10) == pytest.approx(0.1)
+    assert lr_at_step(9, 100, 1.0, "constant", 10) == pytest.approx(1.0)
+    assert lr_at_step(10, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
+    assert lr_at_step(55, 100, 1.0, "cosine", 10) == pytest.approx(0.5)
+    assert lr_at_step(100, 100, 1.0, "cosine", 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at_step(25, 50, 2.0, "cosine", 0) == pytest.approx(1.0)
+
+
+def test_validation_map_rises_with_nuisance(synthetic):
+    result = train_linear_adapter(
+        as_labelled(synthetic.train), validation=as_labelled(synthetic.heldout), **TRAIN_ARGS
+    )
+    maps = [record.val["map"] for record in result.history]
+    assert len(maps) == 6
+    assert maps[0] < 55
+    assert maps[-1] > maps[0] + 20
+    assert result.history[-1].loss < result.history[1].loss
+    assert result.num_classes == 200
+
+
+def test_same_seed_same_weights(synthetic):
+    first = train_linear_adapter(as_labelled(synthetic.train), seed=7, **TRAIN_ARGS)
+    second = train_linear_adapter(as_labelled(synthetic.train), seed=7, **TRAIN_ARGS)
+    other = train_linear_adapter(as_labelled(synthetic.train), seed=8, **TRAIN_ARGS)
+    assert set(first.state_dict) == {"layer.weight", "layer.bias"}
+    assert torch.equal(first.state_dict["layer.weight"], second.state_dict["layer.weight"])
+    assert torch.equal(first.state_dict["layer.bias"], second.state_dict["layer.bias"])
+    assert not torch.equal(first.state_dict["layer.weight"], other.state_dict["layer.weight"])
+
+
+def test_shuffled_rows_give_same_layer(synthetic):
+    ordered = as_labelled(synthetic.train)
+    permutation = np.random.default_rng(0).permutation(ordered.num_images)
+    # row permutation[i] of the shuffled matrix is row i of the ordered one
+    shuffled_features = np.empty_like(ordered.features)
+    shuffled_features[permutation] = ordered.features
+    shuffled = LabelledEmbeddings(shuffled_features, permutation, ordered.labels, ordered.domains)
+
+    first = train_linear_adapter(ordered, num_epochs=2, **{k: v for k, v in TRAIN_ARGS.items() if k != "num_epochs"})
+    second = train_linear_adapter(shuffled, num_epochs=2, **{k: v for k, v in TRAIN_ARGS.items() if k != "num_epochs"})
+    assert torch.equal(first.state_dict["layer.weight"], second.state_dict["layer.weight"])
+    assert torch.equal(first.state_dict["layer.bias"], second.state_dict["layer.bias"])
+
+
+def test_keep_best_returns_best_epoch(synthetic):
+    train, heldout = as_labelled(synthetic.train), as_labelled(synthetic.heldout)
+    # a high learning rate makes later epochs overfit, so best and last differ
+    result = train_linear_adapter(
+        train, validation=heldout, keep="best", **{**TRAIN_ARGS, "lr": 3e-2, "num_epochs": 4}
+    )
+    maps = [record.val["map"] for record in result.history[1:]]
+    assert result.kept_epoch == int(np.argmax(maps)) + 1
+
+    adapter = LinearAdapter(64, 64)
+    adapter.load_state_dict(result.state_dict, strict=True)
+    rescored = evaluate_retrieval(adapter, heldout, torch.from_numpy(heldout.features), k=100)
+    assert rescored["map"] == pytest.approx(max(maps), abs=1e-6)
+
+
+def test_keep_best_needs_validation(synthetic):
+    with pytest.raises(ValueError, match="validation"):
+        train_linear_adapter(as_labelled(synthetic.train), keep="best", **TRAIN_ARGS)
+
+
+def test_float16_storage_trains_like_float32(synthetic):
+    half = LabelledEmbeddings(
+        synthetic.train.features.astype(np.float16),
+        np.arange(len(synthetic.train.ids)),
+        synthetic.train.labels,
+        synthetic.train.domains,
+    )
+    heldout = as_labelled(synthetic.heldout)
+    low = train_linear_adapter(half, validation=heldout, **TRAIN_ARGS)
+    full = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, **TRAIN_ARGS)
+    assert abs(low.history[-1].val["map"] - full.history[-1].val["map"]) < 1.0
+
+
+def test_bf16_autocast_runs_and_learns(synthetic):
+    heldout = as_labelled(synthetic.heldout)
+    result = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, amp="bf16", **TRAIN_ARGS)
+    assert result.amp == "bf16"
+    assert all(math.isfinite(record.loss) for record in result.history[1:])
+    assert result.history[-1].val["map"] > result.history[0].val["map"] + 20
+    assert result.state_dict["layer.weight"].dtype == torch.float32
+
+
+def test_fp16_rejected_on_cpu(synthetic):
+    with pytest.raises(ValueError, match="fp16 autocast is supported on CUDA only"):
+        train_linear_adapter(as_labelled(synthetic.train), amp="fp16", **TRAIN_ARGS)
+
+
+@pytest.mark.parametrize("loss_type,margin", [("normface", 0.0), ("cosface", 0.2), ("arcface", 0.2)])
+def test_margin_losses_train(synthetic, loss_type, margin):
+    result = train_linear_adapter(
+        as_labelled(synthetic.train), loss_type=loss_type, margin=margin, **{**TRAIN_ARGS, "num_epochs": 2}
+    )
+    assert result.history[2].loss < result.history[1].loss
+
+
+def test_single_class_rejected(synthetic):
+    train = as_labelled(synthetic.train)
+    one_class = LabelledEmbeddings(train.features, train.rows, np.zeros_like(train.labels), np.zeros_like(train.domains))
+    with pytest.raises(ValueError, match="1 class"):
+        train_linear_adapter(one_class, **TRAIN_ARGS)
+
+
+def test_batch_larger_than_set_rejected(synthetic):
+    small = as_labelled(synthetic.train).subset(np.arange(2000) % 40 == 0)  # 50 images of many classes
+    with pytest.raises(ValueError, match="lower --batch_size"):
+        train_linear_adapter(small, **TRAIN_ARGS)
+
+
+def test_validation_dimension_mismatch_rejected(synthetic):
+    heldout = as_labelled(synthetic.heldout)
+    narrow = LabelledEmbeddings(heldout.features[:, :32].copy(), heldout.rows, heldout.labels, heldout.domains)
+    with pytest.raises(ValueError, match="dimension 32 but training embeddings 64"):
+        train_linear_adapter(as_labelled(synthetic.train), validation=narrow, **TRAIN_ARGS)
