@@ -41,13 +41,13 @@ def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
     """Format metrics (in percent) as a text table with variants side by side.
 
     `metrics` maps `without_layer` and optionally `with_layer` to the result of
-    `labelled_set_metrics` (one row per domain plus the macro average) or of
-    `positive_set_metrics` (one row).
+    `labelled_set_metrics` (one row per domain, the macro average over domains, and
+    the mean over all queries) or of `positive_set_metrics` (one row).
     """
     variants = [v for v in VARIANTS if v in metrics]
     first = metrics[variants[0]]
     if "per_domain" in first:
-        groups = [(f"domain {d}", d) for d in first["per_domain"]] + [("macro average", None)]
+        groups = [(f"domain {d}", d) for d in first["per_domain"]] + [("macro average", None), ("all queries", "all")]
     else:
         groups = [("all queries", None)]
 
@@ -61,7 +61,12 @@ def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
         lines = [" " * len(left) + "".join(f"{label:>{span}}" for label in labels.values()), left + sub * len(labels)]
 
     for title, key in groups:
-        summaries = [metrics[v] if key is None else metrics[v]["per_domain"][key] for v in variants]
+        if key is None:
+            summaries = [metrics[v] for v in variants]
+        elif key == "all":
+            summaries = [metrics[v]["all_queries"] for v in variants]
+        else:
+            summaries = [metrics[v]["per_domain"][key] for v in variants]
         values = "".join(_format_value(s[name]) for name in labels for s in summaries)
         lines.append(f"{title:<14}{summaries[0]['num_queries']:>8}" + values)
     return "\n".join(lines)

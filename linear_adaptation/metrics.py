@@ -80,8 +80,9 @@ def labelled_set_metrics(
 
     `ranked_indices` (Q=N, k) contains database rows of the same set, self excluded,
     with -1 where fewer than k results exist. Narrower lists are padded to k.
-    Positives share (domain, label). Returns per-domain summaries and their macro
-    average over the domains that have queries with positives.
+    Positives share (domain, label). Returns the macro average over the domains that
+    have queries with positives at the top level, the per-domain summaries under
+    `per_domain`, and the mean over all queries (micro average) under `all_queries`.
     """
     classes = class_ids(labels, domains)
     class_sizes = np.bincount(classes)
@@ -109,6 +110,7 @@ def labelled_set_metrics(
         num_queries=int(sum(d["num_queries"] for d in per_domain.values())),
         queries_without_positives=int((num_positives == 0).sum()),
         per_domain=per_domain,
+        all_queries=summarise(per_query, num_positives),
     )
     return result
 

@@ -115,11 +115,12 @@ def _labelled_reference(entries, embeddings, k):
     ids = [e[0] for e in entries]
     ranked = _ranked_ids(embeddings, embeddings, ids, k, query_ids=ids)
     classes = {e[0]: (e[2], e[1]) for e in entries}
+    positives = [{i for i in ids if classes[i] == classes[q_id] and i != q_id} for q_id in ids]
     per_domain = {}
     for domain in sorted({e[2] for e in entries}):
         members = [q for q, e in enumerate(entries) if e[2] == domain]
-        positives = [{i for i in ids if classes[i] == classes[ids[q]] and i != ids[q]} for q in members]
-        per_domain[domain] = _reference_metrics([ranked[q] for q in members], positives, k)
+        per_domain[domain] = _reference_metrics([ranked[q] for q in members], [positives[q] for q in members], k)
+    per_domain["all"] = _reference_metrics(ranked, positives, k)
     return per_domain, ranked
 
 
@@ -135,10 +136,13 @@ def test_labelled_set_without_layer(labelled_set, tmp_path, capsys):
     report = json.loads(save_json.read_text())
     metrics = report["metrics"]["without_layer"]
     assert "with_layer" not in report["metrics"]
+    overall = per_domain.pop("all")
     for domain, expected in per_domain.items():
         for name, value in expected.items():
             assert metrics["per_domain"][str(domain)][name] == pytest.approx(value)
     assert metrics["map"] == pytest.approx(np.mean([m["map"] for m in per_domain.values()]))
+    for name, value in overall.items():
+        assert metrics["all_queries"][name] == pytest.approx(value)
     assert report["mode"] == "labelled_set"
     assert report["k"] == 5
     assert report["counts"]["images"] == 24
@@ -152,7 +156,8 @@ def test_labelled_set_without_layer(labelled_set, tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "mAP@5" in table
-    assert f"{metrics['map']:.2f}" in table.splitlines()[-1]
+    assert f"{metrics['map']:.2f}" in table.splitlines()[-2]
+    assert f"{metrics['all_queries']['map']:.2f}" in table.splitlines()[-1]
     assert "domain 1" in table
 
 
@@ -178,10 +183,13 @@ def test_labelled_set_with_layer(labelled_set, tmp_path, layer_params, capsys):
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[1:3] == ["without", "with"]
-    macro = lines[-1].split()
+    macro = lines[-2].split()
     assert macro[:2] == ["macro", "average"]
     assert float(macro[3]) == pytest.approx(report["without_layer"]["map"], abs=0.006)
     assert float(macro[4]) == pytest.approx(report["with_layer"]["map"], abs=0.006)
+    micro = lines[-1].split()
+    assert micro[:2] == ["all", "queries"]
+    assert float(micro[3]) == pytest.approx(report["without_layer"]["all_queries"]["map"], abs=0.006)
 
 
 def test_labelled_set_missing_list_entry(labelled_set, tmp_path):

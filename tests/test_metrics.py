@@ -97,6 +97,12 @@ def test_labelled_set_per_domain_and_macro():
     assert result["queries_without_positives"] == 1
     assert result["k"] == 3
 
+    # micro average: the mean over the five queries with positives, whatever their domain
+    assert result["all_queries"]["map"] == pytest.approx(100 * (0.5 + 1 + 5 / 6 + 0 + 1) / 5)
+    assert result["all_queries"]["recall@1"] == pytest.approx(60.0)
+    assert result["all_queries"]["mmp@5"] == pytest.approx(50.0)
+    assert result["all_queries"]["num_queries"] == 5
+
 
 def test_labelled_set_pads_narrow_ranks():
     # a list narrower than k is padded, so AP still divides by min(k, positives) = 2
