@@ -1,0 +1,319 @@
+"""Backbones from timm and open_clip, wrapped to map a normalised batch to one vector per image.
+
+timm models are built with `num_classes=0`, so `head` pooling returns the pre-logits
+embedding, except CLIP-style models (name containing 'clip' or 'siglip') whose default
+head is an image-text projection rather than a classifier: they keep it. ViT-style
+models get `dynamic_img_size=True` so non-square inputs work. open_clip models use
+`encode_image` without its normalisation (the caller L2-normalises).
+
+Weights: a pretrained tag (downloaded or taken from the local cache by timm/open_clip),
+a local `--checkpoint` state dict loaded into the model built without weights, or
+`--pretrained none` for random weights (tests and smoke runs only).
+"""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from feature_extraction.checkpoints import load_state_dict_strict, read_state_dict
+
+_logger = logging.getLogger(__name__)
+
+FRAMEWORKS = ("timm", "openclip")
+FRAMEWORK_ALIASES = {"och": "openclip"}
+POOLINGS = ("head", "cls", "gap", "gem")
+NO_WEIGHTS = "none"
+GEM_POWER = 3.0
+GEM_EPS = 1e-6
+
+# class counts of ImageNet-1k/12k/22k classifiers; a CLIP-style timm tag whose head has
+# one of these sizes was fine-tuned for classification and loses its head like any other
+_CLASSIFIER_SIZES = (1000, 11821, 21841, 21843)
+
+
+class BackboneError(Exception):
+    """A model request that cannot be built; the message names the flag to change."""
+
+
+@dataclass
+class Backbone:
+    """A model that maps (B, 3, H, W) normalised images to (B, D) features, with its input conventions."""
+
+    module: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    patch_size: tuple[int, int] | None
+    description: dict[str, str] = field(default_factory=dict)
+
+
+def canonical_framework(framework: str) -> str:
+    """Map a --framework value (with aliases such as 'och') to 'timm' or 'openclip'."""
+    return FRAMEWORK_ALIASES.get(framework, framework)
+
+
+def split_model_tag(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Split 'NAME.TAG' and reconcile the tag with --pretrained.
+
+    Raises BackboneError when both give a tag and they differ.
+    """
+    name, dot, tag = model.partition(".")
+    tag = tag if dot else None
+    if tag and pretrained and pretrained != tag:
+        raise BackboneError(
+            f"--model {model!r} names the pretrained tag {tag!r} but --pretrained is {pretrained!r}; "
+            "give the tag in one place only"
+        )
+    return name, tag or pretrained
+
+
+# ---------------------------------------------------------------------------- pooling
+
+
+def gem_pool(tokens: torch.Tensor, p: float = GEM_POWER, eps: float = GEM_EPS) -> torch.Tensor:
+    """Generalised-mean pooling of (B, N, C) tokens over N.
+
+    Each channel is shifted by its minimum when that is negative (transformer tokens) and
+    shifted back after pooling; for non-negative CNN maps this is plain GeM.
+    """
+    tokens = tokens.float()
+    shift = tokens.amin(dim=1, keepdim=True).clamp(max=0)  # (B, 1, C)
+    pooled = (tokens - shift).clamp(min=eps).pow(p).mean(dim=1).pow(1.0 / p)  # (B, C)
+    return pooled + shift.squeeze(1)
+
+
+class TimmPooled(nn.Module):
+    """A timm model followed by the requested pooling."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.num_features = int(getattr(model, "num_features", 0))
+
+    def _tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (B, N, C) patch tokens or feature-map positions."""
+        if features.ndim == 3:  # (B, L, C) transformer tokens
+            return features[:, self.num_prefix_tokens :]
+        if features.ndim == 4 and features.shape[1] == self.num_features:  # (B, C, H, W)
+            return features.flatten(2).transpose(1, 2)
+        if features.ndim == 4 and features.shape[-1] == self.num_features:  # (B, H, W, C), e.g. Swin
+            return features.flatten(1, 2)
+        raise BackboneError(
+            f"cannot pool forward_features output of shape {tuple(features.shape)} "
+            f"(num_features {self.num_features}); use --pooling head"
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "head":
+            return self.model(images)
+        features = self.model.forward_features(images)
+        if self.pooling == "cls":
+            return features[:, 0]
+        tokens = self._tokens(features)
+        if self.pooling == "gap":
+            return tokens.float().mean(dim=1)
+        return gem_pool(tokens)
+
+
+class OpenClipImageEncoder(nn.Module):
+    """The image tower of an open_clip model (`encode_image` without normalisation)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+
+# ---------------------------------------------------------------------------- timm
+
+
+def _timm_keeps_head(name: str, default_num_classes: int | None) -> bool:
+    is_clip_style = "clip" in name or "siglip" in name
+    return is_clip_style and bool(default_num_classes) and default_num_classes not in _CLASSIFIER_SIZES
+
+
+def _create_timm(full_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(full_name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+    except TypeError as e:
+        # only ViT-style classes take dynamic_img_size; CNNs accept any size anyway
+        if "dynamic_img_size" not in str(e):
+            raise
+    return timm.create_model(full_name, pretrained=pretrained, **kwargs)
+
+
+def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooling: str) -> Backbone:
+    """Build a timm model, load its weights and wrap it with the pooling."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    name, tag = split_model_tag(model, pretrained)
+    if not timm.is_model(name):
+        raise BackboneError(
+            f"--model {name!r} is not a timm model; list the names with "
+            "python -c \"import timm; print(timm.list_models('*pattern*'))\""
+        )
+    random_weights = tag == NO_WEIGHTS
+    full_name = name if tag in (None, NO_WEIGHTS) else f"{name}.{tag}"
+
+    pretrained_cfg = get_pretrained_cfg(full_name, allow_unregistered=False)
+    if pretrained_cfg is None and tag not in (None, NO_WEIGHTS):
+        raise BackboneError(
+            f"--pretrained tag {tag!r} is unknown for timm model {name!r}; known tags: "
+            + ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{name}.*"))
+        )
+    default_num_classes = pretrained_cfg.num_classes if pretrained_cfg else None
+    keep_head = _timm_keeps_head(name, default_num_classes)
+    kwargs = {} if keep_head else {"num_classes": 0}
+
+    download = checkpoint is None and not random_weights
+    try:
+        net = _create_timm(full_name, download, kwargs)
+    except Exception as e:  # hub and network errors vary; all mean the weights are not at hand
+        if not download:
+            raise
+        raise BackboneError(
+            f"could not load the pretrained weights of timm model {full_name!r}: {e}. Without internet "
+            "access, pass --checkpoint PATH with a local state dict, or put the weights in the "
+            "Hugging Face cache and set HF_HUB_OFFLINE=1"
+        ) from e
+
+    description = {
+        "pretrained": NO_WEIGHTS if random_weights else (net.pretrained_cfg.get("tag") or ""),
+        "head": "kept (image-text projection)" if keep_head else "removed (num_classes=0)",
+    }
+    if checkpoint is not None:
+        description["pretrained"] = ""
+        classifier = net.pretrained_cfg.get("classifier") or ()
+        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        ignored = () if keep_head else tuple(f"{c}." for c in classifier)
+        load_state_dict_strict(net, read_state_dict(checkpoint), ignored_prefixes=ignored, source=repr(checkpoint))
+    elif random_weights:
+        _logger.warning("timm model %s has random weights (--pretrained none): embeddings are meaningless", name)
+
+    if pooling == "cls" and not (getattr(net, "cls_token", None) is not None and getattr(net, "num_prefix_tokens", 0)):
+        raise BackboneError(
+            f"--pooling cls needs a transformer with a class token, and {name!r} has none; "
+            "use --pooling head, gap or gem"
+        )
+
+    patch_size = None
+    patch_embed = getattr(net, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "patch_size", None) is not None:
+        patch_size = tuple(int(s) for s in patch_embed.patch_size)
+
+    cfg = net.pretrained_cfg
+    return Backbone(
+        module=TimmPooled(net, pooling),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        patch_size=patch_size,
+        description=description,
+    )
+
+
+# ---------------------------------------------------------------------------- open_clip
+
+
+def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, pooling: str) -> Backbone:
+    """Build an open_clip image tower, load its weights and allow any input size where possible."""
+    import open_clip
+
+    from feature_extraction.positional_embeddings import enable_dynamic_input_size
+
+    if pooling != "head":
+        raise BackboneError(f"--pooling {pooling} is available for timm models only; use --pooling head with open_clip")
+    name, tag = split_model_tag(model, pretrained)
+    if name not in open_clip.list_models():
+        raise BackboneError(
+            f"--model {name!r} is not an open_clip model; list the names with "
+            "python -c \"import open_clip; print(open_clip.list_models())\""
+        )
+    known_tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag is None and checkpoint is None:
+        raise BackboneError(
+            f"open_clip model {name!r} needs weights: pass --model {name}.TAG or --pretrained TAG "
+            f"(known tags: {', '.join(known_tags) or 'none'}), or --checkpoint PATH"
+        )
+    if tag not in (None, NO_WEIGHTS) and tag not in known_tags:
+        raise BackboneError(
+            f"--pretrained tag {tag!r} is unknown for open_clip model {name!r}; known tags: {', '.join(known_tags)}"
+        )
+
+    # the tag's mean/std apply even when the weights come from --checkpoint
+    force_preprocess = {}
+    if tag not in (None, NO_WEIGHTS):
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        force_preprocess = {key: tag_cfg[key] for key in ("mean", "std") if key in tag_cfg}
+    download = checkpoint is None and tag != NO_WEIGHTS
+    try:
+        clip = open_clip.create_model(
+            name, pretrained=tag if download else None, force_preprocess_cfg=force_preprocess
+        )
+    except Exception as e:  # download and hub errors vary; all mean the weights are not at hand
+        if not download:
+            raise
+        raise BackboneError(
+            f"could not load the pretrained weights of open_clip model {name}.{tag}: {e}. Without "
+            "internet access, pass --checkpoint PATH with a local state dict, or put the weights "
+            "in the Hugging Face cache and set HF_HUB_OFFLINE=1"
+        ) from e
+
+    description = {"pretrained": tag or ""}
+    if checkpoint is not None:
+        description["pretrained"] = ""
+        state_dict = read_state_dict(checkpoint)
+        if any(key.startswith("visual.") for key in state_dict):
+            load_state_dict_strict(clip, state_dict, source=repr(checkpoint))
+        else:
+            load_state_dict_strict(clip.visual, state_dict, source=repr(checkpoint))
+    elif tag == NO_WEIGHTS:
+        _logger.warning("open_clip model %s has random weights (--pretrained none): embeddings are meaningless", name)
+
+    visual = clip.visual
+    del clip  # the text tower is not needed
+    preprocess = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = tuple(float(v) for v in preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+
+    if not enable_dynamic_input_size(visual):
+        size = getattr(visual, "image_size", None)
+        _logger.warning(
+            "open_clip image tower %s takes only its training input size %s; use --transforms "
+            "RESIZE_SQUARE or RESIZE_CENTER with that --resolution", type(visual).__name__, size,
+        )
+    patch_size = tuple(int(s) for s in visual.patch_size) if hasattr(visual, "patch_size") else None
+    return Backbone(
+        module=OpenClipImageEncoder(visual),
+        mean=mean,
+        std=std,
+        patch_size=patch_size,
+        description=description,
+    )
+
+
+def build_backbone(
+    framework: str, model: str, pretrained: str | None, checkpoint: str | None, pooling: str
+) -> Backbone:
+    """Build the model of `framework` in eval mode, without gradients.
+
+    Raises BackboneError for an unknown model, tag or pooling, and CheckpointError for a
+    checkpoint that cannot be read or does not match.
+    """
+    framework = canonical_framework(framework)
+    if pooling not in POOLINGS:
+        raise BackboneError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if framework == "timm":
+        backbone = build_timm(model, pretrained, checkpoint, pooling)
+    elif framework == "openclip":
+        backbone = build_open_clip(model, pretrained, checkpoint, pooling)
+    else:
+        raise BackboneError(f"--framework {framework!r} is not one of timm, openclip, och")
+    backbone.module.eval().requires_grad_(False)
+    return backbone

@@ -1,0 +1,132 @@
+"""Windowed, shape-bucketed image loading for DataLoader workers.
+
+The list is cut into windows of consecutive rows. Each worker takes whole windows,
+decodes their images, groups them by exact (H, W) after resizing and emits a batch as
+soon as a group reaches the batch size; the remaining groups follow at the end of the
+window, then a `WindowEnd` record with the rows that could not be read. Every batch
+carries its row numbers, so the output order never depends on batching or on workers.
+The batches of a window depend only on its images, so a resumed run forms the same ones.
+"""
+import signal
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from feature_extraction.image_list import resolve_image_path
+from feature_extraction.images import DecodeOptions, ImageDecodeError, load_image
+
+# buffered images per worker, in multiples of the batch size, before the largest
+# partial group is sent anyway; bounds memory when a window has many distinct shapes
+MAX_BUFFERED_BATCHES = 4
+
+
+class Window(NamedTuple):
+    index: int
+    start: int
+    stop: int
+
+
+class ImageBatch(NamedTuple):
+    window: int
+    rows: torch.Tensor  # (B,) int64 list rows
+    images: torch.Tensor  # (B, H, W, 3) uint8, resized but not normalised
+
+
+class WindowEnd(NamedTuple):
+    window: int
+    failed_rows: torch.Tensor  # (F,) int64
+    failed_reasons: list[str]
+
+
+def split_windows(num_rows: int, window_size: int) -> list[Window]:
+    """Cut rows [0, num_rows) into consecutive windows of `window_size` rows (the last may be shorter)."""
+    return [
+        Window(index, start, min(start + window_size, num_rows))
+        for index, start in enumerate(range(0, num_rows, window_size))
+    ]
+
+
+def _make_batch(window: int, group: list[tuple[int, np.ndarray]]) -> ImageBatch:
+    rows = torch.tensor([row for row, _ in group], dtype=torch.int64)
+    images = torch.from_numpy(np.stack([pixels for _, pixels in group]))
+    return ImageBatch(window, rows, images)
+
+
+class WindowedImageDataset(IterableDataset):
+    """Yield `ImageBatch` and `WindowEnd` records for the given windows of a list."""
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        paths: list[str],
+        windows: list[Window],
+        decode_options: DecodeOptions,
+        batch_size: int,
+    ) -> None:
+        super().__init__()
+        self.dataset_dir = Path(dataset_dir)
+        self.paths = paths
+        self.windows = windows
+        self.decode_options = decode_options
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[ImageBatch | WindowEnd]:
+        # load_image applies its own, configurable pixel limit before decoding
+        Image.MAX_IMAGE_PIXELS = None
+
+        worker = get_worker_info()
+        windows = self.windows if worker is None else self.windows[worker.id :: worker.num_workers]
+        for window in windows:
+            yield from self._window_records(window)
+
+    def _window_records(self, window: Window) -> Iterator[ImageBatch | WindowEnd]:
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        buffered = 0
+        failed_rows: list[int] = []
+        failed_reasons: list[str] = []
+
+        for row in range(window.start, window.stop):
+            try:
+                path = resolve_image_path(self.dataset_dir, self.paths[row])
+                pixels = load_image(path, self.decode_options)
+            except ImageDecodeError as e:
+                failed_rows.append(row)
+                failed_reasons.append(str(e))
+                continue
+
+            group = groups.setdefault(pixels.shape, [])
+            group.append((row, pixels))
+            buffered += 1
+            if len(group) == self.batch_size:
+                yield _make_batch(window.index, groups.pop(pixels.shape))
+                buffered -= self.batch_size
+            elif buffered > MAX_BUFFERED_BATCHES * self.batch_size:
+                largest = max(groups, key=lambda shape: len(groups[shape]))
+                buffered -= len(groups[largest])
+                yield _make_batch(window.index, groups.pop(largest))
+
+        for group in groups.values():
+            yield _make_batch(window.index, group)
+        yield WindowEnd(window.index, torch.tensor(failed_rows, dtype=torch.int64), failed_reasons)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process alone handles it and
+    # shuts the workers down, so they do not print their own tracebacks
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Wrap the dataset in a DataLoader that passes its records through unbatched."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )

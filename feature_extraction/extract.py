@@ -1,0 +1,257 @@
+"""Extract L2-normalised image embeddings with a timm or open_clip backbone into ILIAS-layout HDF5.
+
+Example (ImageNet EfficientNet-Lite0 from a local checkpoint, on mini_uned):
+
+    python feature_extraction/extract.py --dataset_dir data/mini_uned/images \\
+        --selected_ids data/mini_uned/heldout_paths.txt --hdf5_dir outputs/lite0 \\
+        --framework timm --model tf_efficientnet_lite0 --checkpoint lite0.pth --resolution 256
+
+The output `<hdf5_dir>/<hdf5_name>_<partition>.hdf5` holds `features` (N x D) and `index`
+(the list paths, non-ASCII characters escaped as `#Uxxxx`) in list order; images that
+cannot be read are left out and listed in `<output>.failed.txt` as `path,reason` lines.
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
+from feature_extraction.checkpoints import CheckpointError  # noqa: E402
+from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
+from feature_extraction.image_list import ImageListError  # noqa: E402
+from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from feature_extraction.interrupts import Interrupted  # noqa: E402
+from feature_extraction.pipeline import ExtractionError, output_path, run_extraction  # noqa: E402
+from feature_extraction.store import SettingsMismatchError, StoreError  # noqa: E402
+from feature_extraction.transforms import TransformName  # noqa: E402
+
+_logger = logging.getLogger("feature_extraction.extract")
+
+PARTITIONS = ("uned", "image_queries", "positives")
+DEFAULT_WINDOW_SIZE = 2048
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+exit status:
+  0    the output is complete (also when some images were skipped: they are listed in
+       <output>.failed.txt and counted in the log), or it already existed and was left untouched
+  1    the run failed: unreadable list, dataset folder or checkpoint, unwritable output
+       folder, no readable image
+  2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
+       absent, or settings that differ from the partial run being resumed
+  130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Finished windows are kept in
+       <output>.parts/ and rerunning the same command resumes from them
+
+A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
+"""
+
+_TRUE = ("true", "on", "1", "yes", "y", "t")
+_FALSE = ("false", "off", "0", "no", "n", "f")
+
+
+def bool_flag(value: str) -> bool:
+    """Parse true/false/on/off/1/0/yes/no (any case) for argparse."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}; use true/false, on/off, 1/0 or yes/no")
+
+
+def default_num_workers() -> int:
+    """Return min(8, the CPU cores this process may use)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser; flag names follow the ILIAS extractor."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = parser.add_argument_group("images and output")
+    data.add_argument("--dataset_dir", metavar="DIR", required=True,
+                      help="folder the list paths are relative to (required)")
+    data.add_argument("--selected_ids", metavar="FILE",
+                      help="image list, one 'path,label,domain' or 'path' per line; output rows follow its "
+                           "order (default: every image file under --dataset_dir, sorted by path)")
+    data.add_argument("--partition", metavar="NAME", choices=PARTITIONS,
+                      help=f"partition name used in the output file name, one of {', '.join(PARTITIONS)} "
+                           "(default: %(default)s)")
+    data.add_argument("--hdf5_dir", metavar="DIR", required=True,
+                      help="folder for the output file, created if missing (required)")
+    data.add_argument("--hdf5_name", metavar="NAME",
+                      help="output file stem: <hdf5_dir>/<hdf5_name>_<partition>.hdf5 (default: %(default)s)")
+    data.add_argument("--hdf5_compression", metavar="LEVEL", type=int,
+                      help="gzip level 1-9 for the features dataset, 0 for none (default: %(default)s)")
+    data.add_argument("--store_fp16", metavar="BOOL", type=bool_flag,
+                      help="store features as float16 instead of float32 (default: %(default)s)")
+    data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
+                      help="delete an existing output, its failure report and any partial run before "
+                           "starting; without it a complete output is left untouched (default: %(default)s)")
+
+    backbone = parser.add_argument_group("model")
+    backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),
+                          help="model library: timm or openclip ('och' is an alias of openclip) "
+                               "(default: %(default)s)")
+    backbone.add_argument("--model", metavar="NAME",
+                          help="timm model name, or open_clip model name; NAME.TAG also gives the "
+                               "pretrained tag, e.g. RN50.openai (default: %(default)s)")
+    backbone.add_argument("--pretrained", metavar="TAG",
+                          help="pretrained weights tag, e.g. openai for open_clip or in1k for timm; 'none' "
+                               "builds random weights for tests (default: the tag in --model, else timm's "
+                               "default tag; open_clip needs one unless --checkpoint is given)")
+    backbone.add_argument("--checkpoint", metavar="PATH",
+                          help="local state dict (.pth/.pt/.bin via torch.load(weights_only=True), or "
+                               ".safetensors) loaded strictly into the model instead of downloading weights "
+                               "(default: none)")
+    backbone.add_argument("--pooling", metavar="NAME", choices=POOLINGS,
+                          help="embedding: head (model output, pre-logits for classifiers), cls (class "
+                               "token, ViTs), gap (mean of patch tokens or feature map), gem (generalised "
+                               "mean, p=3); cls, gap and gem are timm-only (default: %(default)s)")
+
+    preprocessing = parser.add_argument_group("preprocessing")
+    preprocessing.add_argument("--resolution", metavar="PIXELS", type=int,
+                               help="target size in pixels for --transforms (default: %(default)s)")
+    preprocessing.add_argument("--transforms", metavar="NAME", choices=[t.value for t in TransformName],
+                               help="RESIZE_LARGE: longer side to --resolution, aspect kept, centre-padded "
+                                    "to --min_size; RESIZE_SMALL: shorter side to --resolution; "
+                                    "RESIZE_CENTER: shorter side, then centre crop; RESIZE_SQUARE: "
+                                    "--resolution x --resolution; RESIZE_PAD: longer side, then centre-padded "
+                                    "to a square (default: %(default)s)")
+    preprocessing.add_argument("--min_size", metavar="PIXELS", type=int,
+                               help="RESIZE_LARGE only: pad each side to at least this many pixels "
+                                    "(default: %(default)s)")
+    preprocessing.add_argument("--multiscale", metavar="BOOL", type=bool_flag,
+                               help="average the unit-norm embeddings at scales 0.707, 1 and 1.414 and "
+                                    "re-normalise (3x the compute) (default: %(default)s)")
+    preprocessing.add_argument("--max_image_pixels", metavar="PIXELS", type=int,
+                               help="skip images whose declared width x height is larger "
+                                    "(decompression-bomb guard) (default: %(default)s)")
+    preprocessing.add_argument("--jpeg_draft", metavar="BOOL", type=bool_flag,
+                               help="decode large JPEGs at a reduced scale (at least 2x the resized size) "
+                                    "for speed (default: %(default)s)")
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", metavar="NAME", choices=("auto", "cpu", "cuda"),
+                         help="auto (CUDA when available), cpu or cuda (default: %(default)s)")
+    compute.add_argument("--batch_size", metavar="IMAGES", type=int,
+                         help="images per forward pass; batches hold images of one shape, so some are "
+                              "smaller (default: %(default)s)")
+    compute.add_argument("--num_workers", metavar="PROCESSES", type=int,
+                         help="image decoding processes, 0 decodes in the main process "
+                              "(default: min(8, CPU cores) = %(default)s)")
+    compute.add_argument("--comp_fp16", metavar="BOOL", type=bool_flag,
+                         help="CUDA only: mixed precision (autocast) with --amp_dtype (default: %(default)s)")
+    compute.add_argument("--amp_dtype", metavar="DTYPE", choices=tuple(AMP_DTYPES),
+                         help="autocast dtype on CUDA: float16 or bfloat16 (default: %(default)s)")
+    compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
+                         help="CPU only: bfloat16 autocast when the CPU supports it natively, else "
+                              "float32 with a warning (default: %(default)s)")
+    compute.add_argument("--window_size", metavar="ROWS", type=int,
+                         help="consecutive list rows saved together; a killed run loses at most the "
+                              "windows in progress (default: %(default)s)")
+
+    parser.set_defaults(
+        partition="uned", hdf5_name="features", hdf5_compression=0, store_fp16=True, overwrite=False,
+        framework="timm", model="vit_large_patch16_siglip_384.webli", pretrained=None, checkpoint=None,
+        pooling="head", resolution=512, transforms=TransformName.RESIZE_LARGE.value, min_size=0,
+        multiscale=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True, device="auto",
+        batch_size=32, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
+        cpu_bf16=False, window_size=DEFAULT_WINDOW_SIZE, selected_ids=None,
+    )
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag values that parse but cannot work (calls parser.error, which exits with 2)."""
+    positive = ("resolution", "batch_size", "window_size", "max_image_pixels")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.min_size < 0:
+        parser.error(f"--min_size must be 0 or more, got {args.min_size}")
+    if not 0 <= args.hdf5_compression <= 9:
+        parser.error(f"--hdf5_compression must be a gzip level from 0 (none) to 9, got {args.hdf5_compression}")
+    if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
+        parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the extraction for parsed arguments; return the exit status."""
+    _logger.info("configuration:\n%s", "\n".join(f"  {key}: {value}" for key, value in sorted(vars(args).items())))
+    output = output_path(args.hdf5_dir, args.hdf5_name, args.partition)
+    try:
+        summary = run_extraction(
+            dataset_dir=args.dataset_dir,
+            selected_ids=args.selected_ids,
+            output=output,
+            framework=args.framework,
+            model=args.model,
+            pretrained=args.pretrained,
+            checkpoint=args.checkpoint,
+            pooling=args.pooling,
+            resolution=args.resolution,
+            transforms=args.transforms,
+            min_size=args.min_size,
+            multiscale=args.multiscale,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            store_fp16=args.store_fp16,
+            comp_fp16=args.comp_fp16,
+            amp_dtype=args.amp_dtype,
+            cpu_bf16=args.cpu_bf16,
+            device=args.device,
+            window_size=args.window_size,
+            max_image_pixels=args.max_image_pixels,
+            jpeg_draft=args.jpeg_draft,
+            hdf5_compression=args.hdf5_compression,
+            overwrite=args.overwrite,
+        )
+    except Interrupted as e:
+        return e.exit_code
+    except (BackboneError, DeviceError, SettingsMismatchError) as e:
+        _logger.error("%s", e)
+        return EXIT_USAGE
+    except (ExtractionError, ImageListError, CheckpointError, StoreError) as e:
+        _logger.error("%s", e)
+        return EXIT_ERROR
+    except OSError as e:
+        _logger.error("extraction failed: %s", e)
+        return EXIT_ERROR
+
+    if summary.already_complete:
+        return EXIT_OK
+    rate = summary.rows_this_run / summary.embed_seconds if summary.embed_seconds > 0 else 0.0
+    _logger.info(
+        "done: %d images, %d embedded, %d skipped, %.1f s in total; this run embedded %d images "
+        "in %.1f s (%.1f images/s); wrote %s",
+        summary.num_images, summary.num_embedded, summary.num_failed, summary.seconds,
+        summary.rows_this_run, summary.embed_seconds, rate, summary.output,
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    setup_logging()
+    parser = get_args_parser()
+    parsed = parser.parse_args()
+    check_args(parser, parsed)
+    sys.exit(main(parsed))

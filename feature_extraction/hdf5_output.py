@@ -1,0 +1,117 @@
+"""Final output: the ILIAS-layout HDF5 file and the `<output>.failed.txt` report.
+
+Layout read by the ILIAS tools: dataset `features` (N x D, float16 or float32) and
+dataset `index` (N ASCII ids, the list paths escaped with `escape_id`), rows in list
+order with unreadable images left out; run settings are file attributes. The file is
+assembled from the window parts into `<output>.tmp`, fsynced and renamed, so the final
+name only ever holds a complete file.
+"""
+import logging
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from feature_extraction.dataset import Window
+from feature_extraction.store import PartStore, fsync_directory, write_atomically
+
+_logger = logging.getLogger(__name__)
+
+# HDF5 chunks of about 1 MiB read and compress well
+_CHUNK_BYTES = 1 << 20
+
+
+class OutputError(Exception):
+    """The final files cannot be written; the message names the path and the cause."""
+
+
+def temporary_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".tmp")
+
+
+def failures_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".failed.txt")
+
+
+def _create_datasets(
+    f: h5py.File, dim: int, store_dtype: np.dtype, compression: int
+) -> tuple[h5py.Dataset, h5py.Dataset]:
+    chunk_rows = max(1, _CHUNK_BYTES // (dim * store_dtype.itemsize))
+    options = {"compression": "gzip", "compression_opts": compression} if compression > 0 else {}
+    features = f.create_dataset(
+        "features", shape=(0, dim), maxshape=(None, dim), dtype=store_dtype, chunks=(chunk_rows, dim), **options
+    )
+    index = f.create_dataset(
+        "index", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("ascii"), chunks=(min(chunk_rows, 4096),)
+    )
+    return features, index
+
+
+def assemble_hdf5(
+    store: PartStore,
+    windows: list[Window],
+    ids: list[str],
+    path: Path,
+    store_dtype: np.dtype,
+    compression: int,
+    attributes: dict,
+) -> tuple[int, list[tuple[int, str]]]:
+    """Stream the window parts, in row order, into an HDF5 file at `path`.
+
+    Holds one window in memory at a time. Returns the number of embedded rows and the
+    (row, reason) pairs of the unreadable ones.
+    """
+    failures: list[tuple[int, str]] = []
+    num_rows = 0
+    with h5py.File(path, "w") as f:
+        features = index = None
+        for window in windows:
+            part = store.read_window(window)
+            failures.extend(zip(part.failed_rows.tolist(), part.failed_reasons))
+            if len(part.rows) == 0:
+                continue
+
+            order = np.argsort(part.rows)
+            rows, vectors = part.rows[order], part.features[order]
+            if features is None:
+                features, index = _create_datasets(f, vectors.shape[1], store_dtype, compression)
+            features.resize(num_rows + len(rows), axis=0)
+            index.resize(num_rows + len(rows), axis=0)
+            features[num_rows:] = vectors.astype(store_dtype, copy=False)
+            index[num_rows:] = [ids[row].encode("ascii") for row in rows]
+            num_rows += len(rows)
+
+        if features is None:
+            return 0, sorted(failures)
+        for key, value in attributes.items():
+            f.attrs[key] = value
+        f.attrs["num_images"] = num_rows
+        f.attrs["num_failed"] = len(failures)
+        f.attrs["dim"] = features.shape[1]
+        f.flush()
+
+    # h5py's close does not fsync, so flush the file's data before it is renamed
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return num_rows, sorted(failures)
+
+
+def write_failure_report(path: Path, failures: list[tuple[str, str]]) -> None:
+    """Write `path,reason` lines atomically, or remove a stale report when nothing failed."""
+    if not failures:
+        if path.exists():
+            _logger.info("removing the failure report %s of an earlier run", path)
+            path.unlink()
+        return
+    text = "".join(f"{image_path},{reason}\n" for image_path, reason in failures)
+    write_atomically(path, text.encode("utf-8"))
+
+
+def publish(temporary: Path, output: Path) -> None:
+    """Rename the finished temporary file to the output name and flush the rename."""
+    os.replace(temporary, output)
+    fsync_directory(output.parent)

@@ -1,0 +1,348 @@
+"""The extraction run: list -> windows of decoded batches -> embeddings -> parts -> HDF5.
+
+Crash safety: finished windows are saved in `<output>.parts/` as they complete; a rerun
+with the same settings and list embeds only the missing windows, then assembles the
+HDF5 file into `<output>.tmp`, writes `<output>.failed.txt` (or removes a stale one),
+renames the temporary file to the final name and deletes the parts folder. Windows
+are batched the same way on every run, so a resumed run writes the same embeddings.
+"""
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from feature_extraction.allocator import keep_freed_memory_mapped
+from feature_extraction.backbones import Backbone, build_backbone, canonical_framework
+from feature_extraction.dataset import ImageBatch, Window, WindowedImageDataset, make_loader, split_windows
+from feature_extraction.embedding import Embedder, resolve_autocast, resolve_device
+from feature_extraction.hdf5_output import (
+    assemble_hdf5,
+    failures_path_for,
+    publish,
+    temporary_path_for,
+    write_failure_report,
+)
+from feature_extraction.image_list import (
+    ListEntry,
+    escape_id,
+    file_sha256,
+    read_image_list,
+    scan_image_dir,
+)
+from feature_extraction.images import DecodeOptions
+from feature_extraction.interrupts import Interrupted, signals_raise_interrupted
+from feature_extraction.store import PartStore, WindowPart, parts_dir_for
+from feature_extraction.transforms import InferenceTransform, TransformName
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# failures logged one by one before the log switches to a count
+MAX_LOGGED_FAILURES = 20
+
+
+class ExtractionError(Exception):
+    """A run that cannot complete (unreadable list, unwritable output, no readable image)."""
+
+
+@dataclass
+class ExtractionSummary:
+    output: Path
+    num_images: int = 0
+    num_embedded: int = 0
+    num_failed: int = 0
+    seconds: float = 0.0
+    rows_this_run: int = 0
+    embed_seconds: float = 0.0
+    already_complete: bool = False
+
+
+def output_path(hdf5_dir: str | Path, hdf5_name: str, partition: str) -> Path:
+    """Return `<hdf5_dir>/<hdf5_name>_<partition>.hdf5`, the ILIAS file name."""
+    return Path(hdf5_dir) / f"{hdf5_name}_{partition}.hdf5"
+
+
+def load_entries(dataset_dir: str | Path, selected_ids: str | Path | None) -> tuple[list[ListEntry], str, str]:
+    """Return the list entries, the SHA-256 identifying the list, and where the list came from."""
+    if not Path(dataset_dir).is_dir():
+        raise ExtractionError(f"--dataset_dir {str(dataset_dir)!r} is not a folder")
+    if selected_ids is None:
+        entries = scan_image_dir(dataset_dir)
+        digest = hashlib.sha256("\n".join(entry.path for entry in entries).encode("utf-8")).hexdigest()
+        return entries, digest, "all image files under --dataset_dir, sorted by path"
+    if not Path(selected_ids).is_file():
+        raise ExtractionError(f"--selected_ids {str(selected_ids)!r} is not a file; pass the image list")
+    return read_image_list(selected_ids), file_sha256(selected_ids), str(selected_ids)
+
+
+def library_versions() -> dict[str, str]:
+    """Return the versions of the libraries that shape the embeddings and the file."""
+    import h5py
+    import open_clip
+    import PIL
+    import timm
+
+    return {
+        "torch_version": str(torch.__version__),
+        "timm_version": str(timm.__version__),
+        "open_clip_version": str(open_clip.__version__),
+        "h5py_version": str(h5py.__version__),
+        "numpy_version": str(np.__version__),
+        "pillow_version": str(PIL.__version__),
+    }
+
+
+def _remove_previous_outputs(output: Path, store: PartStore) -> None:
+    for path in (output, failures_path_for(output), temporary_path_for(output)):
+        if path.exists():
+            _logger.info("--overwrite: removing %s", path)
+            path.unlink()
+    if store.directory.exists():
+        _logger.info("--overwrite: removing the partial run in %s", store.directory)
+        store.remove()
+
+
+def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[ListEntry], state: dict, report: Path):
+    for row, reason in zip(failed_rows, reasons):
+        state["logged"] += 1
+        if state["logged"] <= MAX_LOGGED_FAILURES:
+            _logger.warning("skipping %s (list row %d): %s", entries[row].path, row, reason)
+        elif state["logged"] == MAX_LOGGED_FAILURES + 1:
+            _logger.warning("more images are skipped; they are not logged one by one but listed in %s", report)
+
+
+def _embed_windows(
+    *,
+    loader,
+    embedder: Embedder,
+    store: PartStore,
+    windows: dict[int, Window],
+    store_dtype: np.dtype,
+    entries: list[ListEntry],
+    progress: tqdm,
+    report: Path,
+) -> int:
+    """Embed every batch the loader yields and save each window once all its rows are in.
+
+    Returns the number of rows finished in this call.
+    """
+    collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    failure_log = {"logged": 0}
+    finished_rows = 0
+    iterator = iter(loader)
+    try:
+        for record in iterator:
+            if isinstance(record, ImageBatch):
+                vectors = embedder.embed(record.images)  # (B, D) float32, unit norm
+                rows_list, vectors_list = collected.setdefault(record.window, ([], []))
+                rows_list.append(record.rows.numpy())
+                vectors_list.append(vectors.numpy().astype(store_dtype))
+                progress.update(len(record.rows))
+                continue
+
+            # WindowEnd: every row of the window is now embedded or failed
+            window = windows[record.window]
+            rows_list, vectors_list = collected.pop(record.window, ([], []))
+            rows = np.concatenate(rows_list) if rows_list else np.zeros(0, np.int64)
+            vectors = np.concatenate(vectors_list) if vectors_list else np.zeros((0, 0), store_dtype)
+            order = np.argsort(rows)
+            failed_rows = record.failed_rows.numpy()
+            assert len(rows) + len(failed_rows) == window.stop - window.start, "window rows lost"
+
+            store.write_window(window, WindowPart(rows[order], vectors[order], failed_rows, record.failed_reasons))
+            finished_rows += window.stop - window.start
+            progress.update(len(failed_rows))
+            _log_failures(failed_rows.tolist(), record.failed_reasons, entries, failure_log, report)
+    finally:
+        # shuts the worker processes down now rather than when the traceback is freed
+        del iterator
+    return finished_rows
+
+
+def _fingerprint(
+    *, framework: str, backbone: Backbone, model: str, checkpoint_sha256: str, transform: InferenceTransform,
+    pooling: str, multiscale: bool, store_dtype: np.dtype, autocast_dtype: torch.dtype | None,
+    decode_options: DecodeOptions, list_sha256: str, num_rows: int, window_size: int,
+) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "framework": framework,
+        "model": model.partition(".")[0],
+        "pretrained": backbone.description.get("pretrained", ""),
+        "checkpoint_sha256": checkpoint_sha256,
+        "resolution": transform.resolution,
+        "transforms": transform.name.value,
+        "min_size": transform.min_size,
+        "pooling": pooling,
+        "multiscale": multiscale,
+        "store_dtype": np.dtype(store_dtype).name,
+        "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "float32",
+        "max_image_pixels": decode_options.max_image_pixels,
+        "jpeg_draft": decode_options.jpeg_draft,
+        "list_sha256": list_sha256,
+        "num_rows": num_rows,
+        "window_size": window_size,
+    }
+
+
+def run_extraction(
+    *,
+    dataset_dir: str | Path,
+    selected_ids: str | Path | None,
+    output: str | Path,
+    framework: str,
+    model: str,
+    pretrained: str | None,
+    checkpoint: str | None,
+    pooling: str,
+    resolution: int,
+    transforms: str,
+    min_size: int,
+    multiscale: bool,
+    batch_size: int,
+    num_workers: int,
+    store_fp16: bool,
+    comp_fp16: bool,
+    amp_dtype: str,
+    cpu_bf16: bool,
+    device: str,
+    window_size: int,
+    max_image_pixels: int,
+    jpeg_draft: bool,
+    hdf5_compression: int,
+    overwrite: bool,
+) -> ExtractionSummary:
+    """Extract embeddings for every listed image into `output`, resuming a partial run.
+
+    Raises ExtractionError, ImageListError, BackboneError, CheckpointError, DeviceError,
+    SettingsMismatchError or StoreError with a message that names the fix, and
+    Interrupted on SIGINT/SIGTERM after logging how to resume.
+    """
+    start_time = time.monotonic()
+    output = Path(output)
+    store = PartStore(parts_dir_for(output))
+    summary = ExtractionSummary(output=output)
+
+    # a finished output is final unless --overwrite
+    if output.exists() and not overwrite:
+        _logger.info("%s exists and is left untouched; pass --overwrite true to extract again", output)
+        if store.directory.exists():
+            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
+            store.remove()
+        summary.already_complete = True
+        return summary
+
+    # inputs, device and model
+    entries, list_sha256, list_source = load_entries(dataset_dir, selected_ids)
+    torch_device = resolve_device(device)
+    autocast_dtype = resolve_autocast(torch_device, comp_fp16, amp_dtype, cpu_bf16)
+    framework = canonical_framework(framework)
+    if torch_device.type == "cpu":
+        keep_freed_memory_mapped()
+    # seeded so that --pretrained none gives the same random weights on every run
+    torch.manual_seed(0)
+    backbone = build_backbone(framework, model, pretrained, checkpoint, pooling)
+    checkpoint_sha256 = file_sha256(checkpoint) if checkpoint else ""
+    transform = InferenceTransform(TransformName(transforms), resolution, min_size)
+    decode_options = DecodeOptions(transform, max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft)
+    store_dtype = np.dtype(np.float16 if store_fp16 else np.float32)
+    embedder = Embedder(backbone, transform, torch_device, autocast_dtype=autocast_dtype, multiscale=multiscale)
+    _logger.info(
+        "device %s, compute dtype %s, stored dtype %s, %d images (%s), mean %s, std %s, patch size %s, %s",
+        torch_device, autocast_dtype or torch.float32, store_dtype.name, len(entries), list_source,
+        backbone.mean, backbone.std, backbone.patch_size, backbone.description,
+    )
+
+    # resumable state
+    fingerprint = _fingerprint(
+        framework=framework, backbone=backbone, model=model, checkpoint_sha256=checkpoint_sha256,
+        transform=transform, pooling=pooling, multiscale=multiscale, store_dtype=store_dtype,
+        autocast_dtype=autocast_dtype, decode_options=decode_options, list_sha256=list_sha256,
+        num_rows=len(entries), window_size=window_size,
+    )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            _remove_previous_outputs(output, store)
+        store.open(fingerprint, info={"dataset_dir": str(dataset_dir), "list": list_source, "checkpoint": checkpoint})
+    except PermissionError as e:
+        raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
+
+    windows = split_windows(len(entries), window_size)
+    finished = store.finished_windows(windows)
+    pending = [window for window in windows if window.index not in finished]
+    done_rows = sum(window.stop - window.start for window in windows if window.index in finished)
+    if finished:
+        _logger.info("resuming: %d of %d windows (%d rows) are already saved in %s",
+                     len(finished), len(windows), done_rows, store.directory)
+
+    report = failures_path_for(output)
+    temporary = temporary_path_for(output)
+    try:
+        with signals_raise_interrupted():
+            # embedding
+            if pending:
+                dataset = WindowedImageDataset(
+                    dataset_dir, [entry.path for entry in entries], pending, decode_options, batch_size
+                )
+                loader = make_loader(dataset, min(num_workers, len(pending)), pin_memory=torch_device.type == "cuda")
+                with logging_redirect_tqdm(), tqdm(
+                    total=len(entries), initial=done_rows, unit="img", desc="extracting", mininterval=1.0
+                ) as progress:
+                    embed_start = time.monotonic()
+                    summary.rows_this_run = _embed_windows(
+                        loader=loader, embedder=embedder, store=store, windows={w.index: w for w in pending},
+                        store_dtype=store_dtype, entries=entries, progress=progress, report=report,
+                    )
+                    summary.embed_seconds = time.monotonic() - embed_start
+
+            # assembly of the final file
+            attributes = {
+                **{key: value for key, value in fingerprint.items() if key not in ("format_version", "num_rows")},
+                "model": model,
+                "dtype": store_dtype.name,
+                "checkpoint": checkpoint or "",
+                "list_source": list_source,
+                "mean": np.array(backbone.mean),
+                "std": np.array(backbone.std),
+                **library_versions(),
+            }
+            ids = [escape_id(entry.path) for entry in entries]
+            num_embedded, failures = assemble_hdf5(
+                store, windows, ids, temporary, store_dtype, hdf5_compression, attributes
+            )
+            if num_embedded == 0:
+                temporary.unlink(missing_ok=True)
+                raise ExtractionError(
+                    f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}); "
+                    "check --dataset_dir and the list paths"
+                )
+            write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
+            publish(temporary, output)
+            store.remove()
+    except Interrupted as e:
+        saved = sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
+        _logger.warning(
+            "stopped by %s: %d of %d rows are saved in %s; rerun the same command to resume",
+            e, saved, len(entries), store.directory,
+        )
+        temporary.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+    summary.num_images = len(entries)
+    summary.num_embedded = num_embedded
+    summary.num_failed = len(failures)
+    summary.seconds = time.monotonic() - start_time
+    if failures:
+        _logger.warning("%d of %d images could not be read and are left out; see %s",
+                        len(failures), len(entries), report)
+    return summary

@@ -1,0 +1,186 @@
+"""Resumable extraction state: a `<output>.parts/` folder with one file per finished window.
+
+`manifest.json` holds the settings fingerprint of the run. Each finished window of
+consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readable rows,
+their row numbers, and the unreadable rows with reasons). Every file is written to a
+temporary name, fsynced and renamed, so a killed process leaves either the complete file
+or none; leftover temporary files are removed on the next start.
+"""
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from feature_extraction.dataset import Window
+
+_logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+PART_FORMAT = "window_{:06d}.npz"
+_TEMP_SUFFIX = ".tmp"
+
+
+class SettingsMismatchError(Exception):
+    """The parts folder belongs to a run with other settings; the message names them and the fix."""
+
+
+class StoreError(Exception):
+    """A parts folder or part file that cannot be used; the message names the fix."""
+
+
+@dataclass
+class WindowPart:
+    rows: np.ndarray  # (n,) int64 rows with an embedding, ascending
+    features: np.ndarray  # (n, D) stored dtype
+    failed_rows: np.ndarray  # (f,) int64
+    failed_reasons: list[str]
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory entry (a rename or a deletion) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a fsynced temporary file and a rename."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=_TEMP_SUFFIX, delete=False) as f:
+        temp_path = Path(f.name)
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            temp_path.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def parts_dir_for(output: Path) -> Path:
+    """Return the parts folder that belongs to a final output file."""
+    return output.with_name(output.name + ".parts")
+
+
+class PartStore:
+    """The parts folder of one output: manifest, finished windows and their files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def open(self, fingerprint: dict, info: dict) -> None:
+        """Create the folder for a new run, or check that an existing one has the same fingerprint.
+
+        Raises SettingsMismatchError naming the differing settings.
+        """
+        manifest_path = self.directory / MANIFEST_NAME
+        if manifest_path.exists():
+            try:
+                previous = json.loads(manifest_path.read_text())["fingerprint"]
+            except (OSError, ValueError, KeyError) as e:
+                raise StoreError(
+                    f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite) to start again"
+                ) from e
+            differences = [
+                f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now"
+                for key in sorted(set(previous) | set(fingerprint))
+                if previous.get(key) != fingerprint.get(key)
+            ]
+            if differences:
+                raise SettingsMismatchError(
+                    f"{self.directory} holds a partial run with other settings ("
+                    + "; ".join(differences)
+                    + "). Rerun with the same flags and list to resume it, or pass --overwrite to discard it"
+                )
+            self._remove_temporary_files()
+            return
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_temporary_files()
+        manifest = {"fingerprint": fingerprint, "info": info}
+        write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def _remove_temporary_files(self) -> None:
+        for path in self.directory.glob("*" + _TEMP_SUFFIX):
+            _logger.info("removing %s left by an interrupted write", path)
+            path.unlink(missing_ok=True)
+
+    def part_path(self, window_index: int) -> Path:
+        return self.directory / PART_FORMAT.format(window_index)
+
+    def finished_windows(self, windows: list[Window]) -> set[int]:
+        """Return the indices of windows whose part file exists and opens."""
+        finished = set()
+        for window in windows:
+            path = self.part_path(window.index)
+            if not path.exists():
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as part:
+                    num_rows = part["rows"].shape[0] + part["failed_rows"].shape[0]
+            except (OSError, ValueError, KeyError) as e:
+                _logger.warning("part file %s is unreadable (%s); its window will be recomputed", path, e)
+                path.unlink(missing_ok=True)
+                continue
+            if num_rows != window.stop - window.start:
+                _logger.warning("part file %s has %d rows, not %d; its window will be recomputed",
+                                path, num_rows, window.stop - window.start)
+                path.unlink(missing_ok=True)
+                continue
+            finished.add(window.index)
+        return finished
+
+    def write_window(self, window: Window, part: WindowPart) -> None:
+        """Save one finished window atomically."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            rows=part.rows.astype(np.int64),
+            features=part.features,
+            failed_rows=part.failed_rows.astype(np.int64),
+            failed_reasons=np.array(part.failed_reasons, dtype=str),
+        )
+        write_atomically(self.part_path(window.index), buffer.getvalue())
+
+    def read_window(self, window: Window) -> WindowPart:
+        """Load and check one part file; raise StoreError if it does not cover its window exactly."""
+        path = self.part_path(window.index)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                part = WindowPart(
+                    rows=data["rows"],
+                    features=data["features"],
+                    failed_rows=data["failed_rows"],
+                    failed_reasons=[str(reason) for reason in data["failed_reasons"]],
+                )
+        except (OSError, ValueError, KeyError) as e:
+            path.unlink(missing_ok=True)
+            raise StoreError(f"part file {path} is unreadable ({e}); it was removed, rerun to recompute it") from e
+
+        covered = np.sort(np.concatenate([part.rows, part.failed_rows]))
+        if not np.array_equal(covered, np.arange(window.start, window.stop)) or part.features.shape[0] != len(part.rows):
+            path.unlink(missing_ok=True)
+            raise StoreError(
+                f"part file {path} does not cover rows {window.start}-{window.stop - 1} exactly; "
+                "it was removed, rerun to recompute it"
+            )
+        return part
+
+    def remove(self) -> None:
+        """Delete the parts folder and everything in it."""
+        shutil.rmtree(self.directory, ignore_errors=False)
+        fsync_directory(self.directory.parent)
