@@ -162,7 +162,10 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
     random_weights = tag == NO_WEIGHTS
     full_name = name if tag in (None, NO_WEIGHTS) else f"{name}.{tag}"
 
-    pretrained_cfg = get_pretrained_cfg(full_name, allow_unregistered=False)
+    try:
+        pretrained_cfg = get_pretrained_cfg(full_name, allow_unregistered=True)
+    except RuntimeError:  # timm's error for a tag the architecture does not have
+        pretrained_cfg = None
     if pretrained_cfg is None and tag not in (None, NO_WEIGHTS):
         raise BackboneError(
             f"--pretrained tag {tag!r} is unknown for timm model {name!r}; known tags: "

@@ -133,13 +133,26 @@ def _embed_windows(
     Returns the number of rows finished in this call.
     """
     collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    model_failures: dict[int, list[tuple[int, str]]] = {}
     failure_log = {"logged": 0}
     finished_rows = 0
     iterator = iter(loader)
     try:
         for record in iterator:
             if isinstance(record, ImageBatch):
-                vectors = embedder.embed(record.images)  # (B, D) float32, unit norm
+                try:
+                    vectors = embedder.embed(record.images)  # (B, D) float32, unit norm
+                except torch.OutOfMemoryError as e:
+                    raise ExtractionError(f"out of memory on a batch of {tuple(record.images.shape)} images: "
+                                          f"{e}; lower --batch_size or --resolution") from e
+                except RuntimeError as e:
+                    # some architectures reject extreme shapes (a feature map pooled below 1 pixel);
+                    # those images are skipped like unreadable ones rather than ending the run
+                    height, width = record.images.shape[1:3]
+                    reason = (f"the model cannot embed a {height}x{width} input "
+                              f"({str(e).splitlines()[0]}); --min_size pads small sides")
+                    model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
+                    continue
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
                 rows_list.append(record.rows.numpy())
                 vectors_list.append(vectors.numpy().astype(store_dtype))
@@ -152,13 +165,17 @@ def _embed_windows(
             rows = np.concatenate(rows_list) if rows_list else np.zeros(0, np.int64)
             vectors = np.concatenate(vectors_list) if vectors_list else np.zeros((0, 0), store_dtype)
             order = np.argsort(rows)
-            failed_rows = record.failed_rows.numpy()
+            failures = sorted(
+                list(zip(record.failed_rows.tolist(), record.failed_reasons)) + model_failures.pop(record.window, [])
+            )
+            failed_rows = np.array([row for row, _ in failures], dtype=np.int64)
+            failed_reasons = [reason for _, reason in failures]
             assert len(rows) + len(failed_rows) == window.stop - window.start, "window rows lost"
 
-            store.write_window(window, WindowPart(rows[order], vectors[order], failed_rows, record.failed_reasons))
+            store.write_window(window, WindowPart(rows[order], vectors[order], failed_rows, failed_reasons))
             finished_rows += window.stop - window.start
             progress.update(len(failed_rows))
-            _log_failures(failed_rows.tolist(), record.failed_reasons, entries, failure_log, report)
+            _log_failures(failed_rows.tolist(), failed_reasons, entries, failure_log, report)
     finally:
         # shuts the worker processes down now rather than when the traceback is freed
         del iterator
@@ -270,8 +287,12 @@ def run_extraction(
         output.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
             _remove_previous_outputs(output, store)
-        store.open(fingerprint, info={"dataset_dir": str(dataset_dir), "list": list_source, "checkpoint": checkpoint})
-    except PermissionError as e:
+        store.open(fingerprint, info={
+            "dataset_dir": str(Path(dataset_dir).resolve()),
+            "list": list_source,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
+        })
+    except OSError as e:
         raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
 
     windows = split_windows(len(entries), window_size)
@@ -317,13 +338,15 @@ def run_extraction(
             num_embedded, failures = assemble_hdf5(
                 store, windows, ids, temporary, store_dtype, hdf5_compression, attributes
             )
-            if num_embedded == 0:
-                temporary.unlink(missing_ok=True)
-                raise ExtractionError(
-                    f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}); "
-                    "check --dataset_dir and the list paths"
-                )
             write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
+            if num_embedded == 0:
+                # nothing worth resuming: a rerun with a corrected --dataset_dir starts afresh
+                temporary.unlink(missing_ok=True)
+                store.remove()
+                raise ExtractionError(
+                    f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
+                    f"all are listed in {report}); check --dataset_dir and the list paths"
+                )
             publish(temporary, output)
             store.remove()
     except Interrupted as e:
@@ -343,6 +366,6 @@ def run_extraction(
     summary.num_failed = len(failures)
     summary.seconds = time.monotonic() - start_time
     if failures:
-        _logger.warning("%d of %d images could not be read and are left out; see %s",
-                        len(failures), len(entries), report)
+        _logger.warning("%d of %d images were skipped (unreadable, or a shape the model rejects); "
+                        "their paths and reasons are in %s", len(failures), len(entries), report)
     return summary

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ _logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 PART_FORMAT = "window_{:06d}.npz"
 _TEMP_SUFFIX = ".tmp"
+# what np.load raises for a truncated or overwritten .npz file
+_UNREADABLE_PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 class SettingsMismatchError(Exception):
@@ -90,7 +93,8 @@ class PartStore:
         manifest_path = self.directory / MANIFEST_NAME
         if manifest_path.exists():
             try:
-                previous = json.loads(manifest_path.read_text())["fingerprint"]
+                manifest = json.loads(manifest_path.read_text())
+                previous, previous_info = manifest["fingerprint"], manifest.get("info", {})
             except (OSError, ValueError, KeyError) as e:
                 raise StoreError(
                     f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite) to start again"
@@ -106,6 +110,10 @@ class PartStore:
                     + "; ".join(differences)
                     + "). Rerun with the same flags and list to resume it, or pass --overwrite to discard it"
                 )
+            for key in sorted(set(previous_info) & set(info)):
+                if previous_info[key] != info[key]:
+                    # e.g. a dataset copied to another node's scratch: allowed, but worth a look
+                    _logger.warning("resuming a run whose %s was %r; now it is %r", key, previous_info[key], info[key])
             self._remove_temporary_files()
             return
 
@@ -132,7 +140,7 @@ class PartStore:
             try:
                 with np.load(path, allow_pickle=False) as part:
                     num_rows = part["rows"].shape[0] + part["failed_rows"].shape[0]
-            except (OSError, ValueError, KeyError) as e:
+            except _UNREADABLE_PART_ERRORS as e:
                 _logger.warning("part file %s is unreadable (%s); its window will be recomputed", path, e)
                 path.unlink(missing_ok=True)
                 continue
@@ -167,7 +175,7 @@ class PartStore:
                     failed_rows=data["failed_rows"],
                     failed_reasons=[str(reason) for reason in data["failed_reasons"]],
                 )
-        except (OSError, ValueError, KeyError) as e:
+        except _UNREADABLE_PART_ERRORS as e:
             path.unlink(missing_ok=True)
             raise StoreError(f"part file {path} is unreadable ({e}); it was removed, rerun to recompute it") from e
 

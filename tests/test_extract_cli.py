@@ -1,0 +1,351 @@
+"""End-to-end runs of extract.py's main() on generated images with small random-weight models."""
+import argparse
+import logging
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from feature_extraction.extract import bool_flag, check_args, get_args_parser, main
+from feature_extraction.image_list import escape_id
+
+TINY = ["--framework", "timm", "--model", "resnet10t", "--pretrained", "none", "--resolution", "32",
+        "--num_workers", "0", "--batch_size", "3", "--window_size", "4"]
+
+
+def run_cli(*argv: str) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args([str(a) for a in argv])
+    check_args(parser, args)
+    return main(args)
+
+
+def read_output(path):
+    with h5py.File(path, "r") as f:
+        return f["features"][:], [i.decode("ascii") for i in f["index"][:]], dict(f.attrs)
+
+
+@pytest.fixture
+def extract(sample_dataset, tmp_path):
+    """Run extraction on the sample list into tmp_path/<name>; return (exit code, output path)."""
+    root, list_path, _ = sample_dataset
+
+    def run(*extra, name="out", list_file=None):
+        out_dir = tmp_path / name
+        code = run_cli("--dataset_dir", root, "--selected_ids", list_file or list_path, "--hdf5_dir", out_dir,
+                       *TINY, *extra)
+        return code, out_dir / "features_uned.hdf5"
+
+    return run
+
+
+def test_rows_and_ids_follow_list_order(extract, sample_dataset):
+    _, _, paths = sample_dataset
+    code, output = extract()
+    features, ids, attrs = read_output(output)
+    assert code == 0
+    assert ids == [escape_id(p) for p in paths]
+    assert features.shape == (10, 512)
+    assert features.dtype == np.float16
+    assert np.allclose(np.linalg.norm(features.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert len({row.tobytes() for row in features}) == 10
+
+
+def test_index_is_ascii_with_escaped_unicode(extract):
+    _, output = extract()
+    with h5py.File(output, "r") as f:
+        assert h5py.check_string_dtype(f["index"].dtype).encoding == "ascii"
+        ids = [i.decode("ascii") for i in f["index"][:]]
+    assert "c/#U8d27#U67b6/#U82f9#U679c.jpg" in ids
+    assert "c/caf#U00e9.jpg" in ids
+
+
+def test_attributes_record_settings(extract, sample_dataset):
+    _, list_path, _ = sample_dataset
+    _, output = extract()
+    _, _, attrs = read_output(output)
+    assert attrs["framework"] == "timm"
+    assert attrs["model"] == "resnet10t"
+    assert attrs["pretrained"] == "none"
+    assert attrs["resolution"] == 32
+    assert attrs["transforms"] == "RESIZE_LARGE"
+    assert attrs["pooling"] == "head"
+    assert attrs["dtype"] == "float16"
+    assert attrs["num_images"] == 10
+    assert attrs["num_failed"] == 0
+    assert attrs["torch_version"] == str(torch.__version__)
+    from feature_extraction.image_list import file_sha256
+
+    assert attrs["list_sha256"] == file_sha256(list_path)
+
+
+def test_no_leftovers_after_success(extract):
+    _, output = extract()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
+
+
+def test_escaped_name_on_disk_is_read(extract, sample_dataset):
+    root, _, _ = sample_dataset
+    unicode_path = root / "c/货架/苹果.jpg"
+    escaped_path = root / escape_id("c/货架/苹果.jpg")
+    escaped_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(unicode_path, escaped_path)
+    code, output = extract()
+    _, ids, attrs = read_output(output)
+    assert code == 0
+    assert attrs["num_failed"] == 0
+    assert escape_id("c/货架/苹果.jpg") in ids
+
+
+def test_failed_images_reported_rows_aligned(extract, sample_dataset, tmp_path):
+    root, _, paths = sample_dataset
+    _, clean_output = extract(name="clean")
+    clean_features, clean_ids, _ = read_output(clean_output)
+
+    (root / "bad").mkdir()
+    (root / "bad/empty.jpg").write_bytes(b"")
+    (root / "bad/noise.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    bad = ["bad/missing.jpg", "bad/empty.jpg", "bad/noise.jpg"]
+    # two bad rows fill one window of 4 with the first bad row, so a window has no image left
+    listed = paths[:1] + bad[:1] + paths[1:4] + bad[1:] + paths[4:]
+    list_path = tmp_path / "with_bad.txt"
+    list_path.write_text("".join(f"{p},0,0\n" for p in listed), encoding="utf-8")
+
+    code, output = extract(name="bad", list_file=list_path)
+    features, ids, attrs = read_output(output)
+    assert code == 0
+    assert ids == clean_ids
+    # other windows form other batches, so only float16 rounding may differ
+    np.testing.assert_allclose(features.astype(np.float32), clean_features.astype(np.float32), atol=1e-3)
+    assert attrs["num_failed"] == 3
+
+    report = output.with_name(output.name + ".failed.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",", 1)[0] for line in report] == bad
+    assert report[0].endswith(",file not found")
+    assert report[1].endswith(",empty file (0 bytes)")
+    assert "not an image" in report[2]
+
+
+def test_all_images_unreadable_fails(tmp_path):
+    (tmp_path / "images").mkdir()
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("a.jpg,0,0\nb.jpg,0,0\n")
+    code = run_cli("--dataset_dir", tmp_path / "images", "--selected_ids", list_path, "--hdf5_dir", tmp_path / "out",
+                   *TINY)
+    assert code == 1
+    assert not (tmp_path / "out/features_uned.hdf5").exists()
+    assert not (tmp_path / "out/features_uned.hdf5.parts").exists()
+    assert (tmp_path / "out/features_uned.hdf5.failed.txt").read_text().count("file not found") == 2
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.jpg", "/etc/passwd", "a/../../outside.jpg"])
+def test_path_escaping_dataset_dir_rejected(extract, tmp_path, bad_path, caplog):
+    list_path = tmp_path / "escape.txt"
+    list_path.write_text(f"a/landscape_0.jpg,0,0\n{bad_path},0,0\n")
+    with caplog.at_level(logging.ERROR):
+        code, output = extract(list_file=list_path)
+    assert code == 1
+    assert not output.exists()
+    assert "escape.txt:2" in caplog.text
+
+
+def test_stale_failure_report_removed(extract):
+    code, output = extract()
+    report = output.with_name(output.name + ".failed.txt")
+    report.write_text("old,stale\n")
+    code, _ = extract("--overwrite", "true")
+    assert code == 0
+    assert not report.exists()
+
+
+def test_existing_output_left_untouched(extract, caplog):
+    _, output = extract()
+    before = output.read_bytes()
+    parts = output.with_name(output.name + ".parts")
+    parts.mkdir()
+    (parts / "window_000000.npz").write_bytes(b"leftover")
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert output.read_bytes() == before
+    assert "left untouched" in caplog.text
+    assert not parts.exists()
+
+
+def test_overwrite_recomputes_with_new_settings(extract):
+    _, output = extract()
+    code, _ = extract("--resolution", "40", "--overwrite", "true")
+    _, _, attrs = read_output(output)
+    assert code == 0
+    assert attrs["resolution"] == 40
+
+
+def test_store_fp16_false_writes_float32(extract):
+    _, output = extract("--store_fp16", "false")
+    features, _, attrs = read_output(output)
+    assert features.dtype == np.float32
+    assert attrs["dtype"] == "float32"
+    assert np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+
+
+def test_compression_keeps_values(extract):
+    _, plain = extract(name="plain")
+    _, packed = extract("--hdf5_compression", "4", name="packed")
+    with h5py.File(packed, "r") as f:
+        assert f["features"].compression == "gzip"
+    np.testing.assert_array_equal(read_output(plain)[0], read_output(packed)[0])
+
+
+def test_workers_give_same_file_as_main_process(extract):
+    _, single = extract(name="single")
+    _, multi = extract("--num_workers", "2", name="multi")
+    single_features, single_ids, _ = read_output(single)
+    multi_features, multi_ids, _ = read_output(multi)
+    assert multi_ids == single_ids
+    np.testing.assert_array_equal(multi_features, single_features)
+
+
+def test_multiscale_unit_norm_and_different(extract):
+    _, single = extract(name="single")
+    _, multi = extract("--multiscale", "true", name="multi")
+    single_features = read_output(single)[0].astype(np.float32)
+    multi_features = read_output(multi)[0].astype(np.float32)
+    assert np.allclose(np.linalg.norm(multi_features, axis=1), 1.0, atol=2e-3)
+    assert not np.allclose(single_features, multi_features, atol=1e-2)
+
+
+def test_checkpoint_changes_embedding_and_is_recorded(extract, tmp_path):
+    import timm
+
+    from feature_extraction.image_list import file_sha256
+
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / f"w{seed}.pth")
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    _, first = extract(*options, "--checkpoint", tmp_path / "w1.pth", name="w1")
+    _, second = extract(*options, "--checkpoint", tmp_path / "w2.pth", name="w2")
+    first_features, _, attrs = read_output(first)
+    second_features = read_output(second)[0]
+    assert attrs["checkpoint_sha256"] == file_sha256(tmp_path / "w1.pth")
+    assert attrs["pretrained"] == ""
+    cosines = (first_features.astype(np.float32) * second_features.astype(np.float32)).sum(axis=1)
+    assert cosines.max() < 0.999
+
+
+def test_all_images_used_without_list(sample_dataset, tmp_path):
+    root, _, paths = sample_dataset
+    code = run_cli("--dataset_dir", root, "--hdf5_dir", tmp_path / "out", *TINY)
+    _, ids, attrs = read_output(tmp_path / "out/features_uned.hdf5")
+    assert code == 0
+    assert ids == [escape_id(p) for p in sorted(paths)]
+    assert "sorted by path" in attrs["list_source"]
+
+
+@pytest.mark.parametrize("transforms", ["RESIZE_LARGE", "RESIZE_SMALL", "RESIZE_CENTER", "RESIZE_SQUARE",
+                                        "RESIZE_PAD"])
+def test_vit_runs_every_transform(extract, transforms):
+    code, output = extract("--model", "vit_tiny_patch16_224", "--transforms", transforms, "--resolution", "40")
+    features, _, _ = read_output(output)
+    assert code == 0
+    assert features.shape == (10, 192)
+
+
+def test_open_clip_alias_and_model_tag(extract):
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    code, output = extract(*options, "--framework", "och", "--model", "RN50.none", "--resolution", "64",
+                           "--min_size", "64")
+    features, _, attrs = read_output(output)
+    assert code == 0
+    assert features.shape == (10, 1024)
+    assert attrs["framework"] == "openclip"
+    assert attrs["model"] == "RN50.none"
+
+
+def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
+    # RN50's stride-2 average pools fail below about 32 px per side; the 90x30 image becomes 64x21
+    _, _, paths = sample_dataset
+    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64")
+    _, ids, attrs = read_output(output)
+    assert code == 0
+    assert attrs["num_failed"] == 1
+    assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
+    report = output.with_name(output.name + ".failed.txt").read_text()
+    assert report.startswith("b/wide.jpg,the model cannot embed a 21x64 input")
+
+
+def test_unknown_model_exit_two(extract):
+    code, _ = extract("--model", "no_such_model_xyz")
+    assert code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_gpu_exit_two(extract, caplog):
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract("--device", "cuda")
+    assert code == 2
+    assert "no CUDA device" in caplog.text
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def test_help_mentions_every_flag():
+    parser = get_args_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+        if action.option_strings and action.dest != "help":
+            assert "default" in action.help or action.required, action.dest
+            assert action.metavar, action.dest
+    assert "exit status" in text
+    assert "143" in text
+
+
+@pytest.mark.parametrize("value", ["true", "True", "on", "1", "yes"])
+def test_bool_flag_true_values(value):
+    assert bool_flag(value) is True
+
+
+@pytest.mark.parametrize("value", ["false", "OFF", "0", "no"])
+def test_bool_flag_false_values(value):
+    assert bool_flag(value) is False
+
+
+def test_bool_flag_rejects_other_values():
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid boolean 'maybe'"):
+        bool_flag("maybe")
+
+
+def test_bool_flag_on_command_line():
+    args = get_args_parser().parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", "--multiscale", "on",
+                                         "--store_fp16", "0", "--overwrite", "yes"])
+    assert (args.multiscale, args.store_fp16, args.overwrite) == (True, False, True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--batch_size", "0"],
+        ["--resolution", "-1"],
+        ["--hdf5_compression", "10"],
+        ["--num_workers", "-1"],
+        ["--min_size", "64", "--transforms", "RESIZE_SQUARE"],
+        ["--framework", "keras"],
+        ["--multiscale", "maybe"],
+    ],
+)
+def test_bad_flag_values_exit_two(extra, capsys):
+    parser = get_args_parser()
+    with pytest.raises(SystemExit) as info:
+        args = parser.parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", *extra])
+        check_args(parser, args)
+    assert info.value.code == 2
+
+
+def test_framework_alias_accepted():
+    args = get_args_parser().parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", "--framework", "och"])
+    assert args.framework == "och"

@@ -1,0 +1,195 @@
+"""Interrupted and resumed extraction runs give the same file as one uninterrupted run."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from feature_extraction.interrupts import Interrupted
+from feature_extraction.store import PartStore
+
+from conftest import REPO_ROOT, write_image
+from test_extract_cli import TINY, read_output, run_cli
+
+
+@pytest.fixture
+def extract(sample_dataset, tmp_path):
+    root, list_path, _ = sample_dataset
+
+    def run(*extra, name="out"):
+        out_dir = tmp_path / name
+        code = run_cli("--dataset_dir", root, "--selected_ids", list_path, "--hdf5_dir", out_dir, *TINY, *extra)
+        return code, out_dir / "features_uned.hdf5"
+
+    return run
+
+
+def _stop_after_windows(monkeypatch, count, signal_number=signal.SIGTERM):
+    """Make the run stop as if a signal arrived right after `count` windows were saved."""
+    original = PartStore.write_window
+    calls = {"n": 0}
+
+    def write_then_stop(self, window, part):
+        original(self, window, part)
+        calls["n"] += 1
+        if calls["n"] == count:
+            raise Interrupted(signal_number)
+
+    monkeypatch.setattr(PartStore, "write_window", write_then_stop)
+
+
+def test_interrupted_run_resumes_to_same_file(extract, monkeypatch, caplog):
+    _, reference = extract(name="reference")
+
+    _stop_after_windows(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING):
+        code, output = extract()
+    assert code == 143
+    assert "8 of 10 rows are saved" in caplog.text
+    assert "rerun the same command to resume" in caplog.text
+    parts = output.with_name(output.name + ".parts")
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "window_000000.npz", "window_000001.npz"]
+    assert not output.exists()
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
+    reference_features, reference_ids, _ = read_output(reference)
+    features, ids, _ = read_output(output)
+    assert ids == reference_ids
+    np.testing.assert_array_equal(features, reference_features)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
+
+
+def test_sigint_exit_code_130(extract, monkeypatch):
+    _stop_after_windows(monkeypatch, 1, signal.SIGINT)
+    code, _ = extract()
+    assert code == 130
+
+
+def test_changed_settings_rejected_while_partial(extract, monkeypatch, caplog):
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--resolution", "40", "--pooling", "gem")
+    assert code == 2
+    assert "resolution: 32 before, 40 now" in caplog.text
+    assert "pooling: 'head' before, 'gem' now" in caplog.text
+    assert "--overwrite" in caplog.text
+    assert not output.exists()
+
+
+def test_overwrite_discards_partial_run(extract, monkeypatch):
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    code, output = extract("--resolution", "40", "--overwrite", "true")
+    _, _, attrs = read_output(output)
+    assert code == 0
+    assert attrs["resolution"] == 40
+
+
+def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    list_path.write_text(list_path.read_text() + "extra.jpg,0,0\n")
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 2
+    assert "list_sha256" in caplog.text
+    assert "num_rows: 10 before, 11 now" in caplog.text
+
+
+def test_finished_parts_with_stale_temporary_files_assembled(extract, monkeypatch):
+    _, reference = extract(name="reference")
+    # all windows saved, then a kill while the HDF5 file was being assembled
+    _stop_after_windows(monkeypatch, 3)
+    _, output = extract()
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    output.with_name(output.name + ".tmp").write_bytes(b"half an hdf5 file")
+    (parts / "window_000001.npz.abc.tmp").write_bytes(b"half a part")
+
+    code, _ = extract()
+    assert code == 0
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
+
+
+def test_corrupt_part_recomputed(extract, monkeypatch, caplog):
+    _, reference = extract(name="reference")
+    _stop_after_windows(monkeypatch, 2)
+    _, output = extract()
+    monkeypatch.undo()
+    part = output.with_name(output.name + ".parts") / "window_000001.npz"
+    part.write_bytes(part.read_bytes()[:100])
+
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract()
+    assert code == 0
+    assert "window_000001.npz is unreadable" in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+
+
+def test_unusable_output_folder_fails_cleanly(sample_dataset, tmp_path, caplog):
+    root, list_path, _ = sample_dataset
+    (tmp_path / "a_file").write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", root, "--selected_ids", list_path, "--hdf5_dir", tmp_path / "a_file/out", *TINY)
+    assert code == 1
+    assert "choose a writable --hdf5_dir" in caplog.text
+
+
+# ---------------------------------------------------------------------------- real signals
+
+
+@pytest.fixture
+def many_images(tmp_path):
+    """64 small images and their list, enough for a subprocess to be stopped mid-run."""
+    root = tmp_path / "many"
+    lines = []
+    for i in range(64):
+        relative = f"d{i % 4}/img_{i:03d}.jpg"
+        write_image(root / relative, (96 + i % 3 * 16, 72), seed=i)
+        lines.append(f"{relative},{i % 5},0\n")
+    list_path = tmp_path / "many.txt"
+    list_path.write_text("".join(lines))
+    return root, list_path
+
+
+def test_sigterm_stops_subprocess_cleanly(many_images, tmp_path):
+    root, list_path = many_images
+    out_dir = tmp_path / "out"
+    argv = ["--dataset_dir", str(root), "--selected_ids", str(list_path), "--hdf5_dir", str(out_dir), *TINY]
+    argv[argv.index("--resolution") + 1] = "96"
+    argv[argv.index("--num_workers") + 1] = "1"
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "feature_extraction/extract.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+    parts = out_dir / "features_uned.hdf5.parts"
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("window_*.npz")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (out_dir / "features_uned.hdf5").exists()
+
+    assert run_cli(*argv) == 0
+    with h5py.File(out_dir / "features_uned.hdf5", "r") as f:
+        assert f["features"].shape == (64, 512)
+        assert [i.decode() for i in f["index"][:]] == [line.split(",")[0] for line in list_path.read_text().split()]

@@ -1,0 +1,132 @@
+import hashlib
+
+import pytest
+
+from feature_extraction.image_list import (
+    ImageListError,
+    canonical_id,
+    escape_id,
+    file_sha256,
+    read_image_list,
+    resolve_image_path,
+    scan_image_dir,
+    unescape_id,
+)
+
+
+def _ilias_escape(path: str) -> str:
+    # the ILIAS extractor's expression, kept here as the reference for exact id matching
+    return str(path.encode("unicode-escape")).replace("\\\\u", "#U").replace("\\\\x", "#U00")[2:-1]
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("plain/ascii_file.jpg", "plain/ascii_file.jpg"),
+        ("rp2k/货架.jpg", "rp2k/#U8d27#U67b6.jpg"),
+        ("caf\u00e9.jpg", "caf#U00e9.jpg"),
+        ("mixed/\u00e9\u8d27x.png", "mixed/#U00e9#U8d27x.png"),
+    ],
+)
+def test_escape_id_examples(path, expected):
+    assert escape_id(path) == expected
+    assert escape_id(path).isascii()
+
+
+@pytest.mark.parametrize("path", ["a/b.jpg", "货/架.jpg", "é", "x\\y.jpg", "emoji\U0001f600.jpg", "tab\tname"])
+def test_escape_id_matches_ilias(path):
+    assert escape_id(path) == _ilias_escape(path)
+
+
+@pytest.mark.parametrize("path", ["rp2k/货架.jpg", "caf\u00e9.jpg", "a/b.jpg", "Ünïcödé/ß.png"])
+def test_unescape_id_round_trip(path):
+    assert unescape_id(escape_id(path)) == path
+
+
+def test_canonical_id_escapes_only_unicode():
+    assert canonical_id("货架.jpg") == "#U8d27#U67b6.jpg"
+    assert canonical_id("#U8d27#U67b6.jpg") == "#U8d27#U67b6.jpg"
+
+
+def test_read_list_keeps_order_and_fields(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_bytes("\ufeffz.jpg,3,1\r\n\r\na/货.jpg,0,2\r\nonly_path.png\r\n".encode("utf-8"))
+    entries = read_image_list(list_path)
+    assert [e.path for e in entries] == ["z.jpg", "a/货.jpg", "only_path.png"]
+    assert [(e.label, e.domain) for e in entries] == [(3, 1), (0, 2), (None, None)]
+    assert [e.line_no for e in entries] == [1, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("/abs/x.jpg,0,0", "absolute path"),
+        ("C:\\x.jpg,0,0", "absolute path"),
+        ("../x.jpg,0,0", r"contains '\.\.'"),
+        ("a/../../x.jpg,0,0", r"contains '\.\.'"),
+        ("a.jpg,x,0", "label 'x' is not an integer"),
+        ("a.jpg,1", "expected 'path,label,domain'"),
+        ("a.jpg,1,2,3", "got 4 fields"),
+    ],
+)
+def test_read_list_rejects_bad_line(tmp_path, line, message):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text(f"ok.jpg,0,0\n{line}\n")
+    with pytest.raises(ImageListError, match=message) as info:
+        read_image_list(list_path)
+    assert ":2:" in str(info.value)
+
+
+def test_read_list_rejects_duplicates(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("a.jpg,0,0\nb.jpg,0,0\na.jpg,1,1\n")
+    with pytest.raises(ImageListError, match=r"duplicate path 'a.jpg' \(first on line 1\)"):
+        read_image_list(list_path)
+
+
+def test_read_list_rejects_empty_list(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("\n\n")
+    with pytest.raises(ImageListError, match="contains no image paths"):
+        read_image_list(list_path)
+
+
+def test_read_list_requires_labels_when_asked(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("a.jpg\n")
+    with pytest.raises(ImageListError, match="no label and domain"):
+        read_image_list(list_path, require_labels=True)
+
+
+def test_scan_image_dir_sorted_relative(tmp_path):
+    for name in ["b/2.jpg", "a/1.PNG", "a/notes.txt", "c.webp"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    entries = scan_image_dir(tmp_path)
+    assert [e.path for e in entries] == ["a/1.PNG", "b/2.jpg", "c.webp"]
+
+
+def test_scan_image_dir_rejects_missing_folder(tmp_path):
+    with pytest.raises(ImageListError, match="is not a folder"):
+        scan_image_dir(tmp_path / "absent")
+
+
+def test_resolve_image_path_prefers_unicode_name(tmp_path):
+    (tmp_path / "货.jpg").write_bytes(b"u")
+    (tmp_path / escape_id("货.jpg")).write_bytes(b"e")
+    assert resolve_image_path(tmp_path, "货.jpg") == tmp_path / "货.jpg"
+
+
+def test_resolve_image_path_falls_back_to_escaped_name(tmp_path):
+    (tmp_path / "#U8d27.jpg").write_bytes(b"e")
+    assert resolve_image_path(tmp_path, "货.jpg") == tmp_path / "#U8d27.jpg"
+
+
+def test_resolve_image_path_missing_keeps_listed_name(tmp_path):
+    assert resolve_image_path(tmp_path, "货.jpg") == tmp_path / "货.jpg"
+
+
+def test_file_sha256_matches_hashlib(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"abc" * 1000)
+    assert file_sha256(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
