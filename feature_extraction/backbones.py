@@ -27,8 +27,8 @@ NO_WEIGHTS = "none"
 GEM_POWER = 3.0
 GEM_EPS = 1e-6
 
-# class counts of ImageNet-1k/12k/22k classifiers; a CLIP-style timm tag whose head has
-# one of these sizes was fine-tuned for classification and loses its head like any other
+# Class counts of ImageNet-1k/12k/22k classifiers. A CLIP-style timm tag whose head has
+# one of these sizes was fine-tuned for classification, so its head is removed too.
 _CLASSIFIER_SIZES = (1000, 11821, 21841, 21843)
 
 
@@ -74,7 +74,7 @@ def gem_pool(tokens: torch.Tensor, p: float = GEM_POWER, eps: float = GEM_EPS) -
     """Generalised-mean pooling of (B, N, C) tokens over N.
 
     Each channel is shifted by its minimum when that is negative (transformer tokens) and
-    shifted back after pooling; for non-negative CNN maps this is plain GeM.
+    shifted back after pooling. For non-negative CNN maps this is plain GeM.
     """
     tokens = tokens.float()
     shift = tokens.amin(dim=1, keepdim=True).clamp(max=0)  # (B, 1, C)

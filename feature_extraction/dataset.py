@@ -1,12 +1,13 @@
 """Windowed, shape-bucketed image loading for DataLoader workers.
 
 The list is cut into windows of consecutive rows. Each worker takes whole windows,
-decodes their images, groups them by exact (H, W) after resizing and emits a batch as
-soon as a group reaches the batch size; the remaining groups follow at the end of the
-window, then a `WindowEnd` record with the rows that could not be read. Every batch
+decodes their images and groups them by exact (H, W) after resizing. A group is sent as
+a batch when it reaches the batch size. The remaining groups follow at the end of the
+window, and then a `WindowEnd` record with the rows that could not be read. Every batch
 carries its row numbers, so the output order never depends on batching or on workers.
 The batches of a window depend only on its images, so a resumed run forms the same ones.
 """
+import os
 import signal
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -19,9 +20,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from feature_extraction.image_list import resolve_image_path
 from feature_extraction.images import DecodeOptions, ImageDecodeError, load_image
 
-# buffered images per worker, in multiples of the batch size, before the largest
-# partial group is sent anyway; bounds memory when a window has many distinct shapes
+# Buffered images per worker, in batches, above which the largest partial group is sent
+# anyway. This bounds memory when a window has many distinct shapes.
 MAX_BUFFERED_BATCHES = 4
+# niceness added to decode workers (0-19, 19 is the lowest priority)
+WORKER_NICENESS = 10
 
 
 class Window(NamedTuple):
@@ -114,10 +117,14 @@ class WindowedImageDataset(IterableDataset):
         yield WindowEnd(window.index, torch.tensor(failed_rows, dtype=torch.int64), failed_reasons)
 
 
-def _ignore_sigint(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process alone handles it and
     # shuts the workers down, so they do not print their own tracebacks
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    # The model's OpenMP threads wait for each other at every parallel region, so a decoder
+    # that occupies a core stalls them all. A lower priority lets them take the core back.
+    os.nice(WORKER_NICENESS)
 
 
 def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -127,6 +134,6 @@ def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: boo
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
     )

@@ -40,7 +40,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def cpu_supports_bfloat16() -> bool:
-    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    """Return True when oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

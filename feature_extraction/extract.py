@@ -6,8 +6,8 @@ Example (ImageNet EfficientNet-Lite0 from a local checkpoint, on mini_uned):
         --selected_ids data/mini_uned/heldout_paths.txt --hdf5_dir outputs/lite0 \\
         --framework timm --model tf_efficientnet_lite0 --checkpoint lite0.pth --resolution 256
 
-The output `<hdf5_dir>/<hdf5_name>_<partition>.hdf5` holds `features` (N x D) and `index`
-(the list paths, non-ASCII characters escaped as `#Uxxxx`) in list order; images that
+The output `<hdf5_dir>/<hdf5_name>_<partition>.hdf5` contains `features` (N x D) and `index`
+(the list paths, non-ASCII characters escaped as `#Uxxxx`) in list order. Images that
 cannot be read are left out and listed in `<output>.failed.txt` as `path,reason` lines.
 """
 import argparse
@@ -24,7 +24,7 @@ from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from feature_extraction.interrupts import Interrupted  # noqa: E402
-from feature_extraction.pipeline import ExtractionError, output_path, run_extraction  # noqa: E402
+from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, ExtractionError, output_path, run_extraction  # noqa: E402
 from feature_extraction.store import SettingsMismatchError, StoreError  # noqa: E402
 from feature_extraction.transforms import TransformName  # noqa: E402
 
@@ -145,8 +145,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--device", metavar="NAME", choices=("auto", "cpu", "cuda"),
                          help="auto (CUDA when available), cpu or cuda (default: %(default)s)")
     compute.add_argument("--batch_size", metavar="IMAGES", type=int,
-                         help="images per forward pass; batches hold images of one shape, so some are "
-                              "smaller (default: %(default)s)")
+                         help="images per forward pass; a batch contains images of one shape, so some are "
+                              f"smaller (default: {DEFAULT_BATCH_SIZE['cpu']} on CPU, where larger batches "
+                              f"only add memory, {DEFAULT_BATCH_SIZE['cuda']} on CUDA)")
     compute.add_argument("--num_workers", metavar="PROCESSES", type=int,
                          help="image decoding processes, 0 decodes in the main process "
                               "(default: min(8, CPU cores) = %(default)s)")
@@ -166,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         framework="timm", model="vit_large_patch16_siglip_384.webli", pretrained=None, checkpoint=None,
         pooling="head", resolution=512, transforms=TransformName.RESIZE_LARGE.value, min_size=0,
         multiscale=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True, device="auto",
-        batch_size=32, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
+        batch_size=None, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
         cpu_bf16=False, window_size=DEFAULT_WINDOW_SIZE, selected_ids=None,
     )
     return parser
@@ -176,7 +177,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Reject flag values that parse but cannot work (calls parser.error, which exits with 2)."""
     positive = ("resolution", "batch_size", "window_size", "max_image_pixels")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")

@@ -1,10 +1,10 @@
 """Final output: the ILIAS-layout HDF5 file and the `<output>.failed.txt` report.
 
-Layout read by the ILIAS tools: dataset `features` (N x D, float16 or float32) and
-dataset `index` (N ASCII ids, the list paths escaped with `escape_id`), rows in list
-order with unreadable images left out; run settings are file attributes. The file is
-assembled from the window parts into `<output>.tmp`, fsynced and renamed, so the final
-name only ever holds a complete file.
+The ILIAS tools read two datasets: `features` (N x D, float16 or float32) and `index`
+(N ASCII ids, the list paths escaped with `escape_id`). Rows follow the list order and
+unreadable images are left out. Run settings are stored as file attributes. The file is
+assembled from the window parts in `<output>.tmp`, fsynced and renamed, so the final
+name only ever refers to a complete file.
 """
 import logging
 import os
@@ -20,10 +20,6 @@ _logger = logging.getLogger(__name__)
 
 # HDF5 chunks of about 1 MiB read and compress well
 _CHUNK_BYTES = 1 << 20
-
-
-class OutputError(Exception):
-    """The final files cannot be written; the message names the path and the cause."""
 
 
 def temporary_path_for(output: Path) -> Path:

@@ -1,9 +1,10 @@
-"""Robust image decoding: every file becomes an RGB uint8 array or a failure reason.
+"""Robust image decoding: every file becomes an RGB uint8 array or an ImageDecodeError.
 
-Decoding never raises for a bad file. Readable odd formats are converted: the EXIF
-orientation is applied, CMYK, greyscale, palette and other modes become RGB, an alpha
-channel is dropped (the colour values under it are kept, as PIL's `convert("RGB")` and
-the ILIAS extractor do), and 16-bit greyscale is scaled to 8 bits by dividing by 257.
+`load_image` turns any error of a bad file into an ImageDecodeError with a one-line
+reason. Readable odd formats are converted. The EXIF orientation is applied, and CMYK,
+greyscale, palette and other modes become RGB. An alpha channel is dropped and the
+colour values under it are kept, as PIL's `convert("RGB")` and the ILIAS extractor do.
+16-bit greyscale is scaled to 8 bits by dividing by 257.
 """
 import os
 from dataclasses import dataclass
@@ -104,8 +105,8 @@ def _decode(path: Path, options: DecodeOptions) -> Image.Image:
         image.load()
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
-            # the draft box is in the unrotated frame; after a rotation the whole reduced
-            # image is used, off by less than one reduced pixel at the far edges
+            # The draft box is in the unrotated frame, so a rotated image is used whole. This
+            # shifts the far edges by less than one reduced pixel.
             box = None
         rgb = _to_rgb(image)
         return options.transform.resize(rgb, source_size=source_size, box=box)

@@ -3,11 +3,6 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-# shell convention: 128 + signal number
-EXIT_SIGINT = 128 + signal.SIGINT
-EXIT_SIGTERM = 128 + signal.SIGTERM
-
-
 class Interrupted(Exception):
     """Raised in the main thread when SIGINT or SIGTERM arrives."""
 
@@ -17,6 +12,7 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
+        """Return the shell's status for a process ended by the signal: 128 + its number."""
         return 128 + self.signal_number
 
 

@@ -1,10 +1,10 @@
 """The extraction run: list -> windows of decoded batches -> embeddings -> parts -> HDF5.
 
-Crash safety: finished windows are saved in `<output>.parts/` as they complete; a rerun
-with the same settings and list embeds only the missing windows, then assembles the
-HDF5 file into `<output>.tmp`, writes `<output>.failed.txt` (or removes a stale one),
-renames the temporary file to the final name and deletes the parts folder. Windows
-are batched the same way on every run, so a resumed run writes the same embeddings.
+Finished windows are saved in `<output>.parts/` as they complete, and a rerun with the
+same settings and list embeds only the missing ones. Once all windows are saved, the run
+assembles the HDF5 file in `<output>.tmp`, writes `<output>.failed.txt` (or removes a
+stale one), renames the temporary file to the final name and deletes the parts folder.
+A window is batched the same way on every run, so a resumed run writes the same embeddings.
 """
 import hashlib
 import logging
@@ -43,6 +43,9 @@ from feature_extraction.transforms import InferenceTransform, TransformName
 _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# measured with EfficientNet-Lite0 at 256 px on 2 CPU cores: 16 and 32 embed equally
+# fast, 32 needs about 0.4 GB more memory
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 # failures logged one by one before the log switches to a count
 MAX_LOGGED_FAILURES = 20
 
@@ -222,7 +225,7 @@ def run_extraction(
     transforms: str,
     min_size: int,
     multiscale: bool,
-    batch_size: int,
+    batch_size: int | None,
     num_workers: int,
     store_fp16: bool,
     comp_fp16: bool,
@@ -258,6 +261,7 @@ def run_extraction(
     # inputs, device and model
     entries, list_sha256, list_source = load_entries(dataset_dir, selected_ids)
     torch_device = resolve_device(device)
+    batch_size = batch_size or DEFAULT_BATCH_SIZE[torch_device.type]
     autocast_dtype = resolve_autocast(torch_device, comp_fp16, amp_dtype, cpu_bf16)
     framework = canonical_framework(framework)
     if torch_device.type == "cpu":
@@ -271,8 +275,9 @@ def run_extraction(
     store_dtype = np.dtype(np.float16 if store_fp16 else np.float32)
     embedder = Embedder(backbone, transform, torch_device, autocast_dtype=autocast_dtype, multiscale=multiscale)
     _logger.info(
-        "device %s, compute dtype %s, stored dtype %s, %d images (%s), mean %s, std %s, patch size %s, %s",
-        torch_device, autocast_dtype or torch.float32, store_dtype.name, len(entries), list_source,
+        "device %s, compute dtype %s, stored dtype %s, batch size %d, %d images (%s), mean %s, std %s, "
+        "patch size %s, %s",
+        torch_device, autocast_dtype or torch.float32, store_dtype.name, batch_size, len(entries), list_source,
         backbone.mean, backbone.std, backbone.patch_size, backbone.description,
     )
 

@@ -2,8 +2,8 @@
 
 open_clip's ViT and its ResNet attention pool add a learned embedding for a fixed grid
 (7x7 for RN50 at 224 px), so any other input size fails. Here the grid part of that
-embedding is resized bicubically to the grid of each incoming input, the way the ILIAS
-extractor adapts RN50's attention pool; the class position is kept as it is.
+embedding is resized bicubically to the grid of each incoming input, as the ILIAS
+extractor does for RN50's attention pool. The class position is kept unchanged.
 """
 from collections.abc import Callable
 

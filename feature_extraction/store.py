@@ -1,10 +1,10 @@
 """Resumable extraction state: a `<output>.parts/` folder with one file per finished window.
 
-`manifest.json` holds the settings fingerprint of the run. Each finished window of
+`manifest.json` contains the settings fingerprint of the run. Each finished window of
 consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readable rows,
 their row numbers, and the unreadable rows with reasons). Every file is written to a
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
-or none; leftover temporary files are removed on the next start.
+or none. The next start removes leftover temporary files.
 """
 import io
 import json
@@ -106,7 +106,7 @@ class PartStore:
             ]
             if differences:
                 raise SettingsMismatchError(
-                    f"{self.directory} holds a partial run with other settings ("
+                    f"{self.directory} contains a partial run with other settings ("
                     + "; ".join(differences)
                     + "). Rerun with the same flags and list to resume it, or pass --overwrite to discard it"
                 )

@@ -1,13 +1,16 @@
 """Resize and padding rules of the inference transforms, the same as the ILIAS extractor's.
 
-Each transform is split in two stages so that batches can be formed by exact shape:
-- `resize` (decode workers, PIL, uint8): RESIZE_LARGE and RESIZE_PAD resize the longer
-  side to the resolution keeping the aspect ratio (PIL bicubic); RESIZE_SMALL resizes the
-  shorter side (PIL bilinear, as torchvision `Resize(res)`); RESIZE_CENTER does the same
-  and then crops the centre square (torchvision `CenterCrop`); RESIZE_SQUARE resizes to
-  res x res (PIL bilinear).
-- `padded_size` (on the batch, after mean/std normalisation, zeros): RESIZE_LARGE pads
-  each side up to `min_size`, RESIZE_PAD pads to res x res, both centred.
+Each transform is split in two stages so that batches can be formed by exact shape.
+
+`resize` runs in the decode workers on PIL images:
+- RESIZE_LARGE and RESIZE_PAD resize the longer side to the resolution and keep the
+  aspect ratio (PIL bicubic).
+- RESIZE_SMALL resizes the shorter side (PIL bilinear, as torchvision `Resize(res)`).
+- RESIZE_CENTER does the same and then crops the centre square (torchvision `CenterCrop`).
+- RESIZE_SQUARE resizes to res x res (PIL bilinear).
+
+`padded_size` gives the centred zero padding applied to the batch after mean/std
+normalisation: RESIZE_LARGE pads each side up to `min_size`, RESIZE_PAD pads to res x res.
 """
 import enum
 from dataclasses import dataclass

@@ -140,8 +140,11 @@ def test_exif_orientation_applied(tmp_path, draft):
     options = DecodeOptions(InferenceTransform(TransformName.RESIZE_LARGE, 40), jpeg_draft=draft)
     pixels = load_image(tmp_path / "rotated.jpg", options)
     assert pixels.shape == (40, 20, 3)  # portrait once rotated
-    assert pixels[5, 10, 0] > 200 and pixels[5, 10, 2] < 60  # stored left edge is now the top
-    assert pixels[35, 10, 2] > 200 and pixels[35, 10, 0] < 60
+    # the stored left edge (red) is now the top, the right edge (blue) the bottom
+    assert pixels[5, 10, 0] > 200
+    assert pixels[5, 10, 2] < 60
+    assert pixels[35, 10, 2] > 200
+    assert pixels[35, 10, 0] < 60
 
     reference = ImageOps.exif_transpose(Image.open(tmp_path / "rotated.jpg")).convert("RGB").resize((20, 40))
     assert np.abs(pixels.astype(int) - np.asarray(reference).astype(int)).mean() < 8
