@@ -1,9 +1,9 @@
 """Output files of a training run: the `.pth` state dict, a JSON record and a PNG plot.
 
-All three are first written to temporary files in the output folder (flushed and
-fsynced), then renamed into place one after the other with SIGINT and SIGTERM blocked,
-so an interrupted or failed run leaves either all three complete files or none of
-the new ones. The temporary files start with "." and end with ".tmp".
+All three are first written to temporary files in the output folder and fsynced. Then
+they are renamed into place one after the other while SIGINT and SIGTERM are blocked.
+An interrupted or failed run therefore leaves either all three new files or none of
+them. The temporary files start with "." and end with ".tmp".
 """
 import io
 import json
@@ -104,7 +104,7 @@ def json_bytes(record: Mapping) -> bytes:
 def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
     """Plot the training loss and the validation mAP per epoch; return the PNG bytes.
 
-    `epochs` holds one dict per epoch with "epoch", "loss" (None before training) and
+    `epochs` contains one dict per epoch with "epoch", "loss" (None before training) and
     "val" (None without validation). Uses the Agg canvas directly, so no display and no
     global pyplot state are involved.
     """

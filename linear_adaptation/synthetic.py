@@ -50,7 +50,7 @@ def long_tailed_sizes(num_images: int, num_classes: int, size_exponent: float, m
     """Return class sizes (num_classes,) summing to num_images, largest first.
 
     Each class gets `min_class_size` images plus a share of the remaining images
-    proportional to (rank + 1) ** -size_exponent; rounding leftovers go to the largest classes.
+    proportional to (rank + 1) ** -size_exponent. Rounding leftovers go to the largest classes.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes is {num_classes}; it must be at least 1")

@@ -1,7 +1,7 @@
 """Train a linear adaptation layer on backbone embeddings with a cosine-classifier loss.
 
 Embeddings come from an ILIAS-layout HDF5 file (as written by feature_extraction/extract.py)
-and are joined by id to a `path,label,domain` list; each (domain, label) pair is a class.
+and are joined by id to a `path,label,domain` list. Each (domain, label) pair is a class.
 The layer is saved as a plain state dict (`layer.weight`, `layer.bias`), with a JSON record
 and a PNG plot of loss and held-out mAP beside it.
 
@@ -39,7 +39,14 @@ from linear_adaptation.outputs import (  # noqa: E402
     state_dict_bytes,
     write_files_atomically,
 )
-from linear_adaptation.trainer import AMP_MODES, KEEP_MODES, LR_SCHEDULES, describe_metrics, seed_everything  # noqa: E402
+from linear_adaptation.trainer import (  # noqa: E402
+    AMP_MODES,
+    CLASSIFIER_INITS,
+    KEEP_MODES,
+    LR_SCHEDULES,
+    describe_metrics,
+    seed_everything,
+)
 from linear_adaptation.trainer import train_linear_adapter  # noqa: E402
 from linear_adaptation.training_data import load_training_inputs  # noqa: E402
 
@@ -94,6 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--loss", metavar="TYPE", choices=LOSS_TYPES,
                        help=f"margin softmax loss on the cosine logits, one of {', '.join(LOSS_TYPES)}")
     model.add_argument("--scale", metavar="S", type=float, help="logit scale applied to the cosines")
+    model.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
+                       help="class weights at the start: random (nn.Linear's initialisation, the published recipe) "
+                            "or class_mean (pointed at each class's mean embedding under the initial layer, "
+                            "which converges in far fewer steps)")
     model.add_argument("--margin", metavar="M", type=float,
                        help="margin: subtracted from the target cosine (cosface) or added to the target angle "
                             "in radians (arcface); must be 0 for normface")
@@ -141,6 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(
         allow_missing=False,
         adaptation_layer_dim=512,
+        classifier_init="random",
         loss="cosface",
         scale=16.0,
         margin=0.0,
@@ -279,6 +291,7 @@ def main(args: argparse.Namespace) -> int:
             amp=args.amp,
             val_k=args.val_k,
             keep=args.keep,
+            classifier_init=args.classifier_init,
             show_progress=args.progress,
         )
 

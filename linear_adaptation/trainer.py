@@ -1,11 +1,10 @@
 """Training loop of the linear adaptation layer, with held-out retrieval validation.
 
-The embeddings stay in their stored dtype in one tensor on the training device; each step
-gathers its batch rows by index and converts only those to float32. Batches are random
-permutations of the list positions (not of the HDF5 rows), drawn from a generator seeded
-by `seed`, so the same list and seed give the same layer whatever the HDF5 row order.
+The embeddings stay in their stored dtype in one tensor on the training device. Each step
+gathers its batch rows by index and converts only those to float32. Batches follow a
+random permutation of the list positions (not of the HDF5 rows) drawn from a generator
+seeded by `seed`, so the same list and seed give the same layer whatever the HDF5 row order.
 """
-import copy
 import logging
 import math
 import random
@@ -20,13 +19,14 @@ from tqdm import tqdm
 from linear_adaptation.knn import knn_search
 from linear_adaptation.lin_adapt import LinearAdapter
 from linear_adaptation.metrics import labelled_set_metrics
-from linear_adaptation.model import LOSS_TYPES, CosineClassifier, margin_softmax_loss
+from linear_adaptation.model import LOSS_TYPES, CosineClassifier, cosine_margin_loss
 
 _logger = logging.getLogger(__name__)
 
 AMP_MODES = ("none", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 KEEP_MODES = ("last", "best")
+CLASSIFIER_INITS = ("random", "class_mean")
 
 _EMBED_CHUNK_ROWS = 65536
 _POSTFIX_EVERY_STEPS = 20
@@ -74,7 +74,7 @@ class EpochRecord:
 
 @dataclass
 class TrainResult:
-    """The kept adapter weights and what happened on the way."""
+    """Kept adapter weights with the per-epoch history and run details."""
 
     state_dict: dict[str, torch.Tensor]  # `layer.weight` (out, in) and `layer.bias` (out), on CPU
     history: list[EpochRecord]
@@ -197,6 +197,28 @@ def evaluate_retrieval(
     return labelled_set_metrics(ranked, data.labels, data.domains, k)
 
 
+@torch.no_grad()
+def imprint_class_means(
+    classifier: CosineClassifier,
+    adapter: LinearAdapter,
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    classes: torch.Tensor,
+    chunk_rows: int = _EMBED_CHUNK_ROWS,
+) -> None:
+    """Point each class weight at the mean adapted embedding of its images, keeping the row norms.
+
+    Only the directions change, so the learning rate acts on weights of the same size as
+    with nn.Linear's initialisation. Every class must have at least one image.
+    """
+    sums = torch.zeros_like(classifier.weight)  # (C, out)
+    for start in range(0, rows.shape[0], chunk_rows):
+        batch = features[rows[start : start + chunk_rows]].float()
+        sums.index_add_(0, classes[start : start + chunk_rows], adapter(batch))
+    norms = classifier.weight.norm(dim=1, keepdim=True)
+    classifier.weight.copy_(torch.nn.functional.normalize(sums, dim=1) * norms)
+
+
 def describe_metrics(metrics: dict) -> str:
     """Format mAP@k and recall@1, averaged and per domain, for a log line."""
     per_domain = ", ".join(f"{d}: {m['map']:.2f}" for d, m in metrics["per_domain"].items())
@@ -239,6 +261,7 @@ def train_linear_adapter(
     amp: str = "none",
     val_k: int = 100,
     keep: str = "last",
+    classifier_init: str = "random",
     show_progress: bool = True,
 ) -> TrainResult:
     """Train a LinearAdapter with a cosine classifier over the (domain, label) classes of `train`.
@@ -257,6 +280,8 @@ def train_linear_adapter(
         raise ValueError(f"loss type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     if keep not in KEEP_MODES:
         raise ValueError(f"keep mode {keep!r} is not one of {', '.join(KEEP_MODES)}")
+    if classifier_init not in CLASSIFIER_INITS:
+        raise ValueError(f"classifier init {classifier_init!r} is not one of {', '.join(CLASSIFIER_INITS)}")
     if keep == "best" and validation is None:
         raise ValueError("keep='best' needs a validation set")
     if validation is not None and validation.dim != train.dim:
@@ -285,6 +310,11 @@ def train_linear_adapter(
     torch.manual_seed(seed)
     adapter = LinearAdapter(train.dim, out_dim).to(device)
     classifier = CosineClassifier(out_dim, num_classes).to(device)
+    init_seconds = 0.0
+    if classifier_init == "class_mean":
+        start = time.perf_counter()
+        imprint_class_means(classifier, adapter, features_t, rows_t, classes_t)
+        init_seconds = time.perf_counter() - start
     params = list(adapter.parameters()) + list(classifier.parameters())
     optimizer, optimizer_impl = make_adam(params, lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -311,7 +341,7 @@ def train_linear_adapter(
     kept_epoch = num_epochs
     best_map = -math.inf
     step = 0
-    train_seconds = 0.0
+    train_seconds = init_seconds  # the class-mean pass is part of the training time
 
     for epoch in range(1, num_epochs + 1):
         record = EpochRecord(epoch=epoch, steps=steps_per_epoch)
@@ -341,8 +371,7 @@ def train_linear_adapter(
                 group["lr"] = current_lr
 
             with autocast:
-                cosine = classifier(adapter(batch))  # (B, C) float32
-            loss = margin_softmax_loss(cosine, targets, loss_type, margin, scale)
+                loss = cosine_margin_loss(adapter(batch), classifier.weight, targets, loss_type, margin, scale)
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -381,7 +410,7 @@ def train_linear_adapter(
             if keep == "best" and record.val["map"] > best_map:
                 best_map = record.val["map"]
                 kept_epoch = epoch
-                kept_state = copy.deepcopy({k: v.detach().cpu() for k, v in adapter.state_dict().items()})
+                kept_state = {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()}
         _logger.info(message)
         history.append(record)
 

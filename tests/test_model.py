@@ -10,6 +10,8 @@ from linear_adaptation.model import (
     CosineClassifier,
     apply_margin,
     cosine_logits,
+    cosine_margin_loss,
+    matmul_nt,
     margin_softmax_loss,
 )
 
@@ -133,3 +135,78 @@ def test_loss_matches_one_hot_reference(loss_type, margin):
 def test_unknown_loss_type_rejected():
     with pytest.raises(ValueError, match="sphereface"):
         apply_margin(torch.zeros(1, 2), torch.tensor([0]), "sphereface", 0.1)
+
+
+@pytest.mark.parametrize("loss_type,margin", [("normface", 0.0), ("cosface", 0.35), ("arcface", 0.3), ("arcface", 0.0)])
+@pytest.mark.parametrize("batch,dim", [(4, 8), (10, 6)])  # radial term from the logits, then from the weight gradient
+@pytest.mark.parametrize("scale", [16.0, 40.0])  # softmax, then log_softmax for a wide logit range
+def test_fused_loss_matches_one_hot_reference(loss_type, margin, batch, dim, scale):
+    features, weight, targets = random_head(num_classes=13, dim=dim, batch=batch, seed=2)
+    f1, w1 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    f2, w2 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    loss = cosine_margin_loss(f1, w1, targets, loss_type, margin, scale)
+    expected = reference_loss(f2 @ F.normalize(w2, dim=1).T, targets, loss_type, margin, scale)
+    (loss * 0.7).backward()
+    (expected * 0.7).backward()
+
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert torch.allclose(f1.grad, f2.grad, atol=1e-12)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-12)
+
+
+def test_fused_loss_large_scale_stays_finite():
+    # a target far below the best logit at scale 64 underflows float32 softmax; the loss must not be inf
+    features = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([1, 2])
+    loss = cosine_margin_loss(features, weight, targets, "cosface", 0.0, 64.0)
+    expected = reference_loss(features @ F.normalize(weight, dim=1).T, targets, "cosface", 0.0, 64.0)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fused_loss_second_backward_raises():
+    # the backward pass reuses the saved probabilities in place, so autograd must refuse a rerun
+    features, weight, targets = random_head(num_classes=5, dim=4, batch=3, seed=4)
+    weight.requires_grad_()
+    loss = cosine_margin_loss(features, weight, targets, "arcface", 0.4, 8.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_matmul_nt_matches_mm():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=generator)
+    b = torch.randn(9, 5, generator=generator)
+    assert torch.allclose(matmul_nt(a, b), a @ b.T, atol=1e-5)
+    assert torch.allclose(matmul_nt(a.t().contiguous().t(), b.t().contiguous().t()), a @ b.T, atol=1e-5)
+
+
+def test_fused_loss_float32_matches_float64():
+    features, weight, targets = random_head(num_classes=1000, dim=64, batch=32, seed=5)
+    w32 = weight.float().requires_grad_()
+    w64 = weight.clone().requires_grad_()
+    loss32 = cosine_margin_loss(features.float(), w32, targets, "cosface", 0.2, 16.0)
+    loss64 = cosine_margin_loss(features, w64, targets, "cosface", 0.2, 16.0)
+    loss32.backward()
+    loss64.backward()
+    assert loss32.item() == pytest.approx(loss64.item(), rel=1e-5)
+    assert torch.allclose(w32.grad.double(), w64.grad, atol=1e-7)
+
+
+def test_fused_loss_bf16_close_to_float32():
+    features, weight, targets = random_head(num_classes=500, dim=64, batch=32, seed=6, dtype=torch.float32)
+    w_low = weight.clone().requires_grad_()
+    w_full = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cosine_margin_loss(features, w_low, targets, "cosface", 0.0, 16.0)
+    full = cosine_margin_loss(features, w_full, targets, "cosface", 0.0, 16.0)
+    low.backward()
+    full.backward()
+    assert low.dtype == torch.float32
+    assert w_low.grad.dtype == torch.float32
+    assert low.item() == pytest.approx(full.item(), rel=1e-2)
+    cosine = F.cosine_similarity(w_low.grad.flatten(), w_full.grad.flatten(), dim=0)
+    assert cosine > 0.99

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from linear_adaptation.lin_adapt import LinearAdapter
+from linear_adaptation.model import CosineClassifier
 from linear_adaptation.synthetic import make_synthetic_dataset
 from linear_adaptation.trainer import (
     LabelledEmbeddings,
     class_index_first_appearance,
     evaluate_retrieval,
+    imprint_class_means,
     lr_at_step,
     train_linear_adapter,
 )
@@ -165,3 +167,29 @@ def test_validation_dimension_mismatch_rejected(synthetic):
     narrow = LabelledEmbeddings(heldout.features[:, :32].copy(), heldout.rows, heldout.labels, heldout.domains)
     with pytest.raises(ValueError, match="dimension 32 but training embeddings 64"):
         train_linear_adapter(as_labelled(synthetic.train), validation=narrow, **TRAIN_ARGS)
+
+
+def test_imprint_class_means_sets_directions():
+    torch.manual_seed(0)
+    adapter = LinearAdapter(6, 4)
+    classifier = CosineClassifier(4, 3)
+    norms_before = classifier.weight.norm(dim=1).clone()
+    features = torch.randn(7, 6)
+    rows = torch.tensor([6, 0, 1, 2, 3, 4, 5])
+    classes = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+
+    imprint_class_means(classifier, adapter, features, rows, classes, chunk_rows=3)
+
+    with torch.no_grad():
+        embedded = adapter(features[rows])
+    for c in range(3):
+        direction = torch.nn.functional.normalize(embedded[classes == c].mean(dim=0), dim=0)
+        assert torch.allclose(classifier.weight[c] / classifier.weight[c].norm(), direction, atol=1e-6)
+    assert torch.allclose(classifier.weight.norm(dim=1), norms_before, atol=1e-6)
+
+
+def test_class_mean_init_starts_lower(synthetic):
+    args = {**TRAIN_ARGS, "num_epochs": 1}
+    random_init = train_linear_adapter(as_labelled(synthetic.train), **args)
+    class_mean = train_linear_adapter(as_labelled(synthetic.train), classifier_init="class_mean", **args)
+    assert class_mean.history[1].loss < random_init.history[1].loss - 0.5
