@@ -110,6 +110,7 @@ def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     loss_points = [(e["epoch"], e["loss"]) for e in epochs if e.get("loss") is not None]
     val_points = [(e["epoch"], e["val"]["map"], e["val"]["k"]) for e in epochs if e.get("val")]
@@ -124,6 +125,7 @@ def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
     loss_axes.set_ylabel("mean training loss")
     loss_axes.set_title("training loss")
     loss_axes.grid(alpha=0.3)
+    loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     if val_points:
         x, y, k = zip(*val_points)
@@ -136,6 +138,7 @@ def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
     map_axes.set_xlabel("epoch")
     map_axes.set_title("held-out retrieval")
     map_axes.grid(alpha=0.3)
+    map_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     figure.suptitle(title)
     figure.tight_layout()

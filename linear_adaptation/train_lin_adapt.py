@@ -111,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--num_epochs", metavar="N", type=int, help="passes over the training images")
+    optim.add_argument("--max_steps", metavar="N", type=int,
+                       help="stop after N optimisation steps, within an epoch if need be; the learning-rate "
+                            "schedule spans these steps (default: none, run --num_epochs full epochs)")
     optim.add_argument("--batch_size", metavar="N", type=int,
                        help="images per step; the last partial batch of each epoch is dropped")
     optim.add_argument("--lr", metavar="LR", type=float, help="Adam learning rate (peak value with a schedule)")
@@ -157,6 +160,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         scale=16.0,
         margin=0.0,
         num_epochs=5,
+        max_steps=None,
         batch_size=128,
         lr=1e-3,
         weight_decay=1e-6,
@@ -181,6 +185,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("adaptation_layer_dim", "num_epochs", "batch_size", "val_k"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max_steps is {args.max_steps}; it must be at least 1")
     if not args.lr > 0:
         parser.error(f"--lr is {args.lr}; it must be positive")
     if not args.scale > 0:
@@ -292,6 +298,7 @@ def main(args: argparse.Namespace) -> int:
             val_k=args.val_k,
             keep=args.keep,
             classifier_init=args.classifier_init,
+            max_steps=args.max_steps,
             show_progress=args.progress,
         )
 

@@ -262,6 +262,7 @@ def train_linear_adapter(
     val_k: int = 100,
     keep: str = "last",
     classifier_init: str = "random",
+    max_steps: int | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Train a LinearAdapter with a cosine classifier over the (domain, label) classes of `train`.
@@ -270,6 +271,8 @@ def train_linear_adapter(
     of `batch_size` in that order (the last partial batch is dropped). When `validation`
     is given, retrieval on it is scored before training (raw embeddings) and after every
     epoch. `keep="best"` returns the epoch with the highest validation mAP, else the last.
+    `max_steps` ends training after that many steps, within an epoch if need be, and the
+    learning rate schedule then spans those steps.
 
     Raises:
         ValueError: an empty or single-class training set, a batch larger than the set,
@@ -296,6 +299,11 @@ def train_linear_adapter(
     _check_training_set(train, num_classes, batch_size)
     steps_per_epoch = train.num_images // batch_size
     total_steps = steps_per_epoch * num_epochs
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps is {max_steps}; it must be at least 1")
+        total_steps = min(total_steps, max_steps)
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     # data on the device: stored dtype, no float32 copy of the whole matrix
     features_t = _to_device_tensor(train.features, device)
@@ -344,7 +352,8 @@ def train_linear_adapter(
     train_seconds = init_seconds  # the class-mean pass is part of the training time
 
     for epoch in range(1, num_epochs + 1):
-        record = EpochRecord(epoch=epoch, steps=steps_per_epoch)
+        epoch_steps = min(steps_per_epoch, total_steps - step)
+        record = EpochRecord(epoch=epoch, steps=epoch_steps)
         adapter.train()
         classifier.train()
         start = time.perf_counter()
@@ -355,13 +364,13 @@ def train_linear_adapter(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
         bar = tqdm(
-            total=steps_per_epoch,
+            total=epoch_steps,
             desc=f"epoch {epoch}/{num_epochs}",
             unit="step",
             disable=None if show_progress else True,
             leave=False,
         )
-        for i in range(steps_per_epoch):
+        for i in range(epoch_steps):
             batch_slice = slice(i * batch_size, (i + 1) * batch_size)
             batch = features_t[epoch_rows[batch_slice]].float()  # (B, D)
             targets = epoch_classes[batch_slice]  # (B,)
@@ -393,12 +402,12 @@ def train_linear_adapter(
             torch.cuda.synchronize(device)
         record.seconds = time.perf_counter() - start
         train_seconds += record.seconds
-        record.loss = loss_sum.item() / max(steps_per_epoch, 1)
-        record.lr = current_lr if steps_per_epoch else lr
-        record.steps_per_second = steps_per_epoch / record.seconds if record.seconds > 0 else None
+        record.loss = loss_sum.item() / epoch_steps
+        record.lr = current_lr
+        record.steps_per_second = epoch_steps / record.seconds if record.seconds > 0 else None
 
         message = (
-            f"epoch {epoch}/{num_epochs}: loss {record.loss:.4f}, {steps_per_epoch} steps in "
+            f"epoch {epoch}/{num_epochs}: loss {record.loss:.4f}, {epoch_steps} steps in "
             f"{record.seconds:.2f} s ({record.steps_per_second or 0:.1f} steps/s), lr {record.lr:.3g}"
         )
         if validation is not None:

@@ -299,3 +299,14 @@ def test_cli_signal_stops_without_output(data_dir, tmp_path, signum, expected):
     assert process.returncode == expected
     assert "no output written" in remaining
     assert not out.exists()
+
+
+def test_cli_fast_recipe_flags(data_dir, tmp_path):
+    save_path = tmp_path / "fast.pth"
+    extra = ["--classifier_init", "class_mean", "--lr_schedule", "cosine", "--warmup_steps", "2", "--max_steps", "30"]
+    assert run(train_args(data_dir, save_path, *extra)) == 0
+    record = json.loads((tmp_path / "fast.json").read_text())
+    assert record["args"]["classifier_init"] == "class_mean"
+    assert [e["steps"] for e in record["epochs"]] == [0, 23, 7]
+    assert record["args"]["max_steps"] == 30
+    assert record["kept_epoch"] == 2

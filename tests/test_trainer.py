@@ -193,3 +193,13 @@ def test_class_mean_init_starts_lower(synthetic):
     random_init = train_linear_adapter(as_labelled(synthetic.train), **args)
     class_mean = train_linear_adapter(as_labelled(synthetic.train), classifier_init="class_mean", **args)
     assert class_mean.history[1].loss < random_init.history[1].loss - 0.5
+
+
+def test_max_steps_ends_within_epoch(synthetic):
+    # 2000 images in batches of 64 give 31 steps per epoch
+    result = train_linear_adapter(
+        as_labelled(synthetic.train), max_steps=40, lr_schedule="cosine", **{**TRAIN_ARGS, "num_epochs": 5}
+    )
+    assert [record.steps for record in result.history[1:]] == [31, 9]
+    assert result.kept_epoch == 2
+    assert result.history[2].lr == pytest.approx(lr_at_step(39, 40, 3e-3, "cosine", 0))
