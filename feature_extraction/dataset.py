@@ -98,7 +98,7 @@ class WindowedImageDataset(IterableDataset):
                 pixels = load_image(path, self.decode_options)
             except ImageDecodeError as e:
                 failed_rows.append(row)
-                failed_reasons.append(str(e))
+                failed_reasons.append(" ".join(str(e).split()))  # one line per report entry
                 continue
 
             group = groups.setdefault(pixels.shape, [])

@@ -330,7 +330,8 @@ def run_extraction(
 
             # assembly of the final file
             attributes = {
-                **{key: value for key, value in fingerprint.items() if key not in ("format_version", "num_rows")},
+                **{key: value for key, value in fingerprint.items()
+                   if key not in ("format_version", "num_rows", "store_dtype")},
                 "model": model,
                 "dtype": store_dtype.name,
                 "checkpoint": checkpoint or "",
