@@ -240,13 +240,15 @@ def main(args: argparse.Namespace) -> int:
 
     if summary.already_complete:
         return EXIT_OK
-    rate = summary.rows_this_run / summary.embed_seconds if summary.embed_seconds > 0 else 0.0
     _logger.info(
-        "done: %d images, %d embedded, %d skipped, %.1f s in total; this run embedded %d images "
-        "in %.1f s (%.1f images/s); wrote %s",
-        summary.num_images, summary.num_embedded, summary.num_failed, summary.seconds,
-        summary.rows_this_run, summary.embed_seconds, rate, summary.output,
+        "done: %d images, %d embedded, %d skipped, %.1f s in total; wrote %s",
+        summary.num_images, summary.num_embedded, summary.num_failed, summary.seconds, summary.output,
     )
+    if summary.rows_this_run and summary.embed_seconds > 0:
+        _logger.info(
+            "this run decoded and embedded %d images in %.1f s: %.1f images/s",
+            summary.rows_this_run, summary.embed_seconds, summary.rows_this_run / summary.embed_seconds,
+        )
     return EXIT_OK
 
 

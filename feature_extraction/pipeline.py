@@ -36,7 +36,7 @@ from feature_extraction.image_list import (
     scan_image_dir,
 )
 from feature_extraction.images import DecodeOptions
-from feature_extraction.interrupts import Interrupted, signals_raise_interrupted
+from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
 from feature_extraction.store import PartStore, WindowPart, parts_dir_for
 from feature_extraction.transforms import InferenceTransform, TransformName
 
@@ -141,7 +141,12 @@ def _embed_windows(
     finished_rows = 0
     iterator = iter(loader)
     try:
-        for record in iterator:
+        while True:
+            # a signal stops the run between records, never while one is being received
+            with interrupts_deferred():
+                record = next(iterator, None)
+            if record is None:
+                break
             if isinstance(record, ImageBatch):
                 try:
                     vectors = embedder.embed(record.images)  # (B, D) float32, unit norm
@@ -209,6 +214,51 @@ def _fingerprint(
         "num_rows": num_rows,
         "window_size": window_size,
     }
+
+
+def _output_attributes(
+    *, fingerprint: dict, model: str, store_dtype: np.dtype, checkpoint: str | None, list_source: str,
+    backbone: Backbone,
+) -> dict:
+    """Return the HDF5 file attributes: the run settings, input conventions and library versions."""
+    internal = ("format_version", "num_rows", "store_dtype")
+    return {
+        **{key: value for key, value in fingerprint.items() if key not in internal},
+        "model": model,
+        "dtype": store_dtype.name,
+        "checkpoint": checkpoint or "",
+        "list_source": list_source,
+        "mean": np.array(backbone.mean),
+        "std": np.array(backbone.std),
+        **library_versions(),
+    }
+
+
+def _assemble_output(
+    *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
+    hdf5_compression: int, attributes: dict,
+) -> tuple[int, list[tuple[int, str]]]:
+    """Write the failure report and the final HDF5 file, then delete the parts folder.
+
+    The report is written before the rename, so a complete output always has its report.
+    Returns the number of embedded rows and the (row, reason) pairs of skipped ones.
+    """
+    report = failures_path_for(output)
+    temporary = temporary_path_for(output)
+    ids = [escape_id(entry.path) for entry in entries]
+    num_embedded, failures = assemble_hdf5(store, windows, ids, temporary, store_dtype, hdf5_compression, attributes)
+    write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
+    if num_embedded == 0:
+        # nothing is worth resuming: a rerun with a corrected --dataset_dir starts afresh
+        temporary.unlink(missing_ok=True)
+        store.remove()
+        raise ExtractionError(
+            f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
+            f"all are listed in {report}); check --dataset_dir and the list paths"
+        )
+    publish(temporary, output)
+    store.remove()
+    return num_embedded, failures
 
 
 def run_extraction(
@@ -329,32 +379,14 @@ def run_extraction(
                     summary.embed_seconds = time.monotonic() - embed_start
 
             # assembly of the final file
-            attributes = {
-                **{key: value for key, value in fingerprint.items()
-                   if key not in ("format_version", "num_rows", "store_dtype")},
-                "model": model,
-                "dtype": store_dtype.name,
-                "checkpoint": checkpoint or "",
-                "list_source": list_source,
-                "mean": np.array(backbone.mean),
-                "std": np.array(backbone.std),
-                **library_versions(),
-            }
-            ids = [escape_id(entry.path) for entry in entries]
-            num_embedded, failures = assemble_hdf5(
-                store, windows, ids, temporary, store_dtype, hdf5_compression, attributes
+            attributes = _output_attributes(
+                fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
+                list_source=list_source, backbone=backbone,
             )
-            write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
-            if num_embedded == 0:
-                # nothing worth resuming: a rerun with a corrected --dataset_dir starts afresh
-                temporary.unlink(missing_ok=True)
-                store.remove()
-                raise ExtractionError(
-                    f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
-                    f"all are listed in {report}); check --dataset_dir and the list paths"
-                )
-            publish(temporary, output)
-            store.remove()
+            num_embedded, failures = _assemble_output(
+                store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
+                hdf5_compression=hdf5_compression, attributes=attributes,
+            )
     except Interrupted as e:
         saved = sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
         _logger.warning(
