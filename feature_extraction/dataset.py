@@ -7,6 +7,7 @@ window, and then a `WindowEnd` record with the rows that could not be read. Ever
 carries its row numbers, so the output order never depends on batching or on workers.
 The batches of a window depend only on its images, so a resumed run forms the same ones.
 """
+import inspect
 import os
 import signal
 from pathlib import Path
@@ -25,6 +26,10 @@ from feature_extraction.images import DecodeOptions, ImageDecodeError, load_imag
 MAX_BUFFERED_BATCHES = 4
 # niceness added to decode workers (0-19, 19 is the lowest priority)
 WORKER_NICENESS = 10
+
+
+# DataLoader's in_order flag exists from torch 2.6; older releases keep worker order
+_OUT_OF_ORDER = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
 
 
 class Window(NamedTuple):
@@ -118,9 +123,12 @@ class WindowedImageDataset(IterableDataset):
 
 
 def _init_worker(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process alone handles it and
-    # shuts the workers down, so they do not print their own tracebacks
+    # Ctrl-C and a batch scheduler's cancel (SIGTERM) reach the whole process group. The
+    # main process alone handles them and shuts the workers down: a worker that died first
+    # made the main process fail with "DataLoader worker is killed" tracebacks, or exit 1.
+    # A worker whose main process is gone stops by itself (DataLoader's parent check).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # The model's OpenMP threads wait for each other at every parallel region, so a decoder
     # that occupies a core stalls them all. A lower priority lets them take the core back.
@@ -128,7 +136,12 @@ def _init_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Wrap the dataset in a DataLoader that passes its records through unbatched."""
+    """Wrap the dataset in a DataLoader that passes its records through unbatched.
+
+    Records of different workers arrive in whatever order they are ready, because each
+    record names its window and rows. Each worker's own records keep their order, so a
+    `WindowEnd` always follows the batches of its window.
+    """
     return DataLoader(
         dataset,
         batch_size=None,
@@ -136,4 +149,5 @@ def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: boo
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
+        **_OUT_OF_ORDER,
     )

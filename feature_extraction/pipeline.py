@@ -48,6 +48,8 @@ FORMAT_VERSION = 1
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 # failures logged one by one before the log switches to a count
 MAX_LOGGED_FAILURES = 20
+# a model that rejects this many batches before embedding any is broken, not the images
+MAX_FAILED_FIRST_BATCHES = 3
 
 
 class ExtractionError(Exception):
@@ -120,6 +122,25 @@ def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[List
             _logger.warning("more images are skipped; they are not logged one by one but listed in %s", report)
 
 
+def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batches: int, failed_batches: int) -> str:
+    """Return the skip reason for a batch the model rejected, or raise ExtractionError for a fatal error.
+
+    Some architectures reject extreme shapes, e.g. when a feature map is pooled below one
+    pixel, and those images are skipped like unreadable ones. Memory and CUDA errors, and a
+    model that has failed on every one of the first batches, end the run instead.
+    """
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "memory" in message.lower() or "CUDA" in message:
+        raise ExtractionError(f"the model failed on a batch of shape {tuple(shape)}: {message}") from error
+    if embedded_batches == 0 and failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
+        raise ExtractionError(
+            f"the model failed on each of the first {MAX_FAILED_FIRST_BATCHES} batches, last on shape "
+            f"{tuple(shape)}: {message}"
+        ) from error
+    height, width = shape[1:3]
+    return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
+
+
 def _embed_windows(
     *,
     loader,
@@ -137,6 +158,7 @@ def _embed_windows(
     """
     collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     model_failures: dict[int, list[tuple[int, str]]] = {}
+    embedded_batches = failed_batches = 0
     failure_log = {"logged": 0}
     finished_rows = 0
     iterator = iter(loader)
@@ -150,17 +172,15 @@ def _embed_windows(
             if isinstance(record, ImageBatch):
                 try:
                     vectors = embedder.embed(record.images)  # (B, D) float32, unit norm
-                except torch.OutOfMemoryError as e:
+                except torch.cuda.OutOfMemoryError as e:
                     raise ExtractionError(f"out of memory on a batch of {tuple(record.images.shape)} images: "
                                           f"{e}; lower --batch_size or --resolution") from e
                 except RuntimeError as e:
-                    # some architectures reject extreme shapes (a feature map pooled below 1 pixel);
-                    # those images are skipped like unreadable ones rather than ending the run
-                    height, width = record.images.shape[1:3]
-                    reason = (f"the model cannot embed a {height}x{width} input "
-                              f"({str(e).splitlines()[0]}); --min_size pads small sides")
+                    reason = _shape_failure_reason(e, record.images.shape, embedded_batches, failed_batches)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
+                    failed_batches += 1
                     continue
+                embedded_batches += 1
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
                 rows_list.append(record.rows.numpy())
                 vectors_list.append(vectors.numpy().astype(store_dtype))

@@ -276,6 +276,27 @@ def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
     assert report.startswith("b/wide.jpg,the model cannot embed a 21x64 input")
 
 
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("mat1 and mat2 shapes cannot be multiplied", "failed on each of the first 3 batches"),
+        ("DefaultCPUAllocator: can't allocate memory", "can't allocate memory"),
+    ],
+)
+def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, message):
+    from feature_extraction.embedding import Embedder
+
+    def broken(self, images):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(Embedder, "embed", broken)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert message in caplog.text
+    assert not output.exists()
+
+
 def test_unknown_model_exit_two(extract):
     code, _ = extract("--model", "no_such_model_xyz")
     assert code == 2
