@@ -39,7 +39,8 @@ exit status:
   0    the output is complete (also when some images were skipped: they are listed in
        <output>.failed.txt and counted in the log), or it already existed and was left untouched
   1    the run failed: unreadable list, dataset folder or checkpoint, unwritable output
-       folder, no readable image
+       folder, no readable image, a fatal model error (out of memory), or another process
+       extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
        absent, or settings that differ from the partial run being resumed
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Finished windows are kept in

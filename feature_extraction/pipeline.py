@@ -418,6 +418,8 @@ def run_extraction(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    finally:
+        store.close()
 
     summary.num_images = len(entries)
     summary.num_embedded = num_embedded

@@ -6,6 +6,7 @@ their row numbers, and the unreadable rows with reasons). Every file is written 
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
 or none. The next start removes leftover temporary files.
 """
+import fcntl
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ from feature_extraction.dataset import Window
 _logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "lock"
 PART_FORMAT = "window_{:06d}.npz"
 _TEMP_SUFFIX = ".tmp"
 # what np.load raises for a truncated or overwritten .npz file
@@ -84,12 +86,29 @@ class PartStore:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self._lock_file = None
+
+    def _lock(self) -> None:
+        # a second process on the same folder (a requeued job while the first still runs)
+        # would interleave windows; the lock is released when this process exits
+        self._lock_file = open(self.directory / LOCK_NAME, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._lock_file.close()
+            self._lock_file = None
+            raise StoreError(
+                f"another process is extracting into {self.directory}; wait for it to finish or stop it"
+            ) from e
 
     def open(self, fingerprint: dict, info: dict) -> None:
-        """Create the folder for a new run, or check that an existing one has the same fingerprint.
+        """Create and lock the folder for a new run, or lock an existing one and check its fingerprint.
 
-        Raises SettingsMismatchError naming the differing settings.
+        Raises SettingsMismatchError naming the differing settings, and StoreError when
+        another process holds the folder.
         """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
         manifest_path = self.directory / MANIFEST_NAME
         if manifest_path.exists():
             try:
@@ -117,7 +136,6 @@ class PartStore:
             self._remove_temporary_files()
             return
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_temporary_files()
         manifest = {"fingerprint": fingerprint, "info": info}
         write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -188,7 +206,14 @@ class PartStore:
             )
         return part
 
+    def close(self) -> None:
+        """Release the folder lock, if this process holds it."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def remove(self) -> None:
-        """Delete the parts folder and everything in it."""
+        """Delete the parts folder and everything in it, and release the lock."""
         shutil.rmtree(self.directory, ignore_errors=False)
         fsync_directory(self.directory.parent)
+        self.close()

@@ -53,7 +53,9 @@ def test_interrupted_run_resumes_to_same_file(extract, monkeypatch, caplog):
     assert "8 of 10 rows are saved" in caplog.text
     assert "rerun the same command to resume" in caplog.text
     parts = output.with_name(output.name + ".parts")
-    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "window_000000.npz", "window_000001.npz"]
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "lock", "manifest.json", "window_000000.npz", "window_000001.npz"
+    ]
     assert not output.exists()
 
     monkeypatch.undo()
@@ -139,6 +141,19 @@ def test_corrupt_part_recomputed(extract, monkeypatch, caplog):
     assert code == 0
     assert "window_000001.npz is unreadable" in caplog.text
     np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+
+
+def test_second_process_on_same_parts_rejected(tmp_path):
+    from feature_extraction.store import StoreError
+
+    first = PartStore(tmp_path / "out.hdf5.parts")
+    first.open({"a": 1}, {})
+    second = PartStore(tmp_path / "out.hdf5.parts")
+    with pytest.raises(StoreError, match="another process is extracting into"):
+        second.open({"a": 1}, {})
+    first.close()
+    second.open({"a": 1}, {})
+    second.close()
 
 
 def test_unusable_output_folder_fails_cleanly(sample_dataset, tmp_path, caplog):
