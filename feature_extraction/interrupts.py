@@ -3,6 +3,11 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+# shell convention: 128 + signal number
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
 class Interrupted(Exception):
     """Raised in the main thread when SIGINT or SIGTERM arrives."""
 
@@ -12,8 +17,11 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        """Return the shell's status for a process ended by the signal: 128 + its number."""
         return 128 + self.signal_number
+
+
+# set while the main thread is inside `interrupts_deferred()`
+_deferral = {"active": False, "pending": None}
 
 
 @contextlib.contextmanager
@@ -25,6 +33,9 @@ def signals_raise_interrupted() -> Iterator[None]:
         # restore the defaults first, so a second signal stops a clean-up that hangs
         for sig, action in previous.items():
             signal.signal(sig, action)
+        if _deferral["active"]:
+            _deferral["pending"] = signal_number
+            return
         raise Interrupted(signal_number)
 
     for sig in previous:
@@ -34,3 +45,24 @@ def signals_raise_interrupted() -> Iterator[None]:
     finally:
         for sig, action in previous.items():
             signal.signal(sig, action)
+        _deferral["pending"] = None
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back `Interrupted` until the block ends, for steps that must not be cut in half.
+
+    Receiving a batch from a DataLoader worker is such a step: an exception raised in the
+    middle of it drops the connection that passes the tensor's memory, and the worker
+    prints a traceback. A signal that arrives meanwhile raises `Interrupted` on exit,
+    unless the block raised an exception of its own.
+    """
+    _deferral["active"] = True
+    try:
+        yield
+    finally:
+        _deferral["active"] = False
+    pending = _deferral["pending"]
+    if pending is not None:
+        _deferral["pending"] = None
+        raise Interrupted(pending)

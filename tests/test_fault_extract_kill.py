@@ -1,0 +1,239 @@
+"""Killed and stopped extract.py runs resume to the file an uninterrupted run writes.
+
+Each test runs the real script in a subprocess on a few hundred generated images and
+ends it with a real signal. SIGKILL comes at seeded random points while windows are
+embedded and, through a kill hook, at exact points of the final assembly. SIGTERM and
+SIGINT must stop the run cleanly. Rerunning the same command must then give the reference
+output: the same ids in the same order, equal embeddings, and nothing else on disk.
+"""
+import os
+import random
+import signal
+import sys
+import time
+
+import pytest
+
+from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
+
+from conftest import write_image
+from fault_injection import (
+    EXTRACT,
+    TINY_MODEL,
+    assert_same_extraction,
+    command,
+    folder_listing,
+    hooked_command,
+    kill_and_reap,
+    read_hdf5,
+    run,
+    start,
+    wait_for,
+)
+
+NUM_IMAGES = 240
+NUM_ROWS = NUM_IMAGES + 2  # two unreadable files
+WINDOW_SIZE = 16
+NUM_WINDOWS = -(-NUM_ROWS // WINDOW_SIZE)
+OUTPUT_NAME = "features_uned.hdf5"
+FINAL_LISTING = [OUTPUT_NAME, OUTPUT_NAME + ".failed.txt"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """240 small images in three shapes, two unreadable files, and the list of all 242."""
+    base = tmp_path_factory.mktemp("kill_images")
+    root = base / "images"
+    lines = []
+    for i in range(NUM_IMAGES):
+        relative = f"d{i % 3}/img_{i:04d}.jpg"
+        write_image(root / relative, (64 + (i % 3) * 8, 48), seed=i)
+        lines.append(f"{relative},{i % 7},{i % 3}")
+    # unreadable rows in two windows, so the failure report is part of what must survive
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.jpg").write_bytes(b"")
+    lines.insert(37, "broken/empty.jpg,0,0")
+    lines.insert(150, "broken/missing.jpg,0,0")
+    list_path = base / "list.txt"
+    list_path.write_text("\n".join(lines) + "\n")
+    return root, list_path
+
+
+def _args(images, out_dir, *extra):
+    root, list_path = images
+    return ["--dataset_dir", root, "--selected_ids", list_path, "--hdf5_dir", out_dir, *TINY_MODEL,
+            "--window_size", WINDOW_SIZE, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    """The output of one uninterrupted run, made the same way as the killed runs."""
+    out_dir = tmp_path_factory.mktemp("kill_reference")
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = out_dir / OUTPUT_NAME
+    features, ids, attrs = read_hdf5(output)
+    assert features.shape == (NUM_IMAGES, 64)
+    assert attrs["num_failed"] == 2
+    assert folder_listing(out_dir) == FINAL_LISTING
+    return output
+
+
+def _parts(out_dir):
+    return out_dir / (OUTPUT_NAME + ".parts")
+
+
+def _saved_windows(out_dir) -> int:
+    return len(list(_parts(out_dir).glob("window_*.npz")))
+
+
+def _assert_nothing_final(out_dir):
+    """After a kill before publishing: no file under the final name, no temporary HDF5 beside it."""
+    assert not (out_dir / OUTPUT_NAME).exists()
+    leftovers = [name for name in folder_listing(out_dir) if not name.startswith(OUTPUT_NAME + ".parts")]
+    # a kill after the report was written but before the rename may leave the report alone
+    assert set(leftovers) <= {OUTPUT_NAME + ".tmp", OUTPUT_NAME + ".failed.txt"}
+
+
+def _assert_final_files(out_dir, reference):
+    """The output equals the reference, with the same failure report and nothing else beside it."""
+    assert_same_extraction(out_dir / OUTPUT_NAME, reference)
+    report = out_dir / (OUTPUT_NAME + ".failed.txt")
+    assert report.read_text() == reference.with_name(report.name).read_text()
+    assert folder_listing(out_dir) == FINAL_LISTING
+
+
+def _kill_when(images, out_dir, condition, delay: float = 0.0) -> None:
+    """Start a run, SIGKILL it once `condition()` is true (plus `delay` seconds), check what is left."""
+    process = start(command(EXTRACT, _args(images, out_dir)))
+    reached = wait_for(condition, process, interval=0.0005)
+    time.sleep(delay)
+    kill_and_reap(process)
+    assert reached, "the run ended before the kill point"
+    assert process.returncode == -signal.SIGKILL
+    _assert_nothing_final(out_dir)
+
+
+def _run_hooked(images, out_dir, point, count=1, signal_name="SIGKILL"):
+    result = run(hooked_command(EXTRACT, _args(images, out_dir), point, count, signal_name))
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+def test_sigkill_at_many_points_resumes(images, reference, tmp_path):
+    out_dir = tmp_path / "out"
+    rng = random.Random(1234)
+
+    # two kills while windows are embedded: after a seeded number of saved windows plus
+    # a seeded delay, so they land mid-window or between windows
+    for target in sorted(rng.sample(range(1, NUM_WINDOWS - 4), 2)):
+        _kill_when(images, out_dir, lambda: _saved_windows(out_dir) >= target, delay=rng.uniform(0.0, 0.15))
+        assert _saved_windows(out_dir) >= target
+
+    # a part file written but not renamed (the run's second part; the manifest exists already)
+    result = _run_hooked(images, out_dir, "part_before_rename", 2)
+    assert result.returncode == -signal.SIGKILL
+    assert list(_parts(out_dir).glob("*.tmp"))
+
+    # the last window saved, nothing assembled yet
+    result = _run_hooked(images, out_dir, "after_window_write", NUM_WINDOWS - _saved_windows(out_dir))
+    assert result.returncode == -signal.SIGKILL
+    assert _saved_windows(out_dir) == NUM_WINDOWS
+    assert not list(_parts(out_dir).glob("*.tmp"))
+
+    # as soon as the temporary HDF5 file appears
+    temporary = out_dir / (OUTPUT_NAME + ".tmp")
+    _kill_when(images, out_dir, temporary.exists)
+
+    # the HDF5 file half assembled
+    result = _run_hooked(images, out_dir, "assembly_read", NUM_WINDOWS // 2)
+    assert result.returncode == -signal.SIGKILL
+    _assert_nothing_final(out_dir)
+
+    # the temporary HDF5 file complete and the failure report written, but not renamed
+    result = _run_hooked(images, out_dir, "before_publish")
+    assert result.returncode == -signal.SIGKILL
+    _assert_nothing_final(out_dir)
+    assert temporary.exists()
+    assert (out_dir / (OUTPUT_NAME + ".failed.txt")).exists()
+
+    # renamed, then killed while the parts folder was half deleted
+    result = _run_hooked(images, out_dir, "removing_parts")
+    assert result.returncode == -signal.SIGKILL
+    assert_same_extraction(out_dir / OUTPUT_NAME, reference)
+    assert _parts(out_dir).exists()
+
+    # the rerun leaves the complete output untouched and clears the rest
+    stamp = (out_dir / OUTPUT_NAME).stat().st_mtime_ns
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "left untouched" in result.stderr
+    assert (out_dir / OUTPUT_NAME).stat().st_mtime_ns == stamp
+    _assert_final_files(out_dir, reference)
+
+
+def _stop(process, signal_number, name, exit_status) -> None:
+    os.killpg(process.pid, signal_number)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_status, stderr[-3000:]
+    assert f"stopped by {name}" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_sigint_and_sigterm_stop_cleanly_and_resume(images, reference, tmp_path):
+    out_dir = tmp_path / "out"
+    # one decoding worker, and the signal sent to the whole process group as Ctrl-C in a
+    # terminal and a batch scheduler's cancel do, so the worker receives it too
+    args = _args(images, out_dir, "--num_workers", "1")
+    for signal_number, name, exit_status, windows in ((signal.SIGINT, "SIGINT", 130, 3),
+                                                      (signal.SIGTERM, "SIGTERM", 143, 7)):
+        process = start(command(EXTRACT, args), start_new_session=True)
+        assert wait_for(lambda: _saved_windows(out_dir) >= windows, process)
+        _stop(process, signal_number, name, exit_status)
+        _assert_nothing_final(out_dir)
+        assert not (out_dir / (OUTPUT_NAME + ".tmp")).exists()
+
+    # SIGTERM while the HDF5 file is assembled: the temporary file is removed
+    result = run(hooked_command(EXTRACT, args, "assembly_read", 2, "SIGTERM"))
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert f"{NUM_ROWS} of {NUM_ROWS} rows are saved" in result.stderr
+    assert "Traceback" not in result.stderr
+    _assert_nothing_final(out_dir)
+    assert not (out_dir / (OUTPUT_NAME + ".tmp")).exists()
+
+    # SIGTERM right after the rename: the output is complete, whichever exit status is returned
+    result = run(hooked_command(EXTRACT, args, "after_publish", 1, "SIGTERM"))
+    assert result.returncode in (0, 143), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert_same_extraction(out_dir / OUTPUT_NAME, reference)
+
+    result = run(command(EXTRACT, args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_final_files(out_dir, reference)
+
+
+def test_signal_inside_deferred_block_raises_after_it():
+    # Regression: SIGTERM or SIGINT raised Interrupted in the middle of receiving a batch
+    # from a DataLoader worker, and the dropped connection made the worker print a
+    # traceback. The signal now takes effect once the batch is received.
+    steps = []
+    with pytest.raises(Interrupted) as stopped:
+        with signals_raise_interrupted():
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("block finished")
+            steps.append("after the block")
+    assert steps == ["block finished"]
+    assert stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_decoding_worker_ignores_stop_signals():
+    # Regression: a SIGTERM sent to the whole process group (a scheduler's cancel) killed
+    # the decoding worker before the main process could stop it, and the main process
+    # failed with "DataLoader worker is killed by signal" tracebacks.
+    code = ("import signal; from feature_extraction.dataset import _init_worker; _init_worker(0); "
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
+    result = run([sys.executable, "-c", code])
+    assert result.stdout.split() == ["True", "True"], result.stderr
