@@ -164,13 +164,15 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_files_atomically(contents: Mapping[Path, bytes]) -> None:
+def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
     """Write every file under a temporary name in its folder, then rename them all into place.
 
     Temporary files are removed if anything fails before the renames. SIGINT and SIGTERM
-    are held back during the renames and delivered afterwards.
+    are blocked during the renames. A signal that arrives then is consumed and its number
+    returned, so the caller can stop after the complete write; otherwise returns None.
     """
     staged: list[tuple[str, Path]] = []
+    received = None
     try:
         for path, data in contents.items():
             path = Path(path)
@@ -188,12 +190,15 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> None:
                 os.replace(tmp_name, path)
             for folder in {path.parent for _, path in staged}:
                 _fsync_folder(folder)
+            while (pending := signal.sigtimedwait(_BLOCKED_SIGNALS, 0)) is not None:
+                received = pending.si_signo
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     finally:
         for tmp_name, _ in staged:
             if os.path.exists(tmp_name):
                 os.remove(tmp_name)
+    return received
 
 
 def library_versions() -> dict[str, str]:

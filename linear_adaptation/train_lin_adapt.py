@@ -314,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
         )
         if pth_path.exists():
             _logger.warning("replacing the existing %s", pth_path)
-        write_files_atomically({
+        late_signal = write_files_atomically({
             pth_path: state_dict_bytes(result.state_dict),
             json_path: json_bytes(record),
             png_path: plot_png_bytes(record["epochs"], title=pth_path.name),
@@ -330,6 +330,9 @@ def main(args: argparse.Namespace) -> int:
             args.val_k, before["map"], kept["map"], result.kept_epoch, describe_metrics(kept),
         )
     _logger.info("wrote %s, %s and %s in %.1f s", pth_path, json_path, png_path, time.perf_counter() - wall_start)
+    if late_signal is not None:
+        _logger.warning("received %s while writing; the outputs are complete", signal.Signals(late_signal).name)
+        return EXIT_SIGTERM if late_signal == signal.SIGTERM else EXIT_SIGINT
     return EXIT_OK
 
 

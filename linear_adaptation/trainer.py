@@ -9,8 +9,7 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -84,7 +83,6 @@ class TrainResult:
     amp: str
     optimizer_impl: str
     train_seconds: float
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -228,6 +226,63 @@ def describe_metrics(metrics: dict) -> str:
     )
 
 
+@dataclass
+class _StepRunner:
+    """Modules, optimizer and settings that every optimisation step uses."""
+
+    adapter: LinearAdapter
+    classifier: CosineClassifier
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast_dtype: torch.dtype | None
+    features: torch.Tensor  # (N, D) stored dtype, on the training device
+    batch_size: int
+    loss_type: str
+    margin: float
+    scale: float
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    total_steps: int
+
+    def run_epoch(self, epoch_rows: torch.Tensor, epoch_classes: torch.Tensor, first_step: int, num_steps: int,
+                  bar: tqdm) -> tuple[float, float]:
+        """Run `num_steps` steps over consecutive batches of the epoch order; return the mean loss and last lr."""
+        device_type = self.features.device.type
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.features.device)
+        current_lr = self.lr
+        for i in range(num_steps):
+            batch_slice = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            batch = self.features[epoch_rows[batch_slice]].float()  # (B, D)
+            targets = epoch_classes[batch_slice]  # (B,)
+
+            current_lr = lr_at_step(first_step + i, self.total_steps, self.lr, self.lr_schedule, self.warmup_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = current_lr
+
+            with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                embedded = self.adapter(batch)
+                loss = cosine_margin_loss(
+                    embedded, self.classifier.weight, targets, self.loss_type, self.margin, self.scale
+                )
+
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+
+            # summed on the device, so CUDA runs are not synchronised every step
+            loss_sum += loss.detach()
+            bar.update(1)
+            if (i + 1) % _POSTFIX_EVERY_STEPS == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", refresh=False)
+        return loss_sum.item() / num_steps, current_lr
+
+
 def _check_training_set(train: LabelledEmbeddings, num_classes: int, batch_size: int) -> None:
     if train.num_images == 0:
         raise ValueError("the training set is empty")
@@ -325,9 +380,21 @@ def train_linear_adapter(
         init_seconds = time.perf_counter() - start
     params = list(adapter.parameters()) + list(classifier.parameters())
     optimizer, optimizer_impl = make_adam(params, lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    runner = _StepRunner(
+        adapter=adapter,
+        classifier=classifier,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None,
+        autocast_dtype=amp_dtype,
+        features=features_t,
+        batch_size=batch_size,
+        loss_type=loss_type,
+        margin=margin,
+        scale=scale,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
     )
     batch_generator = torch.Generator().manual_seed(seed)
 
@@ -361,8 +428,6 @@ def train_linear_adapter(
         perm = torch.randperm(train.num_images, generator=batch_generator).to(device)
         epoch_rows = rows_t[perm]  # (M,) HDF5 rows in this epoch's order
         epoch_classes = classes_t[perm]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-
         bar = tqdm(
             total=epoch_steps,
             desc=f"epoch {epoch}/{num_epochs}",
@@ -370,40 +435,14 @@ def train_linear_adapter(
             disable=None if show_progress else True,
             leave=False,
         )
-        for i in range(epoch_steps):
-            batch_slice = slice(i * batch_size, (i + 1) * batch_size)
-            batch = features_t[epoch_rows[batch_slice]].float()  # (B, D)
-            targets = epoch_classes[batch_slice]  # (B,)
-
-            current_lr = lr_at_step(step, total_steps, lr, lr_schedule, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-
-            with autocast:
-                loss = cosine_margin_loss(adapter(batch), classifier.weight, targets, loss_type, margin, scale)
-
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-            loss_sum += loss.detach()
-            step += 1
-            bar.update(1)
-            if (i + 1) % _POSTFIX_EVERY_STEPS == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", refresh=False)
+        record.loss, record.lr = runner.run_epoch(epoch_rows, epoch_classes, step, epoch_steps, bar)
         bar.close()
+        step += epoch_steps
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         record.seconds = time.perf_counter() - start
         train_seconds += record.seconds
-        record.loss = loss_sum.item() / epoch_steps
-        record.lr = current_lr
         record.steps_per_second = epoch_steps / record.seconds if record.seconds > 0 else None
 
         message = (

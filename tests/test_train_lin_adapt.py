@@ -310,3 +310,27 @@ def test_cli_fast_recipe_flags(data_dir, tmp_path):
     assert [e["steps"] for e in record["epochs"]] == [0, 23, 7]
     assert record["args"]["max_steps"] == 30
     assert record["kept_epoch"] == 2
+
+
+def test_atomic_write_holds_back_signal(tmp_path, monkeypatch):
+    # a SIGTERM raised during the renames is consumed and returned after all files are in place
+    from linear_adaptation import outputs
+
+    original_replace = os.replace
+
+    def replace_then_signal(source, target):
+        original_replace(source, target)
+        if str(target).endswith("a.bin"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_signal)
+    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM was not held back"))
+    try:
+        received = outputs.write_files_atomically({tmp_path / "a.bin": b"a", tmp_path / "b.bin": b"b"})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert received == signal.SIGTERM
+    assert (tmp_path / "a.bin").read_bytes() == b"a"
+    assert (tmp_path / "b.bin").read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
