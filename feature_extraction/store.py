@@ -90,10 +90,12 @@ class PartStore:
 
     def _lock(self) -> None:
         # a second process on the same folder (a requeued job while the first still runs)
-        # would interleave windows; the lock is released when this process exits
+        # would interleave windows; the lock is released when this process exits.
+        # A POSIX record lock (lockf), unlike flock, is not shared with forked DataLoader
+        # workers, which outlive a SIGKILLed main process by up to 5 s and kept a rerun out.
         self._lock_file = open(self.directory / LOCK_NAME, "a")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             self._lock_file.close()
             self._lock_file = None

@@ -1,5 +1,6 @@
 """Interrupted and resumed extraction runs give the same file as one uninterrupted run."""
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -143,17 +144,32 @@ def test_corrupt_part_recomputed(extract, monkeypatch, caplog):
     np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
 
 
-def test_second_process_on_same_parts_rejected(tmp_path):
+def _open_in_child(directory, results):
     from feature_extraction.store import StoreError
 
+    try:
+        PartStore(directory).open({"a": 1}, {})
+        results.put("opened")
+    except StoreError as e:
+        results.put(str(e))
+
+
+def _open_in_other_process(directory) -> str:
+    # the lock is per process (a POSIX record lock), so the second opener must be another process
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_open_in_child, args=(directory, results))
+    child.start()
+    child.join(timeout=60)
+    return results.get(timeout=5)
+
+
+def test_second_process_on_same_parts_rejected(tmp_path):
     first = PartStore(tmp_path / "out.hdf5.parts")
     first.open({"a": 1}, {})
-    second = PartStore(tmp_path / "out.hdf5.parts")
-    with pytest.raises(StoreError, match="another process is extracting into"):
-        second.open({"a": 1}, {})
+    assert "another process is extracting into" in _open_in_other_process(tmp_path / "out.hdf5.parts")
     first.close()
-    second.open({"a": 1}, {})
-    second.close()
+    assert _open_in_other_process(tmp_path / "out.hdf5.parts") == "opened"
 
 
 def test_unusable_output_folder_fails_cleanly(sample_dataset, tmp_path, caplog):

@@ -6,6 +6,7 @@ embedded and, through a kill hook, at exact points of the final assembly. SIGTER
 SIGINT must stop the run cleanly. Rerunning the same command must then give the reference
 output: the same ids in the same order, equal embeddings, and nothing else on disk.
 """
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
+from feature_extraction.store import PartStore
 
 from conftest import write_image
 from fault_injection import (
@@ -237,3 +239,21 @@ def test_decoding_worker_ignores_stop_signals():
             "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
     result = run([sys.executable, "-c", code])
     assert result.stdout.split() == ["True", "True"], result.stderr
+
+
+def test_sigkill_releases_parts_lock_at_once(images, tmp_path):
+    # Regression: the parts folder lock was an flock shared with the forked decoding
+    # workers, which outlive a SIGKILLed main process by up to 5 s; a rerun started
+    # meanwhile (a requeued job) stopped with "another process is extracting".
+    out_dir = tmp_path / "out"
+    process = start(command(EXTRACT, _args(images, out_dir, "--num_workers", "1")))
+    assert wait_for(lambda: _saved_windows(out_dir) >= 1, process)
+    # wait for the main process only: the orphaned worker keeps the stderr pipe open
+    process.kill()
+    process.wait(timeout=60)
+
+    manifest = json.loads((_parts(out_dir) / "manifest.json").read_text())
+    store = PartStore(_parts(out_dir))
+    store.open(manifest["fingerprint"], manifest["info"])
+    store.close()
+    process.communicate(timeout=60)
