@@ -1,7 +1,7 @@
 """Output files of a training run: the `.pth` state dict, a JSON record and a PNG plot.
 
 All three are first written to temporary files in the output folder and fsynced. Then
-they are renamed into place one after the other while SIGINT and SIGTERM are blocked.
+they are renamed into place one after the other while SIGINT and SIGTERM are held back.
 An interrupted or failed run therefore leaves either all three new files or none of
 them. The temporary files start with "." and end with ".tmp".
 """
@@ -12,7 +12,9 @@ import math
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 
 _logger = logging.getLogger(__name__)
 
-_BLOCKED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class OutputError(OSError):
@@ -164,15 +166,39 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _deferred_signals():
+    """Record SIGINT and SIGTERM instead of acting on them, and yield the list they are recorded in.
+
+    Python runs signal handlers in the main thread between bytecodes, so swapping the
+    handlers keeps the block free of KeyboardInterrupt and handler exceptions. A signal
+    mask would not, because the kernel can deliver a process signal to any other thread
+    (torch's and faiss's OpenMP workers) that does not block it. Outside the main thread,
+    where handlers cannot be changed, signals keep their handlers.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED_SIGNALS}
+    for signum in _DEFERRED_SIGNALS:
+        signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
     """Write every file under a temporary name in its folder, then rename them all into place.
 
-    Temporary files are removed if anything fails before the renames. SIGINT and SIGTERM
-    are blocked during the renames. A signal that arrives then is consumed and its number
-    returned, so the caller can stop after the complete write; otherwise returns None.
+    Temporary files are removed if anything fails before the renames. A SIGINT or SIGTERM
+    that arrives during the renames is held back and its number returned, so the caller
+    can stop after the complete write; otherwise returns None.
     """
     staged: list[tuple[str, Path]] = []
-    received = None
     try:
         for path, data in contents.items():
             path = Path(path)
@@ -184,21 +210,16 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
                 os.fsync(f.fileno())
             os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
 
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
-        try:
+        with _deferred_signals() as received:
             for tmp_name, path in staged:
                 os.replace(tmp_name, path)
             for folder in {path.parent for _, path in staged}:
                 _fsync_folder(folder)
-            while (pending := signal.sigtimedwait(_BLOCKED_SIGNALS, 0)) is not None:
-                received = pending.si_signo
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     finally:
         for tmp_name, _ in staged:
             if os.path.exists(tmp_name):
                 os.remove(tmp_name)
-    return received
+    return received[-1] if received else None
 
 
 def library_versions() -> dict[str, str]:
