@@ -1,0 +1,423 @@
+"""Benchmark feature extraction: end-to-end images/s against model-forward-only images/s, and peak memory.
+
+The end-to-end run calls `run_extraction`, the function behind `feature_extraction/extract.py`,
+in this process on a list of N images: decode workers, shape-bucketed batches, the model,
+the resumable parts and the final HDF5 file. A thread sums the memory of this process and
+its decode workers meanwhile. The forward-only run then feeds the model the same batch
+shapes (same batch sizes, precision and channels_last layout) from tensors prepared in
+advance, so their ratio is the share of the model's speed the pipeline keeps.
+
+    python benchmarks/bench_extract.py                      # mini_uned images, EfficientNet-Lite0 at 256 px
+    python benchmarks/bench_extract.py --cpu_bf16 true
+    python benchmarks/bench_extract.py --selected_ids heldout_paths.txt --num_images 0 --compare_precision true
+
+Results go to stdout: a short table, then one `summary: {...}` JSON line (also saved with
+--json). The run log goes to stderr.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.machine import describe_machine, load_average  # noqa: E402
+from benchmarks.memory import PeakMemorySampler  # noqa: E402
+from feature_extraction.backbones import FRAMEWORKS, NO_WEIGHTS, POOLINGS, build_backbone  # noqa: E402
+from feature_extraction.dataset import ImageBatch, WindowedImageDataset, split_windows  # noqa: E402
+from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
+from feature_extraction.extract import bool_flag, setup_logging  # noqa: E402
+from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
+from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
+from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # noqa: E402
+from feature_extraction.transforms import InferenceTransform, TransformName, multiple_padding  # noqa: E402
+from linear_adaptation.features_io import load_hdf5_features  # noqa: E402
+from linear_adaptation.knn import knn_search  # noqa: E402
+from linear_adaptation.metrics import labelled_set_metrics  # noqa: E402
+
+_logger = logging.getLogger("bench_extract")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_dataset_dir() -> Path:
+    """Return the mini_uned images: $MINI_UNED_DIR/images, else shared/data/mini_uned/images beside the repository."""
+    mini_uned = Path(os.environ.get("MINI_UNED_DIR", REPO_ROOT.parent / "shared" / "data" / "mini_uned"))
+    return mini_uned / "images"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Build the parser; model and compute flags follow feature_extraction/extract.py."""
+    parser = argparse.ArgumentParser(
+        description="Time extract.py's code path end to end against the model forward pass alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("images")
+    data.add_argument("--dataset_dir", metavar="DIR",
+                      help="folder of images (default: the mini_uned images, $MINI_UNED_DIR/images)")
+    data.add_argument("--selected_ids", metavar="FILE",
+                      help="image list relative to --dataset_dir, 'path' or 'path,label,domain' lines "
+                           "(default: every image file under --dataset_dir)")
+    data.add_argument("--num_images", metavar="N", type=int,
+                      help="images to extract, spread evenly over the list; 0 takes them all")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS, help="timm or openclip")
+    model.add_argument("--model", metavar="NAME", help="model name as extract.py takes it")
+    model.add_argument("--checkpoint", metavar="PATH",
+                       help="local state dict, e.g. the output of misc/convert_efficientnet_lite0.py "
+                            "(default: none, random weights; speed does not depend on the weight values)")
+    model.add_argument("--pooling", metavar="NAME", choices=POOLINGS, help="embedding pooling, as extract.py")
+    model.add_argument("--resolution", metavar="PIXELS", type=int, help="target size of the transform in pixels")
+    model.add_argument("--transforms", metavar="NAME", choices=[t.value for t in TransformName],
+                       help="inference transform, as extract.py")
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", metavar="NAME", choices=("auto", "cpu", "cuda"),
+                         help="auto (CUDA when available), cpu or cuda")
+    compute.add_argument("--batch_size", metavar="IMAGES", type=int,
+                         help=f"images per forward pass (default: extract.py's, {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
+                              f"{DEFAULT_BATCH_SIZE['cuda']} on CUDA)")
+    compute.add_argument("--num_workers", metavar="PROCESSES", type=int, help="image decoding processes")
+    compute.add_argument("--window_size", metavar="ROWS", type=int,
+                         help="list rows per window; each window is decoded by one worker, so a list needs at "
+                              "least as many windows as workers to keep them all busy")
+    compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
+                         help="CPU only: bfloat16 autocast where the CPU supports it (true/false)")
+    compute.add_argument("--comp_fp16", metavar="BOOL", type=bool_flag,
+                         help="CUDA only: autocast with --amp_dtype (true/false)")
+    compute.add_argument("--amp_dtype", metavar="DTYPE", choices=tuple(AMP_DTYPES), help="autocast dtype on CUDA")
+    compute.add_argument("--store_fp16", metavar="BOOL", type=bool_flag,
+                         help="store the embeddings as float16, as extract.py does by default (true/false)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--forward_passes", metavar="N", type=int,
+                     help="timed forward-only passes over all batch shapes, after one warm-up batch per shape")
+    run.add_argument("--compare_precision", metavar="BOOL", type=bool_flag,
+                     help="also extract the list twice with float32 storage, once in float32 and once with "
+                          "the autocast of --cpu_bf16 true (CPU) or --comp_fp16 true (CUDA), and report "
+                          "the cosine between the two embeddings of each image and, for a labelled list, "
+                          "both mAP@--val_k (true/false)")
+    run.add_argument("--val_k", metavar="K", type=int, help="ranking depth of the mAP@k in --compare_precision")
+    run.add_argument("--profile_batches", metavar="N", type=int,
+                     help="profile N forward-only batches with torch.profiler and print the operators that "
+                          "take the most time (default: 0, no profile)")
+    run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
+    run.add_argument("--work_dir", metavar="DIR",
+                     help="folder for the list and HDF5 outputs, kept after the run (default: a temporary "
+                          "folder, deleted)")
+    run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
+
+    parser.set_defaults(
+        dataset_dir=None, selected_ids=None, num_images=1024, framework="timm", model="tf_efficientnet_lite0",
+        checkpoint=None, pooling="head", resolution=256, transforms=TransformName.RESIZE_LARGE.value,
+        device="auto", batch_size=None, num_workers=2, window_size=256, cpu_bf16=False, comp_fp16=False,
+        amp_dtype="float16", store_fp16=True, forward_passes=1, compare_precision=False, val_k=100,
+        profile_batches=0, profile_rows=15, work_dir=None, json=None,
+    )
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on other flags and reject invalid values with parser.error."""
+    if args.dataset_dir is None:
+        args.dataset_dir = str(default_dataset_dir())
+    if not Path(args.dataset_dir).is_dir():
+        parser.error(f"--dataset_dir {args.dataset_dir!r} is not a folder; set MINI_UNED_DIR or pass --dataset_dir")
+    for name in ("resolution", "window_size", "forward_passes", "val_k", "profile_rows"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch_size is {args.batch_size}; it must be at least 1")
+    for name in ("num_images", "num_workers", "profile_batches"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or more")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given but torch finds no CUDA device; use --device cpu or auto")
+
+
+def select_entries(dataset_dir: str, selected_ids: str | None, num_images: int) -> list[ListEntry]:
+    """Return `num_images` entries spread evenly over the list (or the folder scan); all for 0."""
+    entries = read_image_list(selected_ids) if selected_ids is not None else scan_image_dir(dataset_dir)
+    if num_images == 0 or num_images >= len(entries):
+        return entries
+    positions = np.linspace(0, len(entries) - 1, num_images).round().astype(np.int64)
+    return [entries[i] for i in positions]
+
+
+def write_list(entries: list[ListEntry], path: Path) -> None:
+    """Write entries as a list file, with labels when every entry has them."""
+    labelled = all(entry.label is not None and entry.domain is not None for entry in entries)
+    lines = [f"{e.path},{e.label},{e.domain}\n" if labelled else f"{e.path}\n" for e in entries]
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def extract(settings: dict, list_path: Path, output: Path, *, cpu_bf16: bool, comp_fp16: bool, store_fp16: bool):
+    """Run run_extraction on the list into `output` (replacing it) and return its summary."""
+    return run_extraction(
+        selected_ids=str(list_path), output=output, cpu_bf16=cpu_bf16, comp_fp16=comp_fp16, store_fp16=store_fp16,
+        overwrite=True, **settings,
+    )
+
+
+def decode_batches(dataset_dir: str, entries: list[ListEntry], decode_options: DecodeOptions, batch_size: int,
+                   window_size: int) -> tuple[list[ImageBatch], float]:
+    """Decode the list in this process into the batches the extraction forms; return them and the seconds taken."""
+    windows = split_windows(len(entries), window_size)
+    dataset = WindowedImageDataset(dataset_dir, [entry.path for entry in entries], windows, decode_options, batch_size)
+    start = time.perf_counter()
+    batches = [record for record in dataset if isinstance(record, ImageBatch)]
+    return batches, time.perf_counter() - start
+
+
+def model_input(embedder: Embedder, images_uint8: torch.Tensor) -> torch.Tensor:
+    """Return the (B, 3, H, W) channels_last model input of a uint8 batch, as the embedder builds it."""
+    images = embedder.prepare(images_uint8)
+    patch_size = embedder.backbone.patch_size
+    if patch_size is not None:
+        top, bottom = multiple_padding(images.shape[-2], patch_size[0])
+        left, right = multiple_padding(images.shape[-1], patch_size[1])
+        images = F.pad(images, (left, right, top, bottom))
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(embedder: Embedder) -> contextlib.AbstractContextManager:
+    if embedder.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=embedder.device.type, dtype=embedder.autocast_dtype)
+
+
+@torch.inference_mode()
+def time_forward(embedder: Embedder, batches: list[ImageBatch], passes: int) -> dict:
+    """Time the model alone, then the whole embedder, on the batches' shapes.
+
+    The forward-only timing reuses one prepared input per distinct batch shape, since the
+    speed does not depend on pixel values. One batch per shape runs first as a warm-up
+    (oneDNN builds its kernels per shape) and is not timed.
+    """
+    inputs = {}
+    for batch in batches:
+        if batch.images.shape not in inputs:
+            inputs[batch.images.shape] = model_input(embedder, batch.images)
+    num_images = sum(len(batch.rows) for batch in batches)
+
+    start = time.perf_counter()
+    with _autocast(embedder):
+        for x in inputs.values():
+            embedder.backbone.module(x)
+    _synchronize(embedder.device)
+    warmup_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for _ in range(passes):
+        for batch in batches:
+            with _autocast(embedder):
+                features = embedder.backbone.module(inputs[batch.images.shape])
+            F.normalize(features.float(), dim=-1)
+    _synchronize(embedder.device)
+    forward_seconds = (time.perf_counter() - start) / passes
+
+    start = time.perf_counter()
+    for batch in batches:
+        embedder.embed(batch.images)
+    embed_seconds = time.perf_counter() - start
+
+    return {
+        "distinct_shapes": len(inputs),
+        "warmup_seconds": warmup_seconds,
+        "forward_seconds": forward_seconds,
+        "forward_images_per_second": num_images / forward_seconds,
+        "embed_images_per_second": num_images / embed_seconds,
+    }
+
+
+@torch.inference_mode()
+def profile_forward(embedder: Embedder, batches: list[ImageBatch], num_batches: int, rows: int) -> str:
+    """Run `num_batches` batches through the model under torch.profiler; return the top-operator table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if embedder.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    inputs = [model_input(embedder, batch.images) for batch in batches[:num_batches]]
+    with torch.profiler.profile(activities=activities) as profiler, _autocast(embedder):
+        for x in inputs:
+            embedder.backbone.module(x)
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def retrieval_map(features: np.ndarray, labels: np.ndarray, domains: np.ndarray, k: int) -> float:
+    """Return the mAP@k (percent) of every image querying all the others of the set."""
+    _, ranked = knn_search(features, [features], k=k, device=torch.device("cpu"), exclude_self=True)
+    return labelled_set_metrics(ranked, labels, domains, k)["map"]
+
+
+def compare_precision(settings: dict, list_path: Path, entries: list[ListEntry], work_dir: Path, device: torch.device,
+                      val_k: int) -> dict:
+    """Extract twice with float32 storage, in float32 and with autocast, and compare the embeddings."""
+    outputs = {}
+    for name, reduced in (("float32", False), ("autocast", True)):
+        output = work_dir / f"precision_{name}.hdf5"
+        extract(settings, list_path, output, cpu_bf16=reduced and device.type == "cpu",
+                comp_fp16=reduced and device.type == "cuda", store_fp16=False)
+        outputs[name] = load_hdf5_features(output)
+
+    (full, full_ids), (reduced, reduced_ids) = outputs["float32"], outputs["autocast"]
+    if full_ids != reduced_ids:
+        raise RuntimeError("the float32 and autocast runs embedded different images; compare their .failed.txt files")
+    cosine = np.sum(full.astype(np.float64) * reduced.astype(np.float64), axis=1)
+    result = {
+        "images": int(cosine.shape[0]),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "cosine_p01": float(np.quantile(cosine, 0.01)),
+    }
+
+    by_id = {escape_id(entry.path): entry for entry in entries}
+    rows = [by_id[image_id] for image_id in full_ids]
+    if all(entry.label is not None for entry in rows):
+        labels = np.array([entry.label for entry in rows], dtype=np.int64)
+        domains = np.array([entry.domain for entry in rows], dtype=np.int64)
+        result["val_k"] = val_k
+        result["map_float32"] = retrieval_map(full, labels, domains, val_k)
+        result["map_autocast"] = retrieval_map(reduced, labels, domains, val_k)
+        result["map_difference"] = result["map_autocast"] - result["map_float32"]
+    return result
+
+
+def format_results(summary: dict) -> str:
+    """Return the main numbers as aligned `name: value` lines."""
+    lines = [
+        f"images:                      {summary['num_images']} in {summary['num_batches']} batches "
+        f"({summary['distinct_shapes']} shapes), precision {summary['precision']}",
+        f"end-to-end images/s:         {summary['end_to_end_images_per_second']:.2f} "
+        f"({summary['wall_images_per_second']:.2f} counting model build and HDF5 assembly)",
+        f"forward-only images/s:       {summary['forward_images_per_second']:.2f} "
+        f"(embedder with normalisation: {summary['embed_images_per_second']:.2f})",
+        f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}",
+        f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}",
+        f"peak memory, {summary['max_processes']} processes: RSS sum {summary['peak_rss_mib']:.0f} MiB, "
+        f"PSS sum {summary['peak_pss_mib']:.0f} MiB",
+    ]
+    precision = summary.get("precision_check")
+    if precision:
+        line = (f"autocast vs float32 cosine:  mean {precision['cosine_mean']:.5f}, "
+                f"min {precision['cosine_min']:.5f} over {precision['images']} images")
+        if "map_float32" in precision:
+            line += (f"; mAP@{precision['val_k']} {precision['map_float32']:.2f} (float32) vs "
+                     f"{precision['map_autocast']:.2f} (autocast)")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Extract end to end, time the forward pass on the same batches, and print the results."""
+    _logger.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    device = resolve_device(args.device)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE[device.type]
+    entries = select_entries(args.dataset_dir, args.selected_ids, args.num_images)
+    settings = dict(
+        dataset_dir=args.dataset_dir, framework=args.framework, model=args.model,
+        pretrained=None if args.checkpoint else NO_WEIGHTS, checkpoint=args.checkpoint, pooling=args.pooling,
+        resolution=args.resolution, transforms=args.transforms, min_size=0, multiscale=False,
+        batch_size=batch_size, num_workers=args.num_workers, amp_dtype=args.amp_dtype, device=args.device,
+        window_size=args.window_size, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True,
+        hdf5_compression=0,
+    )
+
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_extract_")))
+        else:
+            work_dir = Path(args.work_dir)
+            work_dir.mkdir(parents=True, exist_ok=True)
+        list_path = work_dir / "list.txt"
+        write_list(entries, list_path)
+
+        # end to end, with the memory of this process and its decode workers
+        load_before = load_average()
+        with PeakMemorySampler() as memory:
+            extraction = extract(settings, list_path, work_dir / "features_uned.hdf5", cpu_bf16=args.cpu_bf16,
+                                 comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
+        end_to_end = extraction.rows_this_run / extraction.embed_seconds
+
+        # forward only, on the same batches
+        transform = InferenceTransform(TransformName(args.transforms), args.resolution, 0)
+        decode_options = DecodeOptions(transform, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True)
+        batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size,
+                                                 args.window_size)
+        autocast_dtype = resolve_autocast(device, args.comp_fp16, args.amp_dtype, args.cpu_bf16)
+        torch.manual_seed(0)
+        backbone = build_backbone(args.framework, args.model, settings["pretrained"], args.checkpoint, args.pooling)
+        embedder = Embedder(backbone, transform, device, autocast_dtype=autocast_dtype)
+        forward = time_forward(embedder, batches, args.forward_passes)
+        decoded = sum(len(batch.rows) for batch in batches)
+
+        summary = {
+            "benchmark": "extract",
+            "dataset_dir": args.dataset_dir,
+            "model": args.model,
+            "checkpoint": args.checkpoint,
+            "resolution": args.resolution,
+            "transforms": args.transforms,
+            "device": device.type,
+            "precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
+            "store_fp16": args.store_fp16,
+            "batch_size": batch_size,
+            "num_workers": args.num_workers,
+            "window_size": args.window_size,
+            "num_images": len(entries),
+            "num_embedded": extraction.num_embedded,
+            "num_batches": len(batches),
+            "end_to_end_images_per_second": end_to_end,
+            "wall_images_per_second": extraction.num_images / extraction.seconds,
+            **forward,
+            "end_to_end_over_forward": end_to_end / forward["forward_images_per_second"],
+            "decode_images_per_second": decoded / decode_seconds,
+            "peak_rss_mib": round(memory.peak_rss_mib, 1),
+            "peak_pss_mib": round(memory.peak_pss_mib, 1),
+            "rss_before_mib": round(memory.start_rss_mib, 1),
+            "max_processes": memory.max_processes,
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "machine": describe_machine(),
+        }
+        if args.profile_batches:
+            print(f"torch.profiler, {min(args.profile_batches, len(batches))} forward-only batches:")
+            print(profile_forward(embedder, batches, args.profile_batches, args.profile_rows))
+        if args.compare_precision:
+            summary["precision_check"] = compare_precision(settings, list_path, entries, work_dir, device, args.val_k)
+
+    print(format_results(summary))
+    print("summary: " + json.dumps(summary))
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and check the arguments, set up logging and run main."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    setup_logging()
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,360 @@
+"""Benchmark the linear adaptation trainer: seconds per epoch, steps/s, peak memory and held-out mAP.
+
+Training runs through `train_linear_adapter`, the function `linear_adaptation/train_lin_adapt.py`
+calls, with that script's defaults (512-d layer, batch 128, Adam lr 1e-3, weight decay 1e-6,
+5 epochs, constant learning rate) unless a flag overrides them. The embeddings are
+synthetic UnED-like ones from `linear_adaptation.synthetic` at a preset or custom size, or
+real ones from HDF5 files and lists as train_lin_adapt.py reads them.
+
+    python benchmarks/bench_train.py --preset cpu --epochs 1
+    python benchmarks/bench_train.py --preset cpu --amp bf16
+    python benchmarks/bench_train.py --preset gpu --device cuda --amp bf16
+
+Results go to stdout: a table of epochs, then one `summary: {...}` JSON line (also saved
+with --json). The run log goes to stderr.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.machine import describe_machine, load_average  # noqa: E402
+from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
+from linear_adaptation import train_lin_adapt  # noqa: E402
+from linear_adaptation.synthetic import make_synthetic_dataset  # noqa: E402
+from linear_adaptation.trainer import (  # noqa: E402
+    AMP_MODES,
+    CLASSIFIER_INITS,
+    LR_SCHEDULES,
+    LabelledEmbeddings,
+    TrainResult,
+    seed_everything,
+    train_linear_adapter,
+)
+from linear_adaptation.training_data import load_training_inputs  # noqa: E402
+
+_logger = logging.getLogger("bench_train")
+
+# Synthetic data sizes. The held-out split has other classes of the same domains, about
+# a tenth of the training images, so that scoring it stays cheap beside an epoch.
+PRESETS = {
+    "cpu": dict(num_images=100_000, num_classes=10_000, dim=768, num_heldout_images=10_000,
+                num_heldout_classes=1_000, storage_dtype="float32"),
+    "gpu": dict(num_images=1_000_000, num_classes=150_000, dim=1024, num_heldout_images=50_000,
+                num_heldout_classes=7_500, storage_dtype="float16"),
+}
+SIZE_FLAGS = tuple(PRESETS["cpu"])
+DEVICES = ("auto", "cpu", "cuda")
+_MIB = 1024 * 1024
+
+# the trainer script's own defaults, so the benchmark follows them if they change
+_TRAINER_DEFAULTS = train_lin_adapt.get_args_parser()
+
+
+def _trainer_default(name: str):
+    return _TRAINER_DEFAULTS.get_default(name)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Build the parser; recipe defaults are those of linear_adaptation/train_lin_adapt.py."""
+    parser = argparse.ArgumentParser(
+        description="Time the linear adaptation trainer on synthetic or stored embeddings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("synthetic data (ignored with --train_features)")
+    data.add_argument("--preset", metavar="NAME", choices=tuple(PRESETS),
+                      help="data size: cpu (100k x 768, 10k classes, float32) or gpu (1M x 1024, 150k classes, "
+                           "float16); the size flags below override single values")
+    data.add_argument("--num_images", metavar="N", type=int, help="training images (default: from --preset)")
+    data.add_argument("--num_classes", metavar="N", type=int, help="training classes (default: from --preset)")
+    data.add_argument("--dim", metavar="D", type=int, help="embedding dimension (default: from --preset)")
+    data.add_argument("--num_heldout_images", metavar="N", type=int,
+                      help="held-out images, of classes not in training (default: from --preset)")
+    data.add_argument("--num_heldout_classes", metavar="N", type=int, help="held-out classes (default: from --preset)")
+    data.add_argument("--storage_dtype", metavar="DTYPE", choices=("float32", "float16"),
+                      help="dtype the embeddings are stored and kept in (default: from --preset)")
+    data.add_argument("--data_seed", metavar="N", type=int, help="seed of the synthetic data generator")
+
+    stored = parser.add_argument_group("stored embeddings instead of synthetic ones")
+    stored.add_argument("--train_features", metavar="HDF5", help="training embeddings (ILIAS-layout HDF5)")
+    stored.add_argument("--train_list", metavar="LIST", help="training 'path,label,domain' list")
+    stored.add_argument("--val_features", metavar="HDF5", help="held-out embeddings")
+    stored.add_argument("--val_list", metavar="LIST", help="held-out 'path,label,domain' list")
+
+    recipe = parser.add_argument_group("recipe (defaults: train_lin_adapt.py's)")
+    recipe.add_argument("--epochs", metavar="N", type=int, help="passes over the training images")
+    recipe.add_argument("--max_steps", metavar="N", type=int,
+                        help="stop after N optimisation steps; the schedule spans them (default: none)")
+    recipe.add_argument("--batch_size", metavar="N", type=int, help="images per step")
+    recipe.add_argument("--lr", metavar="LR", type=float, help="Adam learning rate (peak value with a schedule)")
+    recipe.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
+                        help="constant, or cosine decay to 0 at the last step")
+    recipe.add_argument("--warmup_steps", metavar="N", type=int, help="steps of linear learning-rate warmup")
+    recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay")
+    recipe.add_argument("--out_dim", metavar="N", type=int, help="output dimension of the layer")
+    recipe.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
+                        help="class weights at the start: random or class_mean")
+    recipe.add_argument("--amp", metavar="MODE", choices=AMP_MODES,
+                        help="autocast of the matrix products: none (float32), bf16, or fp16 (CUDA only)")
+    recipe.add_argument("--seed", metavar="N", type=int, help="seed of the initialisation and batch order")
+    recipe.add_argument("--val_k", metavar="K", type=int, help="ranking depth of the held-out mAP@k")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", metavar="DEV", choices=DEVICES, help="auto (CUDA when available), cpu or cuda")
+    run.add_argument("--threads", metavar="N", type=int,
+                     help="torch intra-op threads (default: torch's choice, one per usable core)")
+    run.add_argument("--target_map", metavar="MAP", type=float,
+                     help="also report the training seconds until the held-out mAP@k first reaches MAP "
+                          "(percent, checked after each epoch) (default: none)")
+    run.add_argument("--profile_steps", metavar="N", type=int,
+                     help="after the timed run, profile N more steps with torch.profiler and print the "
+                          "operators that take the most time (default: 0, no profile)")
+    run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
+    run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
+
+    parser.set_defaults(
+        preset="cpu", num_images=None, num_classes=None, dim=None, num_heldout_images=None,
+        num_heldout_classes=None, storage_dtype=None, data_seed=0,
+        train_features=None, train_list=None, val_features=None, val_list=None,
+        epochs=_trainer_default("num_epochs"), max_steps=None, batch_size=_trainer_default("batch_size"),
+        lr=_trainer_default("lr"), lr_schedule=_trainer_default("lr_schedule"),
+        warmup_steps=_trainer_default("warmup_steps"), weight_decay=_trainer_default("weight_decay"),
+        out_dim=_trainer_default("adaptation_layer_dim"), classifier_init=_trainer_default("classifier_init"),
+        amp=_trainer_default("amp"), seed=_trainer_default("seed"), val_k=_trainer_default("val_k"),
+        device="auto", threads=None, target_map=None, profile_steps=0, profile_rows=15, json=None,
+    )
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the size flags from the preset and reject invalid values with parser.error."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    positive = ("num_images", "num_classes", "dim", "num_heldout_images", "num_heldout_classes", "epochs",
+                "batch_size", "out_dim", "val_k", "profile_rows")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    for name in ("max_steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if args.profile_steps < 0 or args.warmup_steps < 0:
+        parser.error("--profile_steps and --warmup_steps must be 0 or positive")
+    if not args.lr > 0:
+        parser.error(f"--lr is {args.lr}; it must be positive")
+
+    stored = (args.train_features, args.train_list, args.val_features, args.val_list)
+    if any(path is not None for path in stored):
+        if args.train_features is None or args.train_list is None:
+            parser.error("--train_features and --train_list must be given together")
+        if (args.val_features is None) != (args.val_list is None):
+            parser.error("--val_features and --val_list must be given together")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given but torch finds no CUDA device; use --device cpu or auto")
+    if args.amp == "fp16" and resolve_device(args.device).type != "cuda":
+        parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map auto/cpu/cuda to a torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def synthetic_inputs(
+    *, num_images: int, num_classes: int, dim: int, num_heldout_images: int, num_heldout_classes: int,
+    storage_dtype: str, seed: int,
+) -> tuple[LabelledEmbeddings, LabelledEmbeddings]:
+    """Generate the training and held-out sets as the trainer takes them, rows in list order."""
+    data = make_synthetic_dataset(
+        num_train_images=num_images,
+        num_train_classes=num_classes,
+        num_heldout_images=num_heldout_images,
+        num_heldout_classes=num_heldout_classes,
+        dim=dim,
+        dtype=storage_dtype,
+        seed=seed,
+    )
+    splits = []
+    for split in (data.train, data.heldout):
+        rows = np.arange(split.features.shape[0], dtype=np.int64)
+        splits.append(LabelledEmbeddings(split.features, rows, split.labels, split.domains))
+    return splits[0], splits[1]
+
+
+def stored_inputs(
+    *, train_features: str, train_list: str, val_features: str | None, val_list: str | None, batch_size: int,
+    val_k: int, seed: int,
+) -> tuple[LabelledEmbeddings, LabelledEmbeddings | None]:
+    """Load and join HDF5 embeddings and lists with train_lin_adapt.py's loader."""
+    inputs = load_training_inputs(
+        features_path=train_features, list_path=train_list, val_features_path=val_features,
+        val_list_path=val_list, val_fraction=None, allow_missing=False, seed=seed, batch_size=batch_size,
+        val_k=val_k,
+    )
+    return inputs.train, inputs.validation
+
+
+def seconds_to_target(result: TrainResult, target_map: float) -> float | None:
+    """Return the training seconds (class-mean initialisation included) until the held-out mAP reaches the target.
+
+    Returns None when no epoch reaches it or there is no validation set.
+    """
+    elapsed = result.train_seconds - sum(record.seconds for record in result.history[1:])  # initialisation
+    for record in result.history[1:]:
+        elapsed += record.seconds
+        if record.val is not None and record.val["map"] >= target_map:
+            return elapsed
+    return None
+
+
+def profile_steps(train: LabelledEmbeddings, recipe: dict, steps: int, rows: int, device: torch.device) -> str:
+    """Run `steps` training steps under torch.profiler; return the table of the most expensive operators."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    profiled_recipe = {**recipe, "max_steps": steps, "num_epochs": max(recipe["num_epochs"], 1)}
+    with torch.profiler.profile(activities=activities) as profiler:
+        train_linear_adapter(train, validation=None, show_progress=False, **profiled_recipe)
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def format_epochs(result: TrainResult, val_k: int) -> str:
+    """Return a table of per-epoch loss, time, steps/s and held-out mAP."""
+    lines = [f"{'epoch':>5} {'loss':>8} {'steps':>6} {'seconds':>8} {'steps/s':>8} {f'mAP@{val_k}':>8}"]
+    for record in result.history:
+        map_text = f"{record.val['map']:8.2f}" if record.val is not None else f"{'-':>8}"
+        if record.epoch == 0:
+            lines.append(f"{0:>5} {'-':>8} {'-':>6} {'-':>8} {'-':>8} {map_text}")
+            continue
+        lines.append(
+            f"{record.epoch:>5} {record.loss:8.4f} {record.steps:>6} {record.seconds:8.2f} "
+            f"{record.steps_per_second or 0:8.2f} {map_text}"
+        )
+    return "\n".join(lines)
+
+
+def summarise(result: TrainResult, *, args: argparse.Namespace, data: dict, memory: PeakMemorySampler,
+              gpu_peak: dict | None, load_before: list[float]) -> dict:
+    """Collect the measured numbers into one JSON-ready dict."""
+    epochs = result.history[1:]
+    full_epochs = [record for record in epochs if record.steps == epochs[0].steps]
+    seconds = [record.seconds for record in full_epochs]
+    total_steps = sum(record.steps for record in epochs)
+    total_epoch_seconds = sum(record.seconds for record in epochs)
+    val_before = result.history[0].val
+    val_after = epochs[-1].val if epochs else None
+    summary = {
+        "benchmark": "train",
+        "data": data,
+        "recipe": {
+            "epochs": len(epochs), "steps": total_steps, "batch_size": args.batch_size, "lr": args.lr,
+            "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+            "out_dim": args.out_dim, "classifier_init": args.classifier_init, "amp": args.amp, "seed": args.seed,
+        },
+        "device": result.device,
+        "optimizer": result.optimizer_impl,
+        "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
+        "seconds_per_epoch_min": float(np.min(seconds)) if seconds else None,
+        "steps_per_second": total_steps / total_epoch_seconds if total_epoch_seconds > 0 else None,
+        "train_seconds": result.train_seconds,
+        "map_before": val_before["map"] if val_before else None,
+        "map_after": val_after["map"] if val_after else None,
+        "val_k": args.val_k,
+        "peak_rss_training_mib": round(memory.peak_rss_mib, 1),
+        "rss_before_training_mib": round(memory.start_rss_mib, 1),
+        "peak_rss_process_mib": round(max_rss_mib(), 1),
+        "peak_gpu_allocated_mib": gpu_peak["allocated"] if gpu_peak else None,
+        "peak_gpu_reserved_mib": gpu_peak["reserved"] if gpu_peak else None,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "machine": describe_machine(),
+    }
+    if args.target_map is not None:
+        summary["target_map"] = args.target_map
+        summary["seconds_to_target_map"] = seconds_to_target(result, args.target_map)
+    return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    """Generate or load the embeddings, train once with timing, optionally profile, and print the results."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    _logger.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+
+    # data
+    start = time.perf_counter()
+    if args.train_features is not None:
+        train, validation = stored_inputs(
+            train_features=args.train_features, train_list=args.train_list, val_features=args.val_features,
+            val_list=args.val_list, batch_size=args.batch_size, val_k=args.val_k, seed=args.seed,
+        )
+        data = {"source": "stored", "train_features": args.train_features, "val_features": args.val_features}
+    else:
+        train, validation = synthetic_inputs(
+            num_images=args.num_images, num_classes=args.num_classes, dim=args.dim,
+            num_heldout_images=args.num_heldout_images, num_heldout_classes=args.num_heldout_classes,
+            storage_dtype=args.storage_dtype, seed=args.data_seed,
+        )
+        data = {"source": "synthetic", "preset": args.preset, "num_classes": args.num_classes,
+                "num_heldout_images": args.num_heldout_images, "num_heldout_classes": args.num_heldout_classes,
+                "seed": args.data_seed}
+    data.update(num_images=train.num_images, dim=train.dim, storage_dtype=str(train.features.dtype))
+    _logger.info("embeddings ready in %.1f s: %d x %d %s for training, %s held-out", time.perf_counter() - start,
+                 train.num_images, train.dim, train.features.dtype,
+                 validation.num_images if validation is not None else "no")
+
+    recipe = dict(
+        out_dim=args.out_dim, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        seed=args.seed, device=device, amp=args.amp, classifier_init=args.classifier_init,
+        max_steps=args.max_steps,
+    )
+
+    # timed training, as train_lin_adapt.py runs it
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    seed_everything(args.seed)
+    with PeakMemorySampler() as memory:
+        result = train_linear_adapter(train, validation=validation, val_k=args.val_k, show_progress=False, **recipe)
+    gpu_peak = None
+    if device.type == "cuda":
+        gpu_peak = {"allocated": round(torch.cuda.max_memory_allocated(device) / _MIB, 1),
+                    "reserved": round(torch.cuda.max_memory_reserved(device) / _MIB, 1)}
+    summary = summarise(result, args=args, data=data, memory=memory, gpu_peak=gpu_peak, load_before=load_before)
+
+    print(format_epochs(result, args.val_k))
+    if args.profile_steps:
+        print(f"\ntorch.profiler, {args.profile_steps} training steps:")
+        print(profile_steps(train, recipe, args.profile_steps, args.profile_rows, device))
+    print("summary: " + json.dumps(summary))
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and check the arguments, set up logging and run main."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    train_lin_adapt.setup_logging()
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,78 @@
+"""Peak memory of this process and its child processes, sampled by a background thread.
+
+Resident set sizes (RSS) of forked workers count the pages they share with their parent
+once per process, so their sum overstates the machine memory in use. The proportional
+set size (PSS) splits each shared page between the processes that map it, so its sum is
+the machine memory the process tree occupies. Both sums are recorded; a peak shorter than
+the sampling interval can be missed.
+"""
+import resource
+import threading
+
+import psutil
+
+_MIB = 1024 * 1024
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
+def _tree_memory(process: psutil.Process) -> tuple[int, int, int]:
+    """Return the summed RSS and PSS in bytes of `process` and its descendants, and their count."""
+    rss = pss = count = 0
+    for member in _tree(process):
+        try:
+            info = member.memory_full_info()
+        except psutil.Error:  # a worker that exited between listing and reading
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+        count += 1
+    return rss, pss, count
+
+
+class PeakMemorySampler:
+    """Context manager recording the peak summed RSS and PSS of this process tree.
+
+    Attributes after exit (MiB): `peak_rss_mib`, `peak_pss_mib`, `start_rss_mib` (the sum
+    at entry), and `max_processes`, the most processes seen at once.
+    """
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak_rss_mib = self.peak_pss_mib = self.start_rss_mib = 0.0
+        self.max_processes = 0
+
+    def _sample(self) -> None:
+        rss, pss, count = _tree_memory(self._process)
+        self.peak_rss_mib = max(self.peak_rss_mib, rss / _MIB)
+        self.peak_pss_mib = max(self.peak_pss_mib, pss / _MIB)
+        self.max_processes = max(self.max_processes, count)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemorySampler":
+        self.start_rss_mib = _tree_memory(self._process)[0] / _MIB
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def max_rss_mib() -> float:
+    """Return this process's peak RSS over its whole life (getrusage ru_maxrss, KiB on Linux) in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,146 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run and print the documented fields."""
+import json
+
+import pytest
+
+from benchmarks import bench_extract, bench_train
+from linear_adaptation.synthetic import make_synthetic_dataset, write_split
+
+TINY_TRAIN = [
+    "--num_images", "600", "--num_classes", "60", "--dim", "32", "--num_heldout_images", "120",
+    "--num_heldout_classes", "12", "--out_dim", "16", "--batch_size", "64", "--epochs", "2", "--lr", "3e-3",
+]
+TINY_EXTRACT = [
+    "--model", "test_vit", "--resolution", "48", "--num_workers", "1", "--window_size", "4", "--batch_size", "4",
+    "--num_images", "0",
+]
+TRAIN_FIELDS = (
+    "seconds_per_epoch", "steps_per_second", "train_seconds", "map_before", "map_after", "peak_rss_training_mib",
+    "peak_rss_process_mib", "peak_gpu_allocated_mib", "load_average_before", "machine",
+)
+EXTRACT_FIELDS = (
+    "end_to_end_images_per_second", "forward_images_per_second", "end_to_end_over_forward", "embed_images_per_second",
+    "decode_images_per_second", "peak_rss_mib", "peak_pss_mib", "max_processes", "precision", "machine",
+)
+
+
+def printed_summary(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith("summary: ")]
+    assert len(lines) == 1
+    return json.loads(lines[0].removeprefix("summary: "))
+
+
+def test_train_bench_prints_summary(capsys, tmp_path):
+    json_path = tmp_path / "train.json"
+    assert bench_train.run([*TINY_TRAIN, "--json", str(json_path)]) == 0
+    output = capsys.readouterr().out
+    summary = printed_summary(output)
+
+    for field in TRAIN_FIELDS:
+        assert field in summary
+    assert summary["data"]["num_images"] == 600
+    assert summary["recipe"]["steps"] == 2 * (600 // 64)
+    assert summary["seconds_per_epoch"] > 0
+    assert summary["steps_per_second"] > 0
+    assert 0 <= summary["map_before"] <= 100
+    assert 0 <= summary["map_after"] <= 100
+    assert summary["peak_rss_training_mib"] > 0
+    assert summary["peak_gpu_allocated_mib"] is None  # CPU run
+    assert "mAP@100" in output
+    assert json.loads(json_path.read_text()) == summary
+
+
+def test_train_bench_follows_trainer_defaults():
+    args = bench_train.get_args_parser().parse_args([])
+    assert (args.batch_size, args.lr, args.out_dim, args.weight_decay) == (128, 1e-3, 512, 1e-6)
+    assert (args.epochs, args.lr_schedule, args.amp) == (5, "constant", "none")
+
+
+def test_train_bench_reads_stored_embeddings(capsys, tmp_path):
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=1)
+    write_split(data.train, tmp_path / "train.hdf5", tmp_path / "train.txt")
+    write_split(data.heldout, tmp_path / "heldout.hdf5", tmp_path / "heldout.txt")
+    argv = [
+        "--train_features", str(tmp_path / "train.hdf5"), "--train_list", str(tmp_path / "train.txt"),
+        "--val_features", str(tmp_path / "heldout.hdf5"), "--val_list", str(tmp_path / "heldout.txt"),
+        "--out_dim", "8", "--batch_size", "32", "--epochs", "1", "--target_map", "0",
+    ]
+    assert bench_train.run(argv) == 0
+    summary = printed_summary(capsys.readouterr().out)
+
+    assert summary["data"]["source"] == "stored"
+    assert summary["data"]["num_images"] == 300
+    assert summary["recipe"]["steps"] == 300 // 32
+    # every mAP reaches 0, so the target is met after the first epoch
+    assert summary["seconds_to_target_map"] == pytest.approx(summary["train_seconds"])
+
+
+def test_train_bench_profiles_steps(capsys):
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--profile_steps", "3", "--profile_rows", "5"]) == 0
+    output = capsys.readouterr().out
+    assert "torch.profiler, 3 training steps" in output
+    assert "Self CPU" in output
+
+
+def test_train_bench_rejects_zero_epochs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.run(["--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "--epochs is 0" in capsys.readouterr().err
+
+
+def test_train_bench_needs_both_stored_paths(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.run(["--train_features", "train.hdf5"])
+    assert "--train_features and --train_list must be given together" in capsys.readouterr().err
+
+
+def test_extract_bench_prints_summary(capsys, tmp_path, sample_dataset):
+    dataset_dir, list_path, paths = sample_dataset
+    json_path = tmp_path / "extract.json"
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path),
+            "--json", str(json_path)]
+    assert bench_extract.run(argv) == 0
+    output = capsys.readouterr().out
+    summary = printed_summary(output)
+
+    for field in EXTRACT_FIELDS:
+        assert field in summary
+    assert summary["num_images"] == len(paths)
+    assert summary["num_embedded"] == len(paths)
+    assert summary["end_to_end_images_per_second"] > 0
+    assert summary["forward_images_per_second"] > 0
+    ratio = summary["end_to_end_images_per_second"] / summary["forward_images_per_second"]
+    assert summary["end_to_end_over_forward"] == pytest.approx(ratio)
+    assert summary["max_processes"] >= 2  # this process and its decode worker
+    assert summary["peak_rss_mib"] >= summary["peak_pss_mib"] > 0
+    assert summary["precision"] == "float32"
+    assert "end-to-end / forward-only" in output
+    assert json.loads(json_path.read_text()) == summary
+
+
+def test_extract_bench_compares_precision(capsys, sample_dataset):
+    dataset_dir, list_path, paths = sample_dataset
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path),
+            "--num_workers", "0", "--compare_precision", "true", "--val_k", "5"]
+    assert bench_extract.run(argv) == 0
+    check = printed_summary(capsys.readouterr().out)["precision_check"]
+
+    assert check["images"] == len(paths)
+    assert 0.9 < check["cosine_mean"] <= 1.0 + 1e-6
+    assert check["cosine_min"] <= check["cosine_mean"]
+    assert 0 <= check["map_float32"] <= 100
+    assert check["map_difference"] == pytest.approx(check["map_autocast"] - check["map_float32"])
+
+
+def test_extract_bench_spreads_selected_images(sample_dataset):
+    dataset_dir, list_path, paths = sample_dataset
+    entries = bench_extract.select_entries(str(dataset_dir), str(list_path), 4)
+    assert [entry.path for entry in entries] == [paths[0], paths[3], paths[6], paths[9]]
+
+
+def test_extract_bench_rejects_missing_folder(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench_extract.run(["--dataset_dir", str(tmp_path / "absent")])
+    assert "is not a folder" in capsys.readouterr().err
