@@ -7,6 +7,7 @@ colour values under it are kept, as PIL's `convert("RGB")` and the ILIAS extract
 16-bit greyscale is scaled to 8 bits by dividing by 257.
 """
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,16 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise ImageDecodeError("is a directory, not an image file")
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except OSError as e:
         raise ImageDecodeError(f"cannot read file: {e.strerror}") from None
-    if size == 0:
+    # A FIFO would block the decoder until a writer appears, and a device has no image size.
+    # Both stat as 0 bytes, so they are named before the size check.
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageDecodeError("not a regular file (a FIFO, socket or device)")
+    if status.st_size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
 
 

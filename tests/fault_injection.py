@@ -179,3 +179,22 @@ def marker_pickle(path: Path, marker: Path) -> Path:
 
     torch.save({"layer.weight": torch.zeros(2, 4), "layer.bias": torch.zeros(2), "extra": _CreatesMarker()}, path)
     return path
+
+
+def extract_in_process(*argv) -> int:
+    """Run extract.py's parser checks and main() in this process; return the exit status."""
+    from feature_extraction.extract import check_args, get_args_parser, main
+
+    parser = get_args_parser()
+    args = parser.parse_args([str(a) for a in argv])
+    check_args(parser, args)
+    return main(args)
+
+
+def read_failure_report(path: Path) -> dict[str, str]:
+    """Return {path: reason} from a `<output>.failed.txt` file (paths contain no commas)."""
+    report = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        image_path, _, reason = line.partition(",")
+        report[image_path] = reason
+    return report
