@@ -8,6 +8,7 @@ HDF5 files written by the ILIAS tools store each path as an ASCII id: every char
 outside ASCII becomes `#U` followed by four lowercase hex digits of its code point.
 """
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -89,52 +90,88 @@ def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
         ) from None
 
 
+def _read_list_text(list_path: str) -> str:
+    """Return the list file decoded as UTF-8 without a byte-order mark, or raise naming the bad line."""
+    with open(list_path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise ImageListError(
+            f"{list_path}:{line_no}: invalid UTF-8 (byte {data[e.start]:#04x}); save the list as UTF-8"
+        ) from None
+
+
+def _check_characters(path: str, list_path: str, line_no: int) -> None:
+    # a NUL byte makes every file-system call on the path fail with ValueError, and other
+    # control characters are never part of a real image path
+    control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        raise ImageListError(
+            f"{list_path}:{line_no}: path {path!r} contains the control character U+{ord(control):04X}; "
+            "remove it from the list"
+        )
+
+
 def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) -> list[ListEntry]:
     """Parse a list file into entries in file order.
 
-    Raises ImageListError with the line number for a malformed line, a path that
-    escapes the dataset folder, a duplicate path, a missing label when
-    `require_labels` is set, or a list without any entry.
+    Raises ImageListError with the line number for a line that is not UTF-8, a
+    malformed line, a path with a control character or one that escapes the dataset
+    folder, and a duplicate path or id. It also raises for a missing label when
+    `require_labels` is set, and for a list without any entry.
     """
     list_path = str(list_path)
     entries: list[ListEntry] = []
     first_line_of: dict[str, int] = {}
+    first_line_of_id: dict[str, tuple[int, str]] = {}
 
-    # utf-8-sig drops a byte-order mark; universal newlines turn \r\n into \n
-    with open(list_path, encoding="utf-8-sig") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
+    # the BOM is dropped on decoding; universal newlines turn \r\n and \r into \n
+    for line_no, raw in enumerate(io.StringIO(_read_list_text(list_path), newline=None), start=1):
+        line = raw.strip()
+        if not line:
+            continue
 
-            fields = [field.strip() for field in line.split(",")]
-            if len(fields) == 1:
-                if require_labels:
-                    raise ImageListError(
-                        f"{list_path}:{line_no}: line {line!r} has a path but no label and domain; "
-                        "labelled lists need 'path,label,domain'"
-                    )
-                path, label, domain = fields[0], None, None
-            elif len(fields) == 3:
-                path = fields[0]
-                label = _parse_int(fields[1], "label", list_path, line_no)
-                domain = _parse_int(fields[2], "domain", list_path, line_no)
-            else:
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 1:
+            if require_labels:
                 raise ImageListError(
-                    f"{list_path}:{line_no}: expected 'path,label,domain' (3 fields) or a path "
-                    f"alone, got {len(fields)} fields in {line!r}; paths cannot contain commas"
+                    f"{list_path}:{line_no}: line {line!r} has a path but no label and domain; "
+                    "labelled lists need 'path,label,domain'"
                 )
+            path, label, domain = fields[0], None, None
+        elif len(fields) == 3:
+            path = fields[0]
+            label = _parse_int(fields[1], "label", list_path, line_no)
+            domain = _parse_int(fields[2], "domain", list_path, line_no)
+        else:
+            raise ImageListError(
+                f"{list_path}:{line_no}: expected 'path,label,domain' (3 fields) or a path "
+                f"alone, got {len(fields)} fields in {line!r}; paths cannot contain commas"
+            )
 
-            if not path:
-                raise ImageListError(f"{list_path}:{line_no}: empty path in {line!r}")
-            _check_relative(path, list_path, line_no)
-            if path in first_line_of:
-                raise ImageListError(
-                    f"{list_path}:{line_no}: duplicate path {path!r} (first on line "
-                    f"{first_line_of[path]}); remove the repeated line"
-                )
-            first_line_of[path] = line_no
-            entries.append(ListEntry(path, label, domain, line_no))
+        if not path:
+            raise ImageListError(f"{list_path}:{line_no}: empty path in {line!r}")
+        _check_characters(path, list_path, line_no)
+        _check_relative(path, list_path, line_no)
+        if path in first_line_of:
+            raise ImageListError(
+                f"{list_path}:{line_no}: duplicate path {path!r} (first on line "
+                f"{first_line_of[path]}); remove the repeated line"
+            )
+        # two paths with one HDF5 id (a Unicode path and its escaped spelling) would give
+        # the output two rows with the same id
+        image_id = escape_id(path)
+        if image_id in first_line_of_id:
+            other_line, other_path = first_line_of_id[image_id]
+            raise ImageListError(
+                f"{list_path}:{line_no}: path {path!r} has the same HDF5 id {image_id!r} as {other_path!r} "
+                f"on line {other_line}; keep one of the two lines"
+            )
+        first_line_of[path] = line_no
+        first_line_of_id[image_id] = (line_no, path)
+        entries.append(ListEntry(path, label, domain, line_no))
 
     if not entries:
         raise ImageListError(f"{list_path}: the list contains no image paths")
@@ -155,6 +192,14 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
         raise ImageListError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}"
         )
+    path_of_id: dict[str, str] = {}
+    for path in paths:
+        other = path_of_id.setdefault(escape_id(path), path)
+        if other != path:
+            raise ImageListError(
+                f"{other!r} and {path!r} under {str(root)!r} have the same HDF5 id {escape_id(path)!r}; "
+                "pass --selected_ids with a list that names only one of them"
+            )
     return [ListEntry(path, None, None, 0) for path in paths]
 
 
@@ -165,7 +210,16 @@ def resolve_image_path(dataset_dir: str | os.PathLike, path: str) -> Path:
     Unicode one, so the escaped form is used when only it exists.
     """
     full = Path(dataset_dir) / path
-    if full.exists() or path.isascii():
+    if path.isascii() or _exists(full):
         return full
     escaped = Path(dataset_dir) / escape_id(path)
-    return escaped if escaped.exists() else full
+    return escaped if _exists(escaped) else full
+
+
+def _exists(path: Path) -> bool:
+    # Path.exists() raises for some errors, such as a name longer than the file system
+    # allows; the caller reports those when it opens the listed path
+    try:
+        return path.exists()
+    except OSError:
+        return False

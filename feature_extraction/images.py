@@ -38,14 +38,18 @@ class DecodeOptions:
 
 
 def _check_file(path: Path) -> None:
-    if path.is_dir():
-        raise ImageDecodeError("is a directory, not an image file")
+    # One stat call serves every check. Path.is_dir() raises for some errors, such as a
+    # file name longer than the file system allows, and that ended the whole run.
     try:
         status = path.stat()
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except OSError as e:
         raise ImageDecodeError(f"cannot read file: {e.strerror}") from None
+    except ValueError as e:  # a path the operating system cannot represent, e.g. with a NUL byte
+        raise ImageDecodeError(f"invalid file path: {e}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ImageDecodeError("is a directory, not an image file")
     # A FIFO would block the decoder until a writer appears, and a device has no image size.
     # Both stat as 0 bytes, so they are named before the size check.
     if not stat.S_ISREG(status.st_mode):
