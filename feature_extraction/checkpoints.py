@@ -41,6 +41,25 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# Phrases of torch's weights_only unpickler (torch/_weights_only_unpickler.py, read in
+# torch 2.14) when it meets an object it does not allow. Its other errors, such as
+# "Unsupported operand", come from bytes that are not a torch pickle at all.
+_FORBIDDEN_OBJECT_PHRASES = ("GLOBAL", "add_safe_globals", "Can only build", "Can only create")
+_BOILERPLATE_PREFIXES = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def explain_weights_only_error(error: pickle.UnpicklingError) -> tuple[bool, str]:
+    """Classify an error of `torch.load(weights_only=True)` and pick its informative line.
+
+    Returns whether the file contains objects that weights_only forbids (as opposed to
+    bytes that are not a torch file), and the line of torch's message that gives the reason.
+    """
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith(_BOILERPLATE_PREFIXES)), lines[-1] if lines else "")
+    return any(phrase in text for phrase in _FORBIDDEN_OBJECT_PHRASES), detail
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.pt`/`.bin` (torch.save) or `.safetensors` file into a state dict.
 
@@ -62,9 +81,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        forbidden, detail = explain_weights_only_error(e)
+        if not forbidden:
+            raise CheckpointError(
+                f"cannot read --checkpoint {str(path)!r}: it is not a file written by torch.save, or it is "
+                f"damaged ({detail})"
+            ) from e
         raise CheckpointError(
             f"--checkpoint {str(path)!r} was rejected by torch.load(weights_only=True) because it "
-            f"contains objects other than tensors ({e}); re-save only the weights with "
+            f"contains objects other than tensors ({detail}); re-save only the weights with "
             "torch.save(model.state_dict(), path)"
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:

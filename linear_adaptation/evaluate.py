@@ -173,7 +173,7 @@ def evaluate_query_database(
     if database.dim != query_features.shape[1]:
         raise DataError(
             f"queries in {query_path!r} have {query_features.shape[1]} dimensions but the database has "
-            f"{database.dim}; embed both with the same backbone"
+            f"{database.dim} ({', '.join(repr(path) for path in database.paths)}); embed both with the same backbone"
         )
 
     matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids)

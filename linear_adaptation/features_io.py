@@ -23,11 +23,47 @@ class DataError(ValueError):
     """Input embeddings or lists that cannot be used: the message names the value and the fix."""
 
 
+_LAYOUT_HINT = "expected the ILIAS layout written by feature_extraction/extract.py"
+
+
+def check_hdf5_layout(f: h5py.File, path: str) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """Return the `features` and `index` datasets of an open file after checking their layout.
+
+    Raises DataError for a missing dataset, a group in place of one, `features` that is
+    not a non-empty N x D floating-point matrix, or an `index` of another length.
+    """
+    for name in ("features", "index"):
+        if name not in f:
+            raise DataError(f"{path!r} has no '{name}' dataset (found: {sorted(f.keys())}); {_LAYOUT_HINT}")
+        if not isinstance(f[name], h5py.Dataset):
+            raise DataError(f"{path!r}: '{name}' is not a dataset but a {type(f[name]).__name__}; {_LAYOUT_HINT}")
+    features, index = f["features"], f["index"]
+
+    if features.ndim != 2:
+        raise DataError(f"{path!r}: 'features' has shape {features.shape}, expected N x D; {_LAYOUT_HINT}")
+    if features.shape[0] == 0:
+        raise DataError(f"{path!r}: 'features' has zero rows; extract the embeddings again, or check the image list")
+    if features.shape[1] == 0:
+        raise DataError(f"{path!r}: 'features' has zero columns (shape {features.shape}); extract the embeddings again")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise DataError(f"{path!r}: 'features' has dtype {features.dtype}, expected float16/32/64")
+    if index.ndim != 1:
+        raise DataError(f"{path!r}: 'index' has shape {index.shape}, expected one id per row; {_LAYOUT_HINT}")
+    if index.shape[0] != features.shape[0]:
+        raise DataError(f"{path!r}: 'features' has {features.shape[0]} rows but 'index' has {index.shape[0]} ids")
+    return features, index
+
+
+def decode_ids(index: h5py.Dataset) -> list[str]:
+    """Read an `index` dataset as text ids, whether stored as bytes or str."""
+    return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
+
+
 def load_hdf5_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """Load `features` in their stored dtype and the decoded `index` ids.
 
-    Raises DataError for a missing file or dataset, a shape mismatch between the two,
-    zero rows, or rows with NaN or Inf values.
+    Raises DataError for a missing or damaged file, a bad layout (see
+    check_hdf5_layout), or rows with NaN or Inf values.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -38,25 +74,13 @@ def load_hdf5_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
 
     with f:
-        for name in ("features", "index"):
-            if name not in f:
-                raise DataError(
-                    f"{path!r} has no '{name}' dataset (found: {sorted(f.keys())}); "
-                    "expected the ILIAS layout written by feature_extraction/extract.py"
-                )
-        features = f["features"][()]
-        ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f["index"][()]]
-
-    if features.ndim != 2:
-        raise DataError(f"{path!r}: 'features' has shape {features.shape}, expected N x D")
-    if features.shape[0] == 0:
-        raise DataError(f"{path!r}: 'features' has zero rows")
-    if features.shape[0] != len(ids):
-        raise DataError(
-            f"{path!r}: 'features' has {features.shape[0]} rows but 'index' has {len(ids)} ids"
-        )
-    if not np.issubdtype(features.dtype, np.floating):
-        raise DataError(f"{path!r}: 'features' has dtype {features.dtype}, expected float16/32/64")
+        features_dataset, index = check_hdf5_layout(f, path)
+        try:
+            features = features_dataset[()]
+            ids = decode_ids(index)
+        except (OSError, ValueError) as e:
+            # a damaged chunk fails only when it is read (h5py raises OSError)
+            raise DataError(f"cannot read {path!r} ({e}); the file is damaged, copy or extract it again") from e
 
     # checked in blocks so a float16 file is never copied whole to another dtype
     for start in range(0, features.shape[0], _FINITE_CHECK_ROWS):

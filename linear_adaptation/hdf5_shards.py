@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from feature_extraction.image_list import canonical_id
-from linear_adaptation.features_io import DataError
+from linear_adaptation.features_io import DataError, check_hdf5_layout, decode_ids
 
 _logger = logging.getLogger(__name__)
 
@@ -114,27 +114,16 @@ class HDF5Database:
             raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
 
         with f:
-            for name in ("features", "index"):
-                if name not in f:
-                    raise DataError(
-                        f"{path!r} has no '{name}' dataset (found: {sorted(f.keys())}); "
-                        "expected the ILIAS layout written by feature_extraction/extract.py"
-                    )
-            features = f["features"]
-            if features.ndim != 2 or features.shape[0] == 0:
-                raise DataError(f"{path!r}: 'features' has shape {features.shape}, expected N x D with N > 0")
-            if not np.issubdtype(features.dtype, np.floating):
-                raise DataError(f"{path!r}: 'features' has dtype {features.dtype}, expected float16/32/64")
+            features, index = check_hdf5_layout(f, path)
             if self.dim is not None and features.shape[1] != self.dim:
                 raise DataError(
                     f"{path!r} has {features.shape[1]}-dimensional embeddings but {self.paths[0]!r} has "
                     f"{self.dim}; all database files must come from the same backbone"
                 )
-            ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f["index"][()]]
-            if len(ids) != features.shape[0]:
-                raise DataError(
-                    f"{path!r}: 'features' has {features.shape[0]} rows but 'index' has {len(ids)} ids"
-                )
+            try:
+                ids = decode_ids(index)
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read the ids of {path!r} ({e}); the file is damaged, copy it again") from e
             self.dim = features.shape[1]
 
         self.rows_per_file.append(len(ids))
@@ -161,7 +150,9 @@ class HDF5Database:
                     try:
                         block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
                     except OSError as e:
-                        raise DataError(f"cannot read rows {start}+ of {path!r} ({e}); is the file damaged?") from e
+                        raise DataError(
+                            f"cannot read rows {start}+ of {path!r} ({e}); the file is damaged, copy or extract it again"
+                        ) from e
                     finite = np.isfinite(block).all(axis=1)
                     if not finite.all():
                         bad = start + int(np.flatnonzero(~finite)[0])

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from feature_extraction.checkpoints import explain_weights_only_error
 from linear_adaptation.features_io import DataError
 
 LAYER_KEYS = ("layer.weight", "layer.bias")
@@ -95,14 +96,13 @@ def load_lin_adapt_layer(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise LayerLoadError(f"cannot read {path!r} as a torch file ({e}); was it written completely?") from e
-        # torch's message is long; its line naming the rejected global is the useful part
-        reason = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        # torch's message is long, and one line of it names what was rejected
+        forbidden, detail = explain_weights_only_error(e)
+        if not forbidden:
+            raise LayerLoadError(f"cannot read {path!r} as a torch file ({detail}); was it written completely?") from e
         raise LayerLoadError(
             f"{path!r} was rejected by torch.load(weights_only=True) because it contains objects other than "
-            f"tensors ({reason or 'unsupported pickle content'}); use a plain state dict with 'layer.weight' "
-            "and 'layer.bias' from a trusted source"
+            f"tensors ({detail}); use a plain state dict with 'layer.weight' and 'layer.bias' from a trusted source"
         ) from e
     except Exception as e:  # noqa: BLE001
         # bytes that are not a torch file make the unpickler fail with almost any exception type

@@ -158,6 +158,12 @@ def load_training_inputs(
         validation, val_report = load_labelled_embeddings(
             val_features_path, val_list_path, allow_missing=allow_missing, name="validation"
         )
+        if validation.dim != train.dim:
+            raise DataError(
+                f"validation embeddings have dimension {validation.dim} but training embeddings {train.dim} "
+                f"(validation file {str(val_features_path)!r}, training file {str(features_path)!r}); "
+                "extract both with the same backbone"
+            )
     elif val_fraction is not None:
         train, validation = split_heldout_classes(train, fraction=val_fraction, seed=seed)
 

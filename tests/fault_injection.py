@@ -169,15 +169,25 @@ def fsize_limit(max_bytes: int):
     return apply
 
 
-def marker_pickle(path: Path, marker: Path) -> Path:
-    """Write a torch-style pickle whose loading with weights_only=False would create `marker`."""
+class _CreatesMarker:
+    """An object whose unpickling runs `touch <marker>`, as a hostile checkpoint would run any code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def marker_pickle(path: Path, marker: Path, legacy_format: bool = False) -> Path:
+    """Write a torch checkpoint whose loading with weights_only=False would create `marker`.
+
+    The hostile object sits among real tensors, where a state dict's entries are.
+    """
     import torch
 
-    class _CreatesMarker:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"layer.weight": torch.zeros(2, 4), "layer.bias": torch.zeros(2), "extra": _CreatesMarker()}, path)
+    state = {"layer.weight": torch.zeros(2, 4), "layer.bias": torch.zeros(2), "extra": _CreatesMarker(marker)}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy_format)
     return path
 
 
