@@ -3,7 +3,10 @@
 All three are first written to temporary files in the output folder and fsynced. Then
 they are renamed into place one after the other while SIGINT and SIGTERM are held back.
 An interrupted or failed run therefore leaves either all three new files or none of
-them. The temporary files start with "." and end with ".tmp".
+them. SIGKILL cannot be held back: between the renames it leaves the new `.pth` with
+no `.json`, because older sidecars are removed first, so a `.json` beside a `.pth`
+always describes it. The temporary files start with "." and end with ".tmp", and
+SIGKILL can leave them behind.
 """
 import io
 import json
@@ -211,6 +214,10 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
             os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
 
         with _deferred_signals() as received:
+            # SIGKILL between two renames must not leave the new first file beside older
+            # later ones (a .json describing the replaced .pth), so those are removed first
+            for _, path in staged[1:]:
+                path.unlink(missing_ok=True)
             for tmp_name, path in staged:
                 os.replace(tmp_name, path)
             for folder in {path.parent for _, path in staged}:
