@@ -147,8 +147,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="auto (CUDA when available), cpu or cuda (default: %(default)s)")
     compute.add_argument("--batch_size", metavar="IMAGES", type=int,
                          help="images per forward pass; a batch contains images of one shape, so some are "
-                              f"smaller (default: {DEFAULT_BATCH_SIZE['cpu']} on CPU, where larger batches "
-                              f"only add memory, {DEFAULT_BATCH_SIZE['cuda']} on CUDA)")
+                              f"smaller (default: {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
+                              f"{DEFAULT_BATCH_SIZE['cuda']} on CUDA)")
     compute.add_argument("--num_workers", metavar="PROCESSES", type=int,
                          help="image decoding processes, 0 decodes in the main process "
                               "(default: min(8, CPU cores) = %(default)s)")
