@@ -1,11 +1,13 @@
 """glibc malloc settings for CPU inference.
 
 A CPU forward pass frees and reallocates the same large activation buffers for every
-batch. With glibc's default thresholds each buffer above 32 MiB is a fresh mmap whose
-pages fault in again on first touch: EfficientNet-Lite0 at 256 px, batch 32, took about
-12,000 minor page faults per image. Serving large blocks from the heap and keeping freed
-memory mapped removes nearly all of them (about 400 per image) and about a quarter of
-the run time, for a higher but stable resident size.
+batch. With glibc's default thresholds each large buffer is a fresh mmap whose pages
+fault in again on first touch. Serving large blocks from the heap and keeping freed
+memory mapped avoids that, for a higher but stable resident size.
+
+Measured with EfficientNet-Lite0 at 256 px, batch 16, forward only, on a 2-core AVX-512
+machine (torch 2.14): about 10,000 minor page faults per image fell to almost none,
+float32 went from about 43 to 92 images/s and bfloat16 from about 89 to 146 images/s.
 """
 import ctypes
 import ctypes.util
