@@ -219,6 +219,15 @@ def test_checkpoint_wrappers_accepted(tmp_path, wrap, prefix):
     assert "conv1.0.weight" in state
 
 
+def test_safetensors_checkpoint_read(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"module.weight": torch.ones(2, 3), "module.bias": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    state = read_state_dict(tmp_path / "w.safetensors")
+    assert sorted(state) == ["bias", "weight"]
+    assert torch.equal(state["weight"], torch.ones(2, 3))
+
+
 def test_checkpoint_with_code_rejected(tmp_path):
     class Payload:
         def __reduce__(self):
