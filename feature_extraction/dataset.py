@@ -50,6 +50,19 @@ class WindowEnd(NamedTuple):
     failed_reasons: list[str]
 
 
+MAX_AUTO_WINDOW_SIZE = 2048
+MIN_AUTO_WINDOW_SIZE = 128
+
+
+def auto_window_size(num_rows: int) -> int:
+    """Pick a window size from the list length alone, so a resumed run gets the same windows.
+
+    Each worker decodes whole windows, so a short list needs several windows to keep
+    every worker busy; long lists use large windows for fuller shape buckets.
+    """
+    return int(min(MAX_AUTO_WINDOW_SIZE, max(MIN_AUTO_WINDOW_SIZE, -(-num_rows // 8))))
+
+
 def split_windows(num_rows: int, window_size: int) -> list[Window]:
     """Cut rows [0, num_rows) into consecutive windows of `window_size` rows (the last may be shorter)."""
     return [

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
+from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
@@ -31,7 +32,6 @@ from feature_extraction.transforms import TransformName  # noqa: E402
 _logger = logging.getLogger("feature_extraction.extract")
 
 PARTITIONS = ("uned", "image_queries", "positives")
-DEFAULT_WINDOW_SIZE = 2048
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """\
@@ -161,7 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                               "float32 with a warning (default: %(default)s)")
     compute.add_argument("--window_size", metavar="ROWS", type=int,
                          help="consecutive list rows saved together; a killed run loses at most the "
-                              "windows in progress (default: %(default)s)")
+                              "windows in progress (default: list length / 8, between 128 and "
+                              f"{MAX_AUTO_WINDOW_SIZE}, so every worker gets windows on short lists)")
 
     parser.set_defaults(
         partition="uned", hdf5_name="features", hdf5_compression=0, store_fp16=True, overwrite=False,
@@ -169,7 +170,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         pooling="head", resolution=512, transforms=TransformName.RESIZE_LARGE.value, min_size=0,
         multiscale=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True, device="auto",
         batch_size=None, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
-        cpu_bf16=False, window_size=DEFAULT_WINDOW_SIZE, selected_ids=None,
+        cpu_bf16=False, window_size=None, selected_ids=None,
     )
     return parser
 

@@ -19,7 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from feature_extraction.allocator import keep_freed_memory_mapped
 from feature_extraction.backbones import Backbone, build_backbone, canonical_framework
-from feature_extraction.dataset import ImageBatch, Window, WindowedImageDataset, make_loader, split_windows
+from feature_extraction.dataset import ImageBatch, Window, WindowedImageDataset, auto_window_size, make_loader, split_windows
 from feature_extraction.embedding import Embedder, resolve_autocast, resolve_device
 from feature_extraction.hdf5_output import (
     assemble_hdf5,
@@ -302,7 +302,7 @@ def run_extraction(
     amp_dtype: str,
     cpu_bf16: bool,
     device: str,
-    window_size: int,
+    window_size: int | None,
     max_image_pixels: int,
     jpeg_draft: bool,
     hdf5_compression: int,
@@ -352,6 +352,7 @@ def run_extraction(
     )
 
     # resumable state
+    window_size = window_size or auto_window_size(len(entries))
     fingerprint = _fingerprint(
         framework=framework, backbone=backbone, model=model, checkpoint_sha256=checkpoint_sha256,
         transform=transform, pooling=pooling, multiscale=multiscale, store_dtype=store_dtype,

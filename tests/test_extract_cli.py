@@ -370,3 +370,12 @@ def test_bad_flag_values_exit_two(extra, capsys):
 def test_framework_alias_accepted():
     args = get_args_parser().parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", "--framework", "och"])
     assert args.framework == "och"
+
+
+def test_auto_window_size_spreads_short_lists():
+    from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, auto_window_size
+
+    # a 1,060-image list must give several windows, so two workers both decode
+    assert auto_window_size(1060) == 133
+    assert auto_window_size(10) == 128
+    assert auto_window_size(10_000_000) == MAX_AUTO_WINDOW_SIZE
