@@ -11,8 +11,17 @@ Example:
         --val_features_path features/heldout.hdf5 --val_info_path heldout_paths.txt \
         --save_dir outputs/lin_adapt_512.pth
 
+A shorter schedule: --classifier_init class_mean --batch_size 2048 --lr 3e-3
+--lr_schedule cosine --warmup_steps 2 --num_epochs 1 --amp bf16 (optionally with
+--max_steps). On synthetic UnED-like data (100k x 768, 10k classes; one thread of a
+shared 2-core AMD EPYC, torch 2.14) it reached held-out mAP@100 73.5 in 28 s. The
+default recipe reached 63.0 after 5 epochs in 355 s. On mini_uned it did not beat the default recipe; there class_mean with
+--lr 2e-3 and one epoch of batch 128 matched it (78.8 vs 78.3, mean of 3 seeds).
+
 Exit status: 0 on success, 1 for unusable data or a failed run, 2 for invalid arguments,
-130 after SIGINT and 143 after SIGTERM (nothing is written in those cases).
+130 after SIGINT and 143 after SIGTERM. Failed and interrupted runs write nothing, except
+that a signal arriving while the finished files are renamed into place lets the renames
+complete first.
 """
 import argparse
 import logging
