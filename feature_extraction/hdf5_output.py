@@ -8,6 +8,7 @@ name only ever refers to a complete file.
 """
 import logging
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,19 @@ _logger = logging.getLogger(__name__)
 
 # HDF5 chunks of about 1 MiB read and compress well
 _CHUNK_BYTES = 1 << 20
+
+
+class OutputError(OSError):
+    """The output file cannot be written (for example a full disk); the message names the path and the fix."""
+
+
+def _write_failure_reason(error: BaseException) -> str:
+    # HDF5 reports a failed write() inside a long message: keep its errno text when present
+    for cause in (error, error.__context__):
+        match = re.search(r"error message = '([^']*)'", str(cause)) if cause is not None else None
+        if match:
+            return match.group(1)
+    return str(error).splitlines()[0]
 
 
 def temporary_path_for(output: Path) -> Path:
@@ -58,9 +72,31 @@ def assemble_hdf5(
     Holds one window in memory at a time. Returns the number of embedded rows and the
     (row, reason) pairs of the unreadable ones.
     """
+    try:
+        return _assemble(store, windows, ids, path, store_dtype, compression, attributes)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(
+            f"cannot write {path}: {_write_failure_reason(e)}; free space in {path.parent} or choose "
+            "another --hdf5_dir, then rerun to resume"
+        ) from e
+
+
+def _assemble(
+    store: PartStore,
+    windows: list[Window],
+    ids: list[str],
+    path: Path,
+    store_dtype: np.dtype,
+    compression: int,
+    attributes: dict,
+) -> tuple[int, list[tuple[int, str]]]:
     failures: list[tuple[int, str]] = []
     num_rows = 0
-    with h5py.File(path, "w") as f:
+    # Without a chunk cache a failed write (full disk, file size limit) raises at once.
+    # With one, the dirty chunks stayed in HDF5's cache and crashed the process at exit.
+    with h5py.File(path, "w", rdcc_nbytes=0) as f:
         features = index = None
         for window in windows:
             part = store.read_window(window)

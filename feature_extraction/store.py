@@ -182,7 +182,13 @@ class PartStore:
             failed_rows=part.failed_rows.astype(np.int64),
             failed_reasons=np.array(part.failed_reasons, dtype=str),
         )
-        write_atomically(self.part_path(window.index), buffer.getvalue())
+        try:
+            write_atomically(self.part_path(window.index), buffer.getvalue())
+        except OSError as e:
+            raise StoreError(
+                f"cannot save {self.part_path(window.index)}: {e.strerror or e}; free space in "
+                f"{self.directory.parent} or choose another --hdf5_dir, then rerun to resume"
+            ) from e
 
     def read_window(self, window: Window) -> WindowPart:
         """Load and check one part file; raise StoreError if it does not cover its window exactly."""

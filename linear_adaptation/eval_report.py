@@ -13,6 +13,7 @@ Every file is written to a temporary name first and renamed when complete.
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 
@@ -85,16 +86,37 @@ def json_safe(value):
     return value
 
 
+class OutputWriteError(OSError):
+    """An output file that cannot be written; the message names the path and the reason."""
+
+
+def _write_failure_reason(error: BaseException) -> str:
+    # HDF5 reports a failed write() inside a long message: keep its errno text when present
+    match = re.search(r"error message = '([^']*)'", str(error))
+    if match:
+        return match.group(1)
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+
+
 @contextmanager
 def _atomic_path(path: str):
-    """Yield a temporary path beside `path` and rename it to `path` only if the block succeeds."""
+    """Yield a temporary path beside `path` and rename it to `path` only if the block succeeds.
+
+    Raises OutputWriteError naming `path` when the folder, the temporary file or the
+    rename fails, for example on a full disk.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {path!r}: {_write_failure_reason(e)}") from e
     os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # h5py raises RuntimeError for some failed writes
+        raise OutputWriteError(f"cannot write {path!r}: {_write_failure_reason(e)}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -151,7 +173,9 @@ def write_ranks(
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
         else:
-            with h5py.File(tmp, "w") as f:
+            # Without a chunk cache a failed write (full disk) raises at once. With one, the
+            # unwritten chunks stayed in HDF5's cache and crashed the process at exit.
+            with h5py.File(tmp, "w", rdcc_nbytes=0) as f:
                 for name, array in arrays.items():
                     if array.ndim == 0:
                         f.attrs[name] = array

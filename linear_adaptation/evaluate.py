@@ -392,7 +392,7 @@ def main(args: argparse.Namespace) -> int:
             write_ranks(args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k)
             _logger.info("wrote ranked lists to %s", args.save_ranks)
     except OSError as e:
-        _logger.error("cannot write the outputs (%s); check that the output folder is writable", e)
+        _logger.error("%s; free space there or choose a writable path (the metrics are printed above)", e)
         return 1
     return 0
 

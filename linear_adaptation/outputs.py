@@ -205,13 +205,20 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
     try:
         for path, data in contents.items():
             path = Path(path)
-            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp_name, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
+            try:
+                fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                staged.append((tmp_name, path))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
+            except OSError as e:
+                # e.g. a full disk; nothing is renamed, so earlier outputs stay as they were
+                raise OutputError(
+                    f"cannot write {str(path)!r}: {e.strerror or e}; free space in {str(path.parent)!r} or "
+                    "choose another --save_dir"
+                ) from e
 
         with _deferred_signals() as received:
             # SIGKILL between two renames must not leave the new first file beside older

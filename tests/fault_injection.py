@@ -6,6 +6,7 @@ exact point, such as between writing the temporary HDF5 file and renaming it. A 
 signal ends the real process there, so a rerun finds on disk what a pre-empted job
 leaves behind.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -154,7 +155,7 @@ def folder_listing(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
-def fsize_limit(max_bytes: int):
+def file_size_limit(max_bytes: int):
     """Return a preexec_fn capping the size of any file the child writes (a full disk for one file).
 
     SIGXFSZ is ignored so that a write past the limit fails with OSError EFBIG, as a
@@ -208,3 +209,41 @@ def read_failure_report(path: Path) -> dict[str, str]:
         image_path, _, reason = line.partition(",")
         report[image_path] = reason
     return report
+
+
+@contextlib.contextmanager
+def file_size_limit_here(max_bytes: int):
+    """Cap the size of files this process writes (soft RLIMIT_FSIZE) for the block; SIGXFSZ is ignored."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str):
+    """Mount a tmpfs of `size` (e.g. "300k") at `mount_point`, a real full disk; skip the test if not permitted.
+
+    Yields a function that resizes the mounted file system.
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {result.stderr.strip()}")
+
+    def resize(new_size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(mount_point)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
