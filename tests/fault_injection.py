@@ -29,10 +29,13 @@ TINY_MODEL = ["--framework", "timm", "--model", "test_vit", "--pretrained", "non
 FLOAT16_TOLERANCE = 2e-3
 SUBPROCESS_TIMEOUT = 300
 
-# Wrapper script. Its arguments are the repository, the script, the fault point, the call
-# count at which the process signals itself, and the signal name. The rest goes to the script.
+# Wrapper script. Its arguments are the repository, the script, the fault point ("none" for
+# no signal), the call count at which the process signals itself, and the signal name
+# ("group:NAME" signals the whole process group). The rest goes to the script. The
+# environment variable FAULT_DELAY_MS="write_window=60,read_window=30" slows these
+# PartStore methods down, so that signals sent from outside land in a known stage.
 _HOOKED_RUN = r"""
-import os, runpy, signal, sys
+import os, runpy, signal, sys, time
 repo, script, point, count, signal_name = sys.argv[1:6]
 sys.path.insert(0, repo)
 count = int(count)
@@ -41,7 +44,10 @@ calls = {"n": 0}
 def reached():
     calls["n"] += 1
     if calls["n"] == count:
-        os.kill(os.getpid(), getattr(signal, signal_name))
+        if signal_name.startswith("group:"):
+            os.killpg(0, getattr(signal, signal_name[len("group:"):]))
+        else:
+            os.kill(os.getpid(), getattr(signal, signal_name))
 
 def wrap(owner, name, before=False):
     original = getattr(owner, name)
@@ -57,7 +63,15 @@ def wrap(owner, name, before=False):
 if script.endswith("extract.py"):
     import feature_extraction.pipeline as pipeline
     import feature_extraction.store as store
-    if point == "before_publish":
+    for item in filter(None, os.environ.get("FAULT_DELAY_MS", "").split(",")):
+        method, milliseconds = item.split("=")
+        def slowed(*args, _original=getattr(store.PartStore, method), _seconds=int(milliseconds) / 1000, **kwargs):
+            time.sleep(_seconds)
+            return _original(*args, **kwargs)
+        setattr(store.PartStore, method, slowed)
+    if point == "none":
+        pass
+    elif point == "before_publish":
         wrap(pipeline, "publish", before=True)
     elif point == "after_publish":
         wrap(pipeline, "publish")
@@ -99,7 +113,10 @@ def command(script: Path, args: list) -> list[str]:
 
 
 def hooked_command(script: Path, args: list, point: str, count: int = 1, signal_name: str = "SIGKILL") -> list[str]:
-    """Return the argv running `script` with a signal sent at the `count`-th call of `point`."""
+    """Return the argv running `script` with a signal sent at the `count`-th call of `point`.
+
+    Set FAULT_DELAY_MS in the environment of the run to slow part writes or reads down.
+    """
     return [sys.executable, "-c", _HOOKED_RUN, str(REPO_ROOT), str(script), point, str(count), signal_name,
             *[str(a) for a in args]]
 

@@ -105,9 +105,23 @@ def _assert_final_files(out_dir, reference):
     assert folder_listing(out_dir) == FINAL_LISTING
 
 
-def _kill_when(images, out_dir, condition, delay: float = 0.0) -> None:
-    """Start a run, SIGKILL it once `condition()` is true (plus `delay` seconds), check what is left."""
-    process = start(command(EXTRACT, _args(images, out_dir)))
+# Runs that are signalled from outside take at least this many milliseconds per window
+# written. A seeded random delay then lands inside the embedding however fast the machine
+# is, because the tiny model alone needs only a few milliseconds per window.
+WINDOW_MILLISECONDS = 60
+
+
+def _paced(images, out_dir, *extra, read_ms=0):
+    """Return the argv and environment of a run whose window writes (and part reads) are slowed."""
+    delays = f"write_window={WINDOW_MILLISECONDS}" + (f",read_window={read_ms}" if read_ms else "")
+    argv = hooked_command(EXTRACT, _args(images, out_dir, *extra), "none")
+    return argv, {**os.environ, "FAULT_DELAY_MS": delays}
+
+
+def _kill_when(images, out_dir, condition, delay: float = 0.0, read_ms: int = 0) -> None:
+    """Start a paced run, SIGKILL it once `condition()` is true (plus `delay` seconds), check what is left."""
+    argv, env = _paced(images, out_dir, read_ms=read_ms)
+    process = start(argv, env=env)
     reached = wait_for(condition, process, interval=0.0005)
     time.sleep(delay)
     kill_and_reap(process)
@@ -126,26 +140,30 @@ def test_sigkill_at_many_points_resumes(images, reference, tmp_path):
     out_dir = tmp_path / "out"
     rng = random.Random(1234)
 
-    # two kills while windows are embedded: after a seeded number of saved windows plus
-    # a seeded delay, so they land mid-window or between windows
-    for target in sorted(rng.sample(range(1, NUM_WINDOWS - 4), 2)):
-        _kill_when(images, out_dir, lambda: _saved_windows(out_dir) >= target, delay=rng.uniform(0.0, 0.15))
-        assert _saved_windows(out_dir) >= target
-
-    # a part file written but not renamed (the run's second part; the manifest exists already)
-    result = _run_hooked(images, out_dir, "part_before_rename", 2)
+    # a part file written but not renamed (a new run renames the manifest, window 0, window 1)
+    result = _run_hooked(images, out_dir, "part_before_rename", 3)
     assert result.returncode == -signal.SIGKILL
-    assert list(_parts(out_dir).glob("*.tmp"))
+    assert _saved_windows(out_dir) == 1
+    assert len(list(_parts(out_dir).glob("window_000001.npz.*.tmp"))) == 1
+    _assert_nothing_final(out_dir)
+
+    # two kills at seeded random times while windows are embedded, after the first new one
+    for _ in range(2):
+        saved = _saved_windows(out_dir)
+        pending = NUM_WINDOWS - saved
+        delay = rng.uniform(0.0, 0.6) * pending * WINDOW_MILLISECONDS / 1000
+        _kill_when(images, out_dir, lambda: _saved_windows(out_dir) > saved, delay=delay)
+        assert saved < _saved_windows(out_dir) < NUM_WINDOWS
 
     # the last window saved, nothing assembled yet
     result = _run_hooked(images, out_dir, "after_window_write", NUM_WINDOWS - _saved_windows(out_dir))
     assert result.returncode == -signal.SIGKILL
     assert _saved_windows(out_dir) == NUM_WINDOWS
-    assert not list(_parts(out_dir).glob("*.tmp"))
+    _assert_nothing_final(out_dir)
 
-    # as soon as the temporary HDF5 file appears
+    # as soon as the temporary HDF5 file appears (the assembly is slowed down to be seen)
     temporary = out_dir / (OUTPUT_NAME + ".tmp")
-    _kill_when(images, out_dir, temporary.exists)
+    _kill_when(images, out_dir, temporary.exists, read_ms=30)
 
     # the HDF5 file half assembled
     result = _run_hooked(images, out_dir, "assembly_read", NUM_WINDOWS // 2)
@@ -174,10 +192,8 @@ def test_sigkill_at_many_points_resumes(images, reference, tmp_path):
     _assert_final_files(out_dir, reference)
 
 
-def _stop(process, signal_number, name, exit_status) -> None:
-    os.killpg(process.pid, signal_number)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == exit_status, stderr[-3000:]
+def _assert_stopped(returncode, stderr, name, exit_status) -> None:
+    assert returncode == exit_status, stderr[-3000:]
     assert f"stopped by {name}" in stderr
     assert "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
@@ -185,32 +201,42 @@ def _stop(process, signal_number, name, exit_status) -> None:
 
 def test_sigint_and_sigterm_stop_cleanly_and_resume(images, reference, tmp_path):
     out_dir = tmp_path / "out"
+    rng = random.Random(4321)
     # one decoding worker, and the signal sent to the whole process group as Ctrl-C in a
     # terminal and a batch scheduler's cancel do, so the worker receives it too
-    args = _args(images, out_dir, "--num_workers", "1")
-    for signal_number, name, exit_status, windows in ((signal.SIGINT, "SIGINT", 130, 3),
-                                                      (signal.SIGTERM, "SIGTERM", 143, 7)):
-        process = start(command(EXTRACT, args), start_new_session=True)
-        assert wait_for(lambda: _saved_windows(out_dir) >= windows, process)
-        _stop(process, signal_number, name, exit_status)
+    args = ("--num_workers", "1")
+    for signal_number, name, exit_status in ((signal.SIGINT, "SIGINT", 130), (signal.SIGTERM, "SIGTERM", 143)):
+        saved = _saved_windows(out_dir) if _parts(out_dir).exists() else 0
+        argv, env = _paced(images, out_dir, *args)
+        process = start(argv, env=env, start_new_session=True)
+        assert wait_for(lambda: _saved_windows(out_dir) > saved, process, interval=0.0005)
+        time.sleep(rng.uniform(0.0, 0.5) * (NUM_WINDOWS - saved) * WINDOW_MILLISECONDS / 1000)
+        os.killpg(process.pid, signal_number)
+        _, stderr = process.communicate(timeout=120)
+        _assert_stopped(process.returncode, stderr, name, exit_status)
         _assert_nothing_final(out_dir)
         assert not (out_dir / (OUTPUT_NAME + ".tmp")).exists()
 
-    # SIGTERM while the HDF5 file is assembled: the temporary file is removed
-    result = run(hooked_command(EXTRACT, args, "assembly_read", 2, "SIGTERM"))
-    assert result.returncode == 143, result.stderr[-3000:]
+    # SIGTERM to the group right after a window is saved, and while the HDF5 file is assembled
+    result = run(hooked_command(EXTRACT, _args(images, out_dir, *args), "after_window_write", 1, "group:SIGTERM"),
+                 start_new_session=True)
+    _assert_stopped(result.returncode, result.stderr, "SIGTERM", 143)
+    result = run(hooked_command(EXTRACT, _args(images, out_dir, *args), "after_window_write",
+                                NUM_WINDOWS - _saved_windows(out_dir), "SIGKILL"))
+    assert result.returncode == -signal.SIGKILL
+    result = run(hooked_command(EXTRACT, _args(images, out_dir, *args), "assembly_read", 2, "SIGTERM"))
+    _assert_stopped(result.returncode, result.stderr, "SIGTERM", 143)
     assert f"{NUM_ROWS} of {NUM_ROWS} rows are saved" in result.stderr
-    assert "Traceback" not in result.stderr
     _assert_nothing_final(out_dir)
     assert not (out_dir / (OUTPUT_NAME + ".tmp")).exists()
 
     # SIGTERM right after the rename: the output is complete, whichever exit status is returned
-    result = run(hooked_command(EXTRACT, args, "after_publish", 1, "SIGTERM"))
+    result = run(hooked_command(EXTRACT, _args(images, out_dir, *args), "after_publish", 1, "SIGTERM"))
     assert result.returncode in (0, 143), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert_same_extraction(out_dir / OUTPUT_NAME, reference)
 
-    result = run(command(EXTRACT, args))
+    result = run(command(EXTRACT, _args(images, out_dir, *args)))
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_final_files(out_dir, reference)
 
@@ -243,10 +269,11 @@ def test_decoding_worker_ignores_stop_signals():
 
 def test_sigkill_releases_parts_lock_at_once(images, tmp_path):
     # Regression: the parts folder lock was an flock shared with the forked decoding
-    # workers, which outlive a SIGKILLed main process by up to 5 s; a rerun started
+    # workers, which outlive a SIGKILLed main process by up to 5 s. A rerun started
     # meanwhile (a requeued job) stopped with "another process is extracting".
     out_dir = tmp_path / "out"
-    process = start(command(EXTRACT, _args(images, out_dir, "--num_workers", "1")))
+    argv, env = _paced(images, out_dir, "--num_workers", "1")
+    process = start(argv, env=env)
     assert wait_for(lambda: _saved_windows(out_dir) >= 1, process)
     # wait for the main process only: the orphaned worker keeps the stderr pipe open
     process.kill()
