@@ -409,12 +409,17 @@ def run_extraction(
                 hdf5_compression=hdf5_compression, attributes=attributes,
             )
     except Interrupted as e:
+        temporary.unlink(missing_ok=True)
+        if output.exists():
+            # the signal came after the rename, while the parts folder was being deleted
+            _logger.warning("stopped by %s after %s was complete; a rerun removes the leftover %s",
+                            e, output, store.directory)
+            raise
         saved = sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
         _logger.warning(
             "stopped by %s: %d of %d rows are saved in %s; rerun the same command to resume",
             e, saved, len(entries), store.directory,
         )
-        temporary.unlink(missing_ok=True)
         raise
     except BaseException:
         temporary.unlink(missing_ok=True)
