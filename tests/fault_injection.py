@@ -30,10 +30,10 @@ FLOAT16_TOLERANCE = 2e-3
 SUBPROCESS_TIMEOUT = 300
 
 # Wrapper script. Its arguments are the repository, the script, the fault point ("none" for
-# no signal), the call count at which the process signals itself, and the signal name
-# ("group:NAME" signals the whole process group). The rest goes to the script. The
-# environment variable FAULT_DELAY_MS="write_window=60,read_window=30" slows these
-# PartStore methods down, so that signals sent from outside land in a known stage.
+# no signal), the call count at which the process signals itself, and the signal name.
+# The rest goes to the script. The environment variable
+# FAULT_DELAY_MS="write_window=60,read_window=30" slows these PartStore methods down, so
+# that signals sent from outside land in a known stage.
 _HOOKED_RUN = r"""
 import os, runpy, signal, sys, time
 repo, script, point, count, signal_name = sys.argv[1:6]
@@ -44,10 +44,7 @@ calls = {"n": 0}
 def reached():
     calls["n"] += 1
     if calls["n"] == count:
-        if signal_name.startswith("group:"):
-            os.killpg(0, getattr(signal, signal_name[len("group:"):]))
-        else:
-            os.kill(os.getpid(), getattr(signal, signal_name))
+        os.kill(os.getpid(), getattr(signal, signal_name))
 
 def wrap(owner, name, before=False):
     original = getattr(owner, name)
