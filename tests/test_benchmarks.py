@@ -77,10 +77,12 @@ def test_train_bench_reads_stored_embeddings(capsys, tmp_path):
 
 
 def test_train_bench_profiles_steps(capsys):
-    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--profile_steps", "3", "--profile_rows", "5"]) == 0
+    argv = [*TINY_TRAIN, "--epochs", "1", "--untimed_steps", "2", "--profile_steps", "3", "--profile_rows", "5"]
+    assert bench_train.run(argv) == 0
     output = capsys.readouterr().out
     assert "torch.profiler, 3 training steps" in output
     assert "Self CPU" in output
+    assert printed_summary(output)["untimed_steps"] == 2
 
 
 def test_train_bench_rejects_zero_epochs(capsys):
