@@ -1,7 +1,7 @@
 """Extract -> train -> evaluate on real photos with ImageNet-trained EfficientNet-Lite0 weights.
 
-Runs the three command-line scripts as a user would, on a subset of mini_uned (every
-third training image and every second held-out image, all classes kept), and checks
+Runs the three command-line scripts as a user would, on a subset of mini_uned: every
+third training image and every second held-out image, with all classes kept. Checks
 that the trained layer raises held-out mAP@100 and that trainer and evaluator agree.
 """
 import json
