@@ -16,7 +16,6 @@ Results go to stdout: a short table, then one `summary: {...}` JSON line (also s
 """
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -30,10 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler  # noqa: E402
 from feature_extraction.backbones import FRAMEWORKS, NO_WEIGHTS, POOLINGS, build_backbone  # noqa: E402
-from feature_extraction.dataset import ImageBatch, WindowedImageDataset, split_windows  # noqa: E402
+from feature_extraction.dataset import ImageBatch, WindowedImageDataset, auto_window_size, split_windows  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
 from feature_extraction.extract import bool_flag, setup_logging  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Build the parser; model and compute flags follow feature_extraction/extract.py."""
     parser = argparse.ArgumentParser(
         description="Time extract.py's code path end to end against the model forward pass alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("images")
     data.add_argument("--dataset_dir", metavar="DIR",
@@ -90,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--num_workers", metavar="PROCESSES", type=int, help="image decoding processes")
     compute.add_argument("--window_size", metavar="ROWS", type=int,
                          help="list rows per window; each window is decoded by one worker, so a list needs at "
-                              "least as many windows as workers to keep them all busy")
+                              "least as many windows as workers to keep them all busy (default: extract.py's, an "
+                              "eighth of the list, 128 to 2048 rows)")
     compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
                          help="CPU only: bfloat16 autocast where the CPU supports it (true/false)")
     compute.add_argument("--comp_fp16", metavar="BOOL", type=bool_flag,
@@ -120,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(
         dataset_dir=None, selected_ids=None, num_images=1024, framework="timm", model="tf_efficientnet_lite0",
         checkpoint=None, pooling="head", resolution=256, transforms=TransformName.RESIZE_LARGE.value,
-        device="auto", batch_size=None, num_workers=2, window_size=256, cpu_bf16=False, comp_fp16=False,
+        device="auto", batch_size=None, num_workers=2, window_size=None, cpu_bf16=False, comp_fp16=False,
         amp_dtype="float16", store_fp16=True, forward_passes=1, compare_precision=False, val_k=100,
         profile_batches=0, profile_rows=15, work_dir=None, json=None,
     )
@@ -133,11 +134,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.dataset_dir = str(default_dataset_dir())
     if not Path(args.dataset_dir).is_dir():
         parser.error(f"--dataset_dir {args.dataset_dir!r} is not a folder; set MINI_UNED_DIR or pass --dataset_dir")
-    for name in ("resolution", "window_size", "forward_passes", "val_k", "profile_rows"):
+    for name in ("resolution", "forward_passes", "val_k", "profile_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch_size is {args.batch_size}; it must be at least 1")
+    for name in ("batch_size", "window_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
     for name in ("num_images", "num_workers", "profile_batches"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or more")
@@ -330,12 +332,13 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[device.type]
     entries = select_entries(args.dataset_dir, args.selected_ids, args.num_images)
+    window_size = args.window_size or auto_window_size(len(entries))
     settings = dict(
         dataset_dir=args.dataset_dir, framework=args.framework, model=args.model,
         pretrained=None if args.checkpoint else NO_WEIGHTS, checkpoint=args.checkpoint, pooling=args.pooling,
         resolution=args.resolution, transforms=args.transforms, min_size=0, multiscale=False,
         batch_size=batch_size, num_workers=args.num_workers, amp_dtype=args.amp_dtype, device=args.device,
-        window_size=args.window_size, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True,
+        window_size=window_size, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True,
         hdf5_compression=0,
     )
 
@@ -358,8 +361,7 @@ def main(args: argparse.Namespace) -> int:
         # forward only, on the same batches
         transform = InferenceTransform(TransformName(args.transforms), args.resolution, 0)
         decode_options = DecodeOptions(transform, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True)
-        batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size,
-                                                 args.window_size)
+        batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size, window_size)
         autocast_dtype = resolve_autocast(device, args.comp_fp16, args.amp_dtype, args.cpu_bf16)
         torch.manual_seed(0)
         backbone = build_backbone(args.framework, args.model, settings["pretrained"], args.checkpoint, args.pooling)
@@ -379,7 +381,7 @@ def main(args: argparse.Namespace) -> int:
             "store_fp16": args.store_fp16,
             "batch_size": batch_size,
             "num_workers": args.num_workers,
-            "window_size": args.window_size,
+            "window_size": window_size,
             "num_images": len(entries),
             "num_embedded": extraction.num_embedded,
             "num_batches": len(batches),
@@ -403,10 +405,7 @@ def main(args: argparse.Namespace) -> int:
             summary["precision_check"] = compare_precision(settings, list_path, entries, work_dir, device, args.val_k)
 
     print(format_results(summary))
-    print("summary: " + json.dumps(summary))
-    if args.json is not None:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    emit_summary(summary, args.json)
     return 0
 
 

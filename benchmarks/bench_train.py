@@ -14,7 +14,6 @@ Results go to stdout: a table of epochs, then one `summary: {...}` JSON line (al
 with --json). The run log goes to stderr.
 """
 import argparse
-import json
 import logging
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Build the parser; recipe defaults are those of linear_adaptation/train_lin_adapt.py."""
     parser = argparse.ArgumentParser(
         description="Time the linear adaptation trainer on synthetic or stored embeddings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("synthetic data (ignored with --train_features)")
     data.add_argument("--preset", metavar="NAME", choices=tuple(PRESETS),
@@ -83,10 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_seed", metavar="N", type=int, help="seed of the synthetic data generator")
 
     stored = parser.add_argument_group("stored embeddings instead of synthetic ones")
-    stored.add_argument("--train_features", metavar="HDF5", help="training embeddings (ILIAS-layout HDF5)")
-    stored.add_argument("--train_list", metavar="LIST", help="training 'path,label,domain' list")
-    stored.add_argument("--val_features", metavar="HDF5", help="held-out embeddings")
-    stored.add_argument("--val_list", metavar="LIST", help="held-out 'path,label,domain' list")
+    stored.add_argument("--train_features", metavar="HDF5", help="training embeddings (ILIAS-layout HDF5) (default: none, synthetic data)")
+    stored.add_argument("--train_list", metavar="LIST", help="training 'path,label,domain' list, with --train_features")
+    stored.add_argument("--val_features", metavar="HDF5", help="held-out embeddings (default: none, no validation)")
+    stored.add_argument("--val_list", metavar="LIST", help="held-out 'path,label,domain' list, with --val_features")
 
     recipe = parser.add_argument_group("recipe (defaults: train_lin_adapt.py's)")
     recipe.add_argument("--epochs", metavar="N", type=int, help="passes over the training images")
@@ -349,10 +349,7 @@ def main(args: argparse.Namespace) -> int:
     if args.profile_steps:
         print(f"\ntorch.profiler, {args.profile_steps} training steps:")
         print(profile_steps(train, recipe, args.profile_steps, args.profile_rows, device))
-    print("summary: " + json.dumps(summary))
-    if args.json is not None:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    emit_summary(summary, args.json)
     return 0
 
 
