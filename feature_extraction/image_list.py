@@ -46,7 +46,7 @@ def escape_id(path: str) -> str:
 def unescape_id(image_id: str) -> str:
     """Decode the `#Uxxxx` sequences of an id back to characters.
 
-    NOTE: a path that literally contains `#U` plus four hex digits cannot be told apart
+    NOTE: a path that literally contains `#U` plus four hex digits cannot be distinguished
     from an escaped one; such paths do not occur in UnED or ILIAS.
     """
     return _ESCAPED_CHAR.sub(lambda m: chr(int(m.group(1), 16)), image_id)
