@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_extract, bench_train
+from benchmarks import bench_extract, bench_seeds, bench_train
 from linear_adaptation.synthetic import make_synthetic_dataset, write_split
 
 TINY_TRAIN = [
@@ -28,6 +28,16 @@ def printed_summary(output: str) -> dict:
     lines = [line for line in output.splitlines() if line.startswith("summary: ")]
     assert len(lines) == 1
     return json.loads(lines[0].removeprefix("summary: "))
+
+
+def stored_split_args(data, folder) -> list[str]:
+    """Write the synthetic splits as HDF5 files and lists; return the flags that name them."""
+    write_split(data.train, folder / "train.hdf5", folder / "train.txt")
+    write_split(data.heldout, folder / "heldout.hdf5", folder / "heldout.txt")
+    return [
+        "--train_features", str(folder / "train.hdf5"), "--train_list", str(folder / "train.txt"),
+        "--val_features", str(folder / "heldout.hdf5"), "--val_list", str(folder / "heldout.txt"),
+    ]
 
 
 def test_train_bench_prints_summary(capsys, tmp_path):
@@ -59,11 +69,8 @@ def test_train_bench_follows_trainer_defaults():
 def test_train_bench_reads_stored_embeddings(capsys, tmp_path):
     data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
                                   num_heldout_classes=6, dim=24, seed=1)
-    write_split(data.train, tmp_path / "train.hdf5", tmp_path / "train.txt")
-    write_split(data.heldout, tmp_path / "heldout.hdf5", tmp_path / "heldout.txt")
     argv = [
-        "--train_features", str(tmp_path / "train.hdf5"), "--train_list", str(tmp_path / "train.txt"),
-        "--val_features", str(tmp_path / "heldout.hdf5"), "--val_list", str(tmp_path / "heldout.txt"),
+        *stored_split_args(data, tmp_path),
         "--out_dim", "8", "--batch_size", "32", "--epochs", "1", "--target_map", "0",
     ]
     assert bench_train.run(argv) == 0
@@ -74,6 +81,27 @@ def test_train_bench_reads_stored_embeddings(capsys, tmp_path):
     assert summary["recipe"]["steps"] == 300 // 32
     # every mAP reaches 0, so the target is met after the first epoch
     assert summary["seconds_to_target_map"] == pytest.approx(summary["train_seconds"])
+
+
+def test_seed_bench_compares_both_runs(capsys, tmp_path):
+    data = make_synthetic_dataset(num_train_images=400, num_train_classes=20, num_heldout_images=80,
+                                  num_heldout_classes=8, dim=24, seed=2)
+    argv = [
+        *stored_split_args(data, tmp_path),
+        "--seeds", "3", "--first_seed", "5", "--epochs", "1", "--threshold", "0", "--json", str(tmp_path / "s.json"),
+    ]
+    assert bench_seeds.run(argv) == 0
+    output = capsys.readouterr().out
+    summary = printed_summary(output)
+
+    assert summary["seeds"] == [5, 7]
+    assert [line.split()[0] for line in output.splitlines() if line[:4].strip().isdigit()] == ["5", "6", "7"]
+    for name in ("trainer", "reference"):
+        stats = summary[name]["all_queries"]
+        assert 0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 100
+        assert stats["seeds_at_threshold"] == 3
+        assert summary[name]["macro"]["sd"] >= 0
+    assert json.loads((tmp_path / "s.json").read_text())["trainer"] == summary["trainer"]
 
 
 def test_train_bench_profiles_steps(capsys):
