@@ -24,7 +24,7 @@ from feature_extraction.images import DecodeOptions, ImageDecodeError, load_imag
 # Buffered images per worker, in batches, above which the largest partial group is sent
 # anyway. This bounds memory when a window has many distinct shapes.
 MAX_BUFFERED_BATCHES = 4
-# niceness added to decode workers (0-19, 19 is the lowest priority)
+# niceness added to decode workers where the SCHED_IDLE policy is not available (0-19, 19 is the lowest priority)
 WORKER_NICENESS = 10
 
 
@@ -144,8 +144,22 @@ def _init_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # The model's OpenMP threads wait for each other at every parallel region, so a decoder
-    # that occupies a core stalls them all. A lower priority lets them take the core back.
+    # that occupies a core stalls them all. Under Linux's SCHED_IDLE policy they take the core
+    # back at once. The workers still run whenever a core is free, for example while the main
+    # process waits for the next batch.
+    lower_worker_priority()
+
+
+def lower_worker_priority() -> str:
+    """Put the calling process under the SCHED_IDLE policy, or lower its priority by WORKER_NICENESS; return which."""
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError:
+            pass  # a seccomp or container policy may forbid it; niceness is always allowed
     os.nice(WORKER_NICENESS)
+    return f"niceness +{WORKER_NICENESS}"
 
 
 def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool) -> DataLoader:

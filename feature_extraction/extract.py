@@ -159,6 +159,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
                          help="CPU only: bfloat16 autocast when the CPU supports it natively, else "
                               "float32 with a warning (default: %(default)s)")
+    compute.add_argument("--fold_batchnorm", metavar="BOOL", type=bool_flag,
+                         help="fold each eval-mode BatchNorm into the convolution that feeds it, so CNN "
+                              "backbones skip a pass over their activations; the embeddings change only by "
+                              "rounding, and models without BatchNorm are unaffected (default: %(default)s)")
     compute.add_argument("--window_size", metavar="ROWS", type=int,
                          help="consecutive list rows saved together; a killed run loses at most the "
                               "windows in progress (default: list length / 8, between 128 and "
@@ -170,7 +174,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         pooling="head", resolution=512, transforms=TransformName.RESIZE_LARGE.value, min_size=0,
         multiscale=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True, device="auto",
         batch_size=None, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
-        cpu_bf16=False, window_size=None, selected_ids=None,
+        cpu_bf16=False, fold_batchnorm=True, window_size=None, selected_ids=None,
     )
     return parser
 
@@ -221,6 +225,7 @@ def main(args: argparse.Namespace) -> int:
             comp_fp16=args.comp_fp16,
             amp_dtype=args.amp_dtype,
             cpu_bf16=args.cpu_bf16,
+            fold_batchnorm=args.fold_batchnorm,
             device=args.device,
             window_size=args.window_size,
             max_image_pixels=args.max_image_pixels,

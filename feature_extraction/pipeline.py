@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from feature_extraction.allocator import keep_freed_memory_mapped
 from feature_extraction.backbones import Backbone, build_backbone, canonical_framework
+from feature_extraction.batchnorm_folding import fold_backbone_batchnorm
 from feature_extraction.dataset import ImageBatch, Window, WindowedImageDataset, auto_window_size, make_loader, split_windows
 from feature_extraction.embedding import Embedder, resolve_autocast, resolve_device
 from feature_extraction.hdf5_output import (
@@ -307,6 +308,7 @@ def run_extraction(
     jpeg_draft: bool,
     hdf5_compression: int,
     overwrite: bool,
+    fold_batchnorm: bool = True,
 ) -> ExtractionSummary:
     """Extract embeddings for every listed image into `output`, resuming a partial run.
 
@@ -339,6 +341,9 @@ def run_extraction(
     # seeded so that --pretrained none gives the same random weights on every run
     torch.manual_seed(0)
     backbone = build_backbone(framework, model, pretrained, checkpoint, pooling)
+    folded_layers = 0
+    if fold_batchnorm:
+        backbone.module, folded_layers = fold_backbone_batchnorm(backbone.module, resolution)
     checkpoint_sha256 = file_sha256(checkpoint) if checkpoint else ""
     transform = InferenceTransform(TransformName(transforms), resolution, min_size)
     decode_options = DecodeOptions(transform, max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft)
@@ -404,6 +409,9 @@ def run_extraction(
                 fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
                 list_source=list_source, backbone=backbone,
             )
+            # not in the resume fingerprint: folding changes the embeddings by rounding only, far
+            # less than float16 storage does, so windows of folded and unfolded runs may be combined
+            attributes["batchnorm_folded"] = folded_layers
             num_embedded, failures = _assemble_output(
                 store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
                 hdf5_compression=hdf5_compression, attributes=attributes,

@@ -379,3 +379,17 @@ def test_auto_window_size_spreads_short_lists():
     assert auto_window_size(1060) == 133
     assert auto_window_size(10) == 128
     assert auto_window_size(10_000_000) == MAX_AUTO_WINDOW_SIZE
+
+
+def test_batchnorm_folding_flag(extract):
+    folded_code, folded_output = extract("--fold_batchnorm", "true", name="folded")
+    plain_code, plain_output = extract("--fold_batchnorm", "false", name="plain")
+    folded, folded_ids, folded_attrs = read_output(folded_output)
+    plain, plain_ids, plain_attrs = read_output(plain_output)
+
+    assert folded_code == plain_code == 0
+    assert folded_attrs["batchnorm_folded"] > 0
+    assert plain_attrs["batchnorm_folded"] == 0
+    assert folded_ids == plain_ids
+    cosine = (folded.astype(np.float32) * plain.astype(np.float32)).sum(axis=1)
+    assert cosine.min() > 0.999
