@@ -204,17 +204,22 @@ def imprint_class_means(
     classes: torch.Tensor,
     chunk_rows: int = _EMBED_CHUNK_ROWS,
 ) -> None:
-    """Point each class weight at the mean adapted embedding of its images, keeping the row norms.
+    """Point each class weight at the initial layer's output for the class's mean embedding, keeping the row norms.
 
-    Only the directions change, so the learning rate acts on weights of the same size as
-    with nn.Linear's initialisation. Every class must have at least one image.
+    The layer is linear, so this is the direction of the mean of its (unnormalised) outputs
+    over the class's images, found without passing every image through it. Only the
+    directions change, so the learning rate acts on weights of the same size as with
+    nn.Linear's initialisation. Every class must have at least one image.
     """
-    sums = torch.zeros_like(classifier.weight)  # (C, out)
+    num_classes = classifier.weight.shape[0]
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float32, device=features.device)  # (C, in)
     for start in range(0, rows.shape[0], chunk_rows):
         batch = features[rows[start : start + chunk_rows]].float()
-        sums.index_add_(0, classes[start : start + chunk_rows], adapter(batch))
+        sums.index_add_(0, classes[start : start + chunk_rows], batch)
+    counts = torch.bincount(classes, minlength=num_classes).clamp_min(1).unsqueeze(1)
+    directions = adapter.layer(sums / counts)  # (C, out)
     norms = classifier.weight.norm(dim=1, keepdim=True)
-    classifier.weight.copy_(torch.nn.functional.normalize(sums, dim=1) * norms)
+    classifier.weight.copy_(torch.nn.functional.normalize(directions, dim=1) * norms)
 
 
 def describe_metrics(metrics: dict) -> str:

@@ -104,6 +104,15 @@ def test_seed_bench_compares_both_runs(capsys, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["trainer"] == summary["trainer"]
 
 
+def test_train_bench_reports_median_of_repeats(capsys):
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--repeats", "3"]) == 0
+    summary = printed_summary(capsys.readouterr().out)
+
+    repeats = summary["train_seconds_repeats"]
+    assert len(repeats) == 3
+    assert summary["train_seconds"] == sorted(repeats)[1]
+
+
 def test_train_bench_profiles_steps(capsys):
     argv = [*TINY_TRAIN, "--epochs", "1", "--untimed_steps", "2", "--profile_steps", "3", "--profile_rows", "5"]
     assert bench_train.run(argv) == 0

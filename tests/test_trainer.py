@@ -172,6 +172,8 @@ def test_validation_dimension_mismatch_rejected(synthetic):
 def test_imprint_class_means_sets_directions():
     torch.manual_seed(0)
     adapter = LinearAdapter(6, 4)
+    with torch.no_grad():
+        adapter.layer.bias.normal_()  # a bias, so the mean must be taken before the layer, not of the inputs alone
     classifier = CosineClassifier(4, 3)
     norms_before = classifier.weight.norm(dim=1).clone()
     features = torch.randn(7, 6)
@@ -181,9 +183,9 @@ def test_imprint_class_means_sets_directions():
     imprint_class_means(classifier, adapter, features, rows, classes, chunk_rows=3)
 
     with torch.no_grad():
-        embedded = adapter(features[rows])
+        outputs = adapter.layer(features[rows])  # before the L2 normalisation
     for c in range(3):
-        direction = torch.nn.functional.normalize(embedded[classes == c].mean(dim=0), dim=0)
+        direction = torch.nn.functional.normalize(outputs[classes == c].mean(dim=0), dim=0)
         assert torch.allclose(classifier.weight[c] / classifier.weight[c].norm(), direction, atol=1e-6)
     assert torch.allclose(classifier.weight.norm(dim=1), norms_before, atol=1e-6)
 
