@@ -19,7 +19,8 @@ variants rank by cosine similarity. Search is exact inner product (faiss on CPU,
 on CUDA), with the database read in blocks of --chunk_rows rows. Equal scores are
 ordered by lower database row. The table
 is printed to stdout and the log goes to stderr. Exit status: 0 on success, 1 for
-unusable input data (nothing is written), 2 for invalid arguments.
+unusable input data (nothing is written), 2 for invalid arguments, 130 after SIGINT and
+143 after SIGTERM.
 """
 import argparse
 import logging
@@ -48,6 +49,7 @@ from linear_adaptation.features_io import DataError, join_by_id, load_hdf5_featu
 from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth  # noqa: E402
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
+from linear_adaptation.signals import EXIT_SIGINT, EXIT_SIGTERM, TerminationRequested, sigterm_raises  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
 from linear_adaptation.metrics import labelled_set_metrics, positive_set_metrics  # noqa: E402
 
@@ -397,6 +399,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run main; Ctrl-C and SIGTERM end it with status 130 or 143 and no traceback."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        with sigterm_raises():
+            return main(args)
+    except KeyboardInterrupt:
+        _logger.error("interrupted (SIGINT); outputs not yet written were skipped, and none is left half-written")
+        return EXIT_SIGINT
+    except TerminationRequested:
+        _logger.error("terminated (SIGTERM); outputs not yet written were skipped, and none is left half-written")
+        return EXIT_SIGTERM
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run())

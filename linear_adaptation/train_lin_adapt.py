@@ -58,18 +58,15 @@ from linear_adaptation.trainer import (  # noqa: E402
     seed_everything,
 )
 from linear_adaptation.trainer import train_linear_adapter  # noqa: E402
+from linear_adaptation.signals import EXIT_SIGINT, EXIT_SIGTERM, TerminationRequested, sigterm_raises  # noqa: E402
 from linear_adaptation.training_data import load_training_inputs  # noqa: E402
 
 _logger = logging.getLogger("train_lin_adapt")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEVICES = ("auto", "cpu", "cuda")
 _TRUE_WORDS = ("true", "on", "1", "yes")
 _FALSE_WORDS = ("false", "off", "0", "no")
-
-
-class TerminationRequested(BaseException):
-    """Raised from the SIGTERM handler; a BaseException so no `except Exception` swallows it."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -257,10 +254,6 @@ def setup_logging() -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
-def _raise_termination(signum, frame):
-    raise TerminationRequested()
-
-
 def main(args: argparse.Namespace) -> int:
     """Load and check the data, train on `args.device`, and write the .pth, .json and .png files."""
     wall_start = time.perf_counter()
@@ -354,9 +347,9 @@ def run(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     args.device = resolve_device(parser, args).type
 
-    previous_handler = signal.signal(signal.SIGTERM, _raise_termination)
     try:
-        return main(args)
+        with sigterm_raises():
+            return main(args)
     except (DataError, ImageListError, OutputError) as e:
         _logger.error("%s", e)
         return EXIT_FAILED
@@ -369,8 +362,6 @@ def run(argv: list[str] | None = None) -> int:
     except TerminationRequested:
         _logger.error("terminated (SIGTERM); no output written")
         return EXIT_SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

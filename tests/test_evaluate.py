@@ -1,6 +1,7 @@
 """The evaluation command on small HDF5 files, checked against a brute-force reference."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from feature_extraction.image_list import escape_id, file_sha256
+import linear_adaptation.evaluate as evaluate_module
 from linear_adaptation.evaluate import evaluate_query_database, get_args_parser, main
 from linear_adaptation.features_io import DataError
 from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth
@@ -455,3 +457,30 @@ def test_ground_truth_rejects_repeated_database_ids(tmp_path):
         match_ground_truth(read_ground_truth(path), ["q.jpg"], ["a.jpg", "b.jpg", "a.jpg"])
     with pytest.raises(DataError, match="none of the 1 ground-truth queries"):
         match_ground_truth(read_ground_truth(path), ["x.jpg"], ["a.jpg"])
+
+
+# ---------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("signal_name,expected", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_exits_without_traceback(signal_name, expected, tmp_path):
+    # the signal arrives while main runs; run() must turn it into the exit status
+    code = (
+        "import os, signal, sys, time, logging\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "import linear_adaptation.evaluate as evaluate\n"
+        f"def interrupted_main(args):\n    os.kill(os.getpid(), signal.{signal_name})\n    time.sleep(5)\n    return 0\n"
+        "evaluate.main = interrupted_main\n"
+        "sys.exit(evaluate.run(['--features_path', 'x.hdf5', '--info_path', 'x.txt']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    assert result.returncode == expected, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"({signal_name})" in result.stderr
+
+
+def test_sigterm_handler_restored_after_run(monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(evaluate_module, "main", lambda args: 0)
+    assert evaluate_module.run(["--features_path", "x.hdf5", "--info_path", "x.txt"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
