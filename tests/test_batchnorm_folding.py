@@ -136,9 +136,15 @@ def test_batchnorm_in_training_mode_not_folded():
     model = randomise_batchnorm(StandardisedConvBlock())
     model.conv = nn.Conv2d(3, 4, 3, padding=1)
     model.train()
+    running_mean = model.bn.running_mean.clone()
     result, count = fold_batchnorm(model, images(16, 16))
+
     assert result is model
     assert count == 0
+    # a traced training-mode BatchNorm would update its running statistics from the example
+    torch.testing.assert_close(model.bn.running_mean, running_mean, rtol=0, atol=0)
+    # the output check alone would also reject the fold, so test the pair search directly
+    assert find_conv_norm_pairs(model, images(16, 16)) == []
 
 
 def test_model_without_batchnorm_returned_unchanged():
