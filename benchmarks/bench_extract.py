@@ -34,7 +34,13 @@ from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler  # noqa: E402
 from feature_extraction.backbones import FRAMEWORKS, NO_WEIGHTS, POOLINGS, build_backbone  # noqa: E402
 from feature_extraction.batchnorm_folding import fold_backbone_batchnorm  # noqa: E402
-from feature_extraction.dataset import ImageBatch, WindowedImageDataset, auto_window_size, split_windows  # noqa: E402
+from feature_extraction.dataset import (  # noqa: E402
+    WORKER_PRIORITIES,
+    ImageBatch,
+    WindowedImageDataset,
+    auto_window_size,
+    split_windows,
+)
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
 from feature_extraction.extract import bool_flag, setup_logging  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
@@ -93,6 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="list rows per window; each window is decoded by one worker, so a list needs at "
                               "least as many windows as workers to keep them all busy (default: extract.py's, an "
                               "eighth of the list, 128 to 2048 rows)")
+    compute.add_argument("--worker_priority", metavar="LEVEL", choices=WORKER_PRIORITIES,
+                         help="scheduling of the decode workers, as extract.py's flag")
     compute.add_argument("--fold_batchnorm", metavar="BOOL", type=bool_flag,
                          help="fold BatchNorm into the convolutions, in both timings, as extract.py's flag")
     compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
@@ -124,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(
         dataset_dir=None, selected_ids=None, num_images=1024, framework="timm", model="tf_efficientnet_lite0",
         checkpoint=None, pooling="head", resolution=256, transforms=TransformName.RESIZE_LARGE.value,
-        device="auto", batch_size=None, num_workers=2, window_size=None, fold_batchnorm=True, cpu_bf16=False, comp_fp16=False,
+        device="auto", batch_size=None, num_workers=2, window_size=None, worker_priority="auto", fold_batchnorm=True, cpu_bf16=False, comp_fp16=False,
         amp_dtype="float16", store_fp16=True, forward_passes=1, compare_precision=False, val_k=100,
         profile_batches=0, profile_rows=15, work_dir=None, json=None,
     )
@@ -342,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
         resolution=args.resolution, transforms=args.transforms, min_size=0, multiscale=False,
         batch_size=batch_size, num_workers=args.num_workers, amp_dtype=args.amp_dtype, device=args.device,
         window_size=window_size, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True,
-        hdf5_compression=0, fold_batchnorm=args.fold_batchnorm,
+        hdf5_compression=0, fold_batchnorm=args.fold_batchnorm, worker_priority=args.worker_priority,
     )
 
     with contextlib.ExitStack() as stack:
@@ -384,6 +392,7 @@ def main(args: argparse.Namespace) -> int:
             "device": device.type,
             "precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
             "fold_batchnorm": args.fold_batchnorm,
+            "worker_priority": args.worker_priority,
             "store_fp16": args.store_fp16,
             "batch_size": batch_size,
             "num_workers": args.num_workers,

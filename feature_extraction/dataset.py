@@ -7,6 +7,7 @@ window, and then a `WindowEnd` record with the rows that could not be read. Ever
 carries its row numbers, so the output order never depends on batching or on workers.
 The batches of a window depend only on its images, so a resumed run forms the same ones.
 """
+import functools
 import inspect
 import os
 import signal
@@ -24,8 +25,10 @@ from feature_extraction.images import DecodeOptions, ImageDecodeError, load_imag
 # Buffered images per worker, in batches, above which the largest partial group is sent
 # anyway. This bounds memory when a window has many distinct shapes.
 MAX_BUFFERED_BATCHES = 4
-# niceness added to decode workers where the SCHED_IDLE policy is not available (0-19, 19 is the lowest priority)
+# niceness added to decode workers of priority "low", and of "idle" where the SCHED_IDLE
+# policy is not available (0-19, 19 is the lowest priority)
 WORKER_NICENESS = 10
+WORKER_PRIORITIES = ("auto", "idle", "low", "normal")
 
 
 # DataLoader's in_order flag exists from torch 2.6; older releases keep worker order
@@ -135,7 +138,22 @@ class WindowedImageDataset(IterableDataset):
         yield WindowEnd(window.index, torch.tensor(failed_rows, dtype=torch.int64), failed_reasons)
 
 
-def _init_worker(worker_id: int) -> None:
+def resolve_worker_priority(priority: str, device_type: str) -> str:
+    """Map "auto" to "idle" when the model runs on the CPU and to "low" otherwise; return other values unchanged.
+
+    On the CPU the model's OpenMP threads wait for each other at every parallel region,
+    so a decoder that occupies a core stalls them all, and under SCHED_IDLE they take the
+    core back at once. On a GPU the decoders are usually what limits the speed, and
+    SCHED_IDLE would leave them almost no CPU time beside other busy processes.
+    """
+    if priority not in WORKER_PRIORITIES:
+        raise ValueError(f"worker priority {priority!r} is not one of {', '.join(WORKER_PRIORITIES)}")
+    if priority == "auto":
+        return "idle" if device_type == "cpu" else "low"
+    return priority
+
+
+def _init_worker(worker_id: int, priority: str = "idle") -> None:
     # Ctrl-C and a batch scheduler's cancel (SIGTERM) reach the whole process group. The
     # main process alone handles them and shuts the workers down: a worker that died first
     # made the main process fail with "DataLoader worker is killed" tracebacks, or exit 1.
@@ -143,16 +161,18 @@ def _init_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    # The model's OpenMP threads wait for each other at every parallel region, so a decoder
-    # that occupies a core stalls them all. Under Linux's SCHED_IDLE policy they take the core
-    # back at once. The workers still run whenever a core is free, for example while the main
-    # process waits for the next batch.
-    lower_worker_priority()
+    lower_worker_priority(priority)
 
 
-def lower_worker_priority() -> str:
-    """Put the calling process under the SCHED_IDLE policy, or lower its priority by WORKER_NICENESS; return which."""
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+def lower_worker_priority(priority: str) -> str:
+    """Apply a resolved worker priority to the calling process and return what was applied.
+
+    "idle" is Linux's SCHED_IDLE policy, or niceness +WORKER_NICENESS where the policy is
+    missing or forbidden; "low" is that niceness; "normal" changes nothing.
+    """
+    if priority == "normal":
+        return "unchanged"
+    if priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
@@ -162,8 +182,10 @@ def lower_worker_priority() -> str:
     return f"niceness +{WORKER_NICENESS}"
 
 
-def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: bool, worker_priority: str = "idle") -> DataLoader:
     """Wrap the dataset in a DataLoader that passes its records through unbatched.
+
+    `worker_priority` is a resolved priority ("idle", "low" or "normal") for the workers.
 
     Records of different workers arrive in whatever order they are ready, because each
     record names its window and rows. Each worker's own records keep their order, so a
@@ -174,7 +196,7 @@ def make_loader(dataset: WindowedImageDataset, num_workers: int, pin_memory: boo
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, priority=worker_priority) if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
         **_OUT_OF_ORDER,
     )

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
-from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE  # noqa: E402
+from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, WORKER_PRIORITIES  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
@@ -159,10 +159,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
                          help="CPU only: bfloat16 autocast when the CPU supports it natively, else "
                               "float32 with a warning (default: %(default)s)")
+    compute.add_argument("--worker_priority", metavar="LEVEL", choices=WORKER_PRIORITIES,
+                         help="scheduling of the decode workers: idle (Linux SCHED_IDLE, so they run only on "
+                              "cores nothing else needs; niceness +10 where that policy is refused), low "
+                              "(niceness +10), normal, or auto: idle when the model runs on the CPU, where a "
+                              "busy decoder stalls its threads, and low on CUDA (default: %(default)s)")
     compute.add_argument("--fold_batchnorm", metavar="BOOL", type=bool_flag,
-                         help="fold each eval-mode BatchNorm into the convolution that feeds it, so CNN "
-                              "backbones skip a pass over their activations; the embeddings change only by "
-                              "rounding, and models without BatchNorm are unaffected (default: %(default)s)")
+                         help="fold each eval-mode BatchNorm that reads a convolution's output into that "
+                              "convolution, so CNN backbones skip a pass over their activations. The folded "
+                              "model is used only if its output on one test image is within 5e-5 (relative) "
+                              "of the original's, less than float16 storage rounding; models without "
+                              "BatchNorm are unaffected (default: %(default)s)")
     compute.add_argument("--window_size", metavar="ROWS", type=int,
                          help="consecutive list rows saved together; a killed run loses at most the "
                               "windows in progress (default: list length / 8, between 128 and "
@@ -174,7 +181,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         pooling="head", resolution=512, transforms=TransformName.RESIZE_LARGE.value, min_size=0,
         multiscale=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True, device="auto",
         batch_size=None, num_workers=default_num_workers(), comp_fp16=True, amp_dtype="float16",
-        cpu_bf16=False, fold_batchnorm=True, window_size=None, selected_ids=None,
+        cpu_bf16=False, fold_batchnorm=True, worker_priority="auto", window_size=None, selected_ids=None,
     )
     return parser
 
@@ -226,6 +233,7 @@ def main(args: argparse.Namespace) -> int:
             amp_dtype=args.amp_dtype,
             cpu_bf16=args.cpu_bf16,
             fold_batchnorm=args.fold_batchnorm,
+            worker_priority=args.worker_priority,
             device=args.device,
             window_size=args.window_size,
             max_image_pixels=args.max_image_pixels,

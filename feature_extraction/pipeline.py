@@ -20,7 +20,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from feature_extraction.allocator import keep_freed_memory_mapped
 from feature_extraction.backbones import Backbone, build_backbone, canonical_framework
 from feature_extraction.batchnorm_folding import fold_backbone_batchnorm
-from feature_extraction.dataset import ImageBatch, Window, WindowedImageDataset, auto_window_size, make_loader, split_windows
+from feature_extraction.dataset import (
+    ImageBatch,
+    Window,
+    WindowedImageDataset,
+    auto_window_size,
+    make_loader,
+    resolve_worker_priority,
+    split_windows,
+)
 from feature_extraction.embedding import Embedder, resolve_autocast, resolve_device
 from feature_extraction.hdf5_output import (
     assemble_hdf5,
@@ -309,6 +317,7 @@ def run_extraction(
     hdf5_compression: int,
     overwrite: bool,
     fold_batchnorm: bool = True,
+    worker_priority: str = "auto",
 ) -> ExtractionSummary:
     """Extract embeddings for every listed image into `output`, resuming a partial run.
 
@@ -333,6 +342,7 @@ def run_extraction(
     # inputs, device and model
     entries, list_sha256, list_source = load_entries(dataset_dir, selected_ids)
     torch_device = resolve_device(device)
+    worker_priority = resolve_worker_priority(worker_priority, torch_device.type)
     batch_size = batch_size or DEFAULT_BATCH_SIZE[torch_device.type]
     autocast_dtype = resolve_autocast(torch_device, comp_fp16, amp_dtype, cpu_bf16)
     framework = canonical_framework(framework)
@@ -351,9 +361,9 @@ def run_extraction(
     embedder = Embedder(backbone, transform, torch_device, autocast_dtype=autocast_dtype, multiscale=multiscale)
     _logger.info(
         "device %s, compute dtype %s, stored dtype %s, batch size %d, %d images (%s), mean %s, std %s, "
-        "patch size %s, %s",
+        "patch size %s, %s, decode worker priority %s",
         torch_device, autocast_dtype or torch.float32, store_dtype.name, batch_size, len(entries), list_source,
-        backbone.mean, backbone.std, backbone.patch_size, backbone.description,
+        backbone.mean, backbone.std, backbone.patch_size, backbone.description, worker_priority,
     )
 
     # resumable state
@@ -393,7 +403,8 @@ def run_extraction(
                 dataset = WindowedImageDataset(
                     dataset_dir, [entry.path for entry in entries], pending, decode_options, batch_size
                 )
-                loader = make_loader(dataset, min(num_workers, len(pending)), pin_memory=torch_device.type == "cuda")
+                loader = make_loader(dataset, min(num_workers, len(pending)), pin_memory=torch_device.type == "cuda",
+                                     worker_priority=worker_priority)
                 with logging_redirect_tqdm(), tqdm(
                     total=len(entries), initial=done_rows, unit="img", desc="extracting", mininterval=1.0
                 ) as progress:
@@ -409,8 +420,9 @@ def run_extraction(
                 fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
                 list_source=list_source, backbone=backbone,
             )
-            # not in the resume fingerprint: folding changes the embeddings by rounding only, far
-            # less than float16 storage does, so windows of folded and unfolded runs may be combined
+            # not in the resume fingerprint: folding is accepted only within 5e-5 relative error, less
+            # than float16 storage rounding, so windows of folded and unfolded runs may be combined.
+            # NOTE: after such a resume the attribute describes the last run only.
             attributes["batchnorm_folded"] = folded_layers
             num_embedded, failures = _assemble_output(
                 store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,

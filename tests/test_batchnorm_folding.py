@@ -97,6 +97,22 @@ def test_shared_conv_output_keeps_original(caplog):
     assert "keeping the unfolded model" in caplog.text
 
 
+class SmallSharedUse(SharedConvOutput):
+    """The convolution's output also enters the result with weight 1e-3, so folding changes it by about 1e-3."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.bn(y) + 1e-3 * y).flatten(1)
+
+
+def test_small_output_change_rejected():
+    # a change this small leaves the cosine above 0.99999 but is far above rounding
+    model = randomise_batchnorm(SmallSharedUse())
+    result, count = fold_batchnorm(model, images(16, 16))
+    assert result is model
+    assert count == 0
+
+
 class ConvCalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
