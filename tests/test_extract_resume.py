@@ -90,6 +90,25 @@ def test_changed_settings_rejected_while_partial(extract, monkeypatch, caplog):
     assert not output.exists()
 
 
+def test_resume_may_change_folding_and_worker_priority(extract, monkeypatch, caplog):
+    # folding changes the embeddings within rounding only, so the saved windows stay valid
+    _, reference = extract("--fold_batchnorm", "false", name="reference")
+    _stop_after_windows(monkeypatch, 1)
+    assert extract("--fold_batchnorm", "false")[0] == 143
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO):
+        code, output = extract("--fold_batchnorm", "true", "--worker_priority", "normal", "--num_workers", "1")
+    features, ids, attrs = read_output(output)
+    reference_features, reference_ids, _ = read_output(reference)
+
+    assert code == 0
+    assert "resuming: 1 of 3 windows (4 rows)" in caplog.text
+    assert ids == reference_ids
+    np.testing.assert_allclose(features.astype(np.float32), reference_features.astype(np.float32), atol=2e-3)
+    assert attrs["batchnorm_folded"] > 0
+
+
 def test_overwrite_discards_partial_run(extract, monkeypatch):
     _stop_after_windows(monkeypatch, 1)
     extract()
