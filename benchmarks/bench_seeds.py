@@ -105,8 +105,11 @@ def main(args: argparse.Namespace) -> int:
         summary[name] = {metric: describe(values, args.threshold if metric == "all_queries" else None)
                          for metric, values in scores[name].items()}
         all_q, macro = summary[name]["all_queries"], summary[name]["macro"]
-        print(f"{name}: all-queries mAP@{args.val_k} mean {all_q['mean']:.2f} (sd {all_q['sd']:.2f}, "
-              f"{all_q['min']:.2f}-{all_q['max']:.2f}), macro mean {macro['mean']:.2f} (sd {macro['sd']:.2f})")
+        line = (f"{name}: all-queries mAP@{args.val_k} mean {all_q['mean']:.2f} (sd {all_q['sd']:.2f}, "
+                f"{all_q['min']:.2f}-{all_q['max']:.2f}), macro mean {macro['mean']:.2f} (sd {macro['sd']:.2f})")
+        if args.threshold is not None:
+            line += f"; {all_q['seeds_at_threshold']} of {args.seeds} seeds reach {args.threshold:g} over all queries"
+        print(line)
     emit_summary(summary, args.json)
     return 0
 

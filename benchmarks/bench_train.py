@@ -113,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--untimed_steps", metavar="N", type=int,
                      help="first run N training steps of the same recipe untimed, so that one-time costs of a "
                           "fresh process (thread start-up, oneDNN kernel generation, first-touch page faults) "
-                          "are left out of the timed run (default: 0, time a fresh process as a user runs it)")
+                          "are left out of the timed run; 0 times a fresh process as a user runs it")
     run.add_argument("--repeats", metavar="N", type=int,
                      help="train N times in this process and report the run with the median training "
                           "seconds; for small sets, where one run takes well under a second and its time "

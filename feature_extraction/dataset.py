@@ -8,6 +8,7 @@ carries its row numbers, so the output order never depends on batching or on wor
 The batches of a window depend only on its images, so a resumed run forms the same ones.
 """
 import functools
+import logging
 import inspect
 import os
 import signal
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from feature_extraction.image_list import resolve_image_path
 from feature_extraction.images import DecodeOptions, ImageDecodeError, load_image
+
+_logger = logging.getLogger(__name__)
 
 # Buffered images per worker, in batches, above which the largest partial group is sent
 # anyway. This bounds memory when a window has many distinct shapes.
@@ -161,7 +164,9 @@ def _init_worker(worker_id: int, priority: str = "idle") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    lower_worker_priority(priority)
+    applied = lower_worker_priority(priority)
+    if worker_id == 0:
+        _logger.info("decode workers: priority %s, applied as %s", priority, applied)
 
 
 def lower_worker_priority(priority: str) -> str:

@@ -18,6 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feature_extraction.interrupts import exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
+
 from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
 from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, WORKER_PRIORITIES  # noqa: E402

@@ -66,3 +66,23 @@ def interrupts_deferred() -> Iterator[None]:
     if pending is not None:
         _deferral["pending"] = None
         raise Interrupted(pending)
+
+
+def _exit_for_signal(signal_number, frame):
+    raise SystemExit(128 + signal_number)
+
+
+def exit_quietly_on_signals() -> None:
+    """Make SIGINT and SIGTERM end the process with status 130 or 143 and no traceback.
+
+    Scripts call it before their heavy imports, so a Ctrl-C while torch loads prints no
+    KeyboardInterrupt traceback. Handlers installed later take over from it.
+    """
+    signal.signal(signal.SIGINT, _exit_for_signal)
+    signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def restore_default_signals() -> None:
+    """Restore Python's SIGINT handler (KeyboardInterrupt) and the default SIGTERM action."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -32,6 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feature_extraction.interrupts import exit_quietly_on_signals, restore_default_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
+
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -415,4 +420,5 @@ def run(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    restore_default_signals()  # run() turns them into its own messages and exit statuses
     sys.exit(run())

@@ -102,6 +102,7 @@ def test_seed_bench_compares_both_runs(capsys, tmp_path):
         assert stats["seeds_at_threshold"] == 3
         assert summary[name]["macro"]["sd"] >= 0
     assert json.loads((tmp_path / "s.json").read_text())["trainer"] == summary["trainer"]
+    assert "3 of 3 seeds reach 0 over all queries" in output
 
 
 def test_train_bench_reports_median_of_repeats(capsys):

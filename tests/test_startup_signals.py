@@ -1,0 +1,42 @@
+"""Ctrl-C or SIGTERM while a command-line script is still importing torch."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPTS = {
+    "extract": ["feature_extraction/extract.py", "--dataset_dir", "absent", "--hdf5_dir", "absent"],
+    "train": ["linear_adaptation/train_lin_adapt.py", "--uned_features_path", "absent.hdf5",
+              "--uned_info_path", "absent.txt", "--save_dir", "absent/layer.pth"],
+    "evaluate": ["linear_adaptation/evaluate.py", "--features_path", "absent.hdf5", "--info_path", "absent.txt"],
+}
+
+
+def test_early_signal_handler_exits_quietly():
+    code = (
+        "import os, signal, time\n"
+        "from feature_extraction.interrupts import exit_quietly_on_signals\n"
+        "exit_quietly_on_signals()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("signal_number,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_imports_gives_status(script, signal_number, expected, tmp_path):
+    process = subprocess.Popen([sys.executable, *SCRIPTS[script]], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch alone takes longer than this
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == expected, stderr
+    assert "Traceback" not in stderr
