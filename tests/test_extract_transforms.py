@@ -128,3 +128,19 @@ def test_draft_size_keeps_two_times_margin():
     assert transform.draft_size(300, 200) == (300, 200)
     small = InferenceTransform(TransformName.RESIZE_SMALL, 256)
     assert small.draft_size(4000, 3000) == (682, 512)
+
+
+def test_device_normalisation_matches_cpu_path():
+    # the torch normalisation that CUDA runs use, run here on CPU tensors against the numpy path
+    transform = InferenceTransform(TransformName.RESIZE_LARGE, 8, 0)
+    backbone = _identity_backbone()
+    backbone.mean, backbone.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    embedder = Embedder(backbone, transform, torch.device("cpu"))
+    pixels = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    on_device = embedder._normalise_torch(pixels)
+    on_cpu = embedder._normalise_numpy(pixels)
+
+    assert on_device.shape == on_cpu.shape == (2, 3, 5, 7)
+    torch.testing.assert_close(on_device, on_cpu, rtol=1e-6, atol=1e-5)
+    assert on_cpu.abs().max() > 1.0  # normalised, not just scaled to [0, 1]
