@@ -8,8 +8,8 @@ carries its row numbers, so the output order never depends on batching or on wor
 The batches of a window depend only on its images, so a resumed run forms the same ones.
 """
 import functools
-import logging
 import inspect
+import logging
 import os
 import signal
 from pathlib import Path
