@@ -1,4 +1,8 @@
-"""SIGINT and SIGTERM as an exception, so that a stopped run can log how to resume it."""
+"""SIGINT and SIGTERM as exceptions, so that the command-line tools stop cleanly with status 130 or 143.
+
+Extraction turns both signals into `Interrupted` and logs how to resume. The trainer and the
+evaluator keep KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM.
+"""
 import contextlib
 import signal
 from collections.abc import Iterator
@@ -66,6 +70,24 @@ def interrupts_deferred() -> Iterator[None]:
     if pending is not None:
         _deferral["pending"] = None
         raise Interrupted(pending)
+
+
+class TerminationRequested(BaseException):
+    """Raised from the SIGTERM handler of `sigterm_raises`; a BaseException so no `except Exception` swallows it."""
+
+
+def _raise_termination(signal_number, frame):
+    raise TerminationRequested()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Raise TerminationRequested in the main thread on SIGTERM while the block runs."""
+    previous_handler = signal.signal(signal.SIGTERM, _raise_termination)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _exit_for_signal(signal_number, frame):

@@ -32,7 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_extraction.interrupts import exit_quietly_on_signals, restore_default_signals  # noqa: E402
+from feature_extraction.interrupts import (  # noqa: E402
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    TerminationRequested,
+    exit_quietly_on_signals,
+    restore_default_signals,
+    sigterm_raises,
+)
 
 if __name__ == "__main__":
     exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
@@ -54,7 +61,6 @@ from linear_adaptation.features_io import DataError, join_by_id, load_hdf5_featu
 from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth  # noqa: E402
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
-from linear_adaptation.signals import EXIT_SIGINT, EXIT_SIGTERM, TerminationRequested, sigterm_raises  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
 from linear_adaptation.metrics import labelled_set_metrics, positive_set_metrics  # noqa: E402
 

@@ -33,7 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_extraction.interrupts import exit_quietly_on_signals, restore_default_signals  # noqa: E402
+from feature_extraction.interrupts import (  # noqa: E402
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    TerminationRequested,
+    exit_quietly_on_signals,
+    restore_default_signals,
+    sigterm_raises,
+)
 
 if __name__ == "__main__":
     exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
@@ -63,7 +70,6 @@ from linear_adaptation.trainer import (  # noqa: E402
     seed_everything,
 )
 from linear_adaptation.trainer import train_linear_adapter  # noqa: E402
-from linear_adaptation.signals import EXIT_SIGINT, EXIT_SIGTERM, TerminationRequested, sigterm_raises  # noqa: E402
 from linear_adaptation.training_data import load_training_inputs  # noqa: E402
 
 _logger = logging.getLogger("train_lin_adapt")
