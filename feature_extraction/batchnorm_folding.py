@@ -54,11 +54,20 @@ def _is_foldable_norm(module: nn.Module) -> bool:
 def find_conv_norm_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """Return (convolution name, BatchNorm name) pairs where the BatchNorm reads the convolution's output directly.
 
-    Runs `module` once on `example`. A pair is only found when no other convolution runs between the two. Modules called more than once are left out, because
-    folding them would change every call.
+    Runs `module` once on `example`, unless it has no foldable BatchNorm. A pair is only
+    found when no other convolution runs between the two. Modules called more than once
+    are left out, because folding them would change every call.
     """
+    return _trace_pairs(module, example)[0]
+
+
+def _trace_pairs(module: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor | None]:
+    """Return find_conv_norm_pairs' pairs and the output of the traced forward pass (None when there was none)."""
     convs = {m: n for n, m in module.named_modules() if type(m) in FOLDABLE_CONVS}
     norms = {m: n for n, m in module.named_modules() if _is_foldable_norm(m)}
+    if not norms:
+        return [], None
+
     calls: dict[nn.Module, int] = {}
     # only the latest convolution output is kept, so the trace keeps one activation alive at most
     latest: list[tuple[torch.Tensor, str]] = []
@@ -77,13 +86,13 @@ def find_conv_norm_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple
     handles += [m.register_forward_pre_hook(before_norm) for m in norms]
     try:
         with torch.inference_mode():
-            module(example)
+            output = module(example)
     finally:
         for handle in handles:
             handle.remove()
 
     by_name = {**{n: m for m, n in convs.items()}, **{n: m for m, n in norms.items()}}
-    return [(c, b) for c, b in pairs if calls[by_name[c]] == 1 and calls[by_name[b]] == 1]
+    return [(c, b) for c, b in pairs if calls[by_name[c]] == 1 and calls[by_name[b]] == 1], output
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -115,9 +124,7 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
     `module` itself is returned, unchanged, when it has no foldable pair or when the folded
     copy's output on `example` differs from the original's by more than MAX_RELATIVE_ERROR.
     """
-    if not any(_is_foldable_norm(m) for m in module.modules()):
-        return module, 0
-    pairs = find_conv_norm_pairs(module, example)
+    pairs, original_output = _trace_pairs(module, example)
     if not pairs:
         return module, 0
 
@@ -129,8 +136,8 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
         _replace(folded, norm_name, rest)
 
     with torch.inference_mode():
-        reference = module(example).double().flatten(1)
         candidate = folded(example).double().flatten(1)
+    reference = original_output.double().flatten(1)
     error = ((candidate - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-30)).max().item()
     if not error <= MAX_RELATIVE_ERROR:
         _logger.warning(
