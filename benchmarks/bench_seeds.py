@@ -29,7 +29,6 @@ from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.lin_adapt import LinearAdapter  # noqa: E402
 from linear_adaptation.trainer import LabelledEmbeddings, evaluate_retrieval, train_linear_adapter  # noqa: E402
 
-_logger = logging.getLogger("bench_seeds")
 _DEFAULTS = train_lin_adapt.get_args_parser()
 RUNS = ("trainer", "reference")
 
@@ -67,12 +66,13 @@ def score(state_dict: dict, validation: LabelledEmbeddings, val_k: int) -> tuple
 
 
 def describe(values: list[float], threshold: float | None) -> dict:
-    a = np.asarray(values)
-    out = {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-           "min": float(a.min()), "max": float(a.max())}
+    """Return the mean, sample standard deviation, minimum and maximum, and the count at the threshold when given."""
+    array = np.asarray(values)
+    stats = {"mean": float(array.mean()), "sd": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+             "min": float(array.min()), "max": float(array.max())}
     if threshold is not None:
-        out["seeds_at_threshold"] = int((a >= threshold).sum())
-    return out
+        stats["seeds_at_threshold"] = int((array >= threshold).sum())
+    return stats
 
 
 def main(args: argparse.Namespace) -> int:

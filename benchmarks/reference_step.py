@@ -1,9 +1,10 @@
 """The published training step written with plain autograd, as a yardstick for the trainer.
 
-This is the recipe the ILIAS layers were trained with, in its most direct form: a float32
-copy of the data, the class weights normalised into a new (C, D) tensor every step, dense
-cosine logits, torch's cross-entropy and Adam's default implementation. It is slow on
-purpose; the trainer computes the same function with a fused loss and fused Adam.
+This is the recipe the ILIAS layers were trained with, in its most direct form. It keeps a
+float32 copy of the data, normalises the class weights into a new (C, D) tensor every step,
+and uses dense cosine logits, torch's cross-entropy and Adam's default implementation. It is
+slow on purpose, because the trainer computes the same function with a fused loss and fused
+Adam.
 
 Batch order:
 - "sampler": the older tool's order, torch's RandomSampler drawn from the global generator
@@ -48,7 +49,7 @@ def train_reference(
     seed: int = 0,
     order: str = "sampler",
 ) -> dict[str, torch.Tensor]:
-    """Train the layer with the published step on the CPU; return its state dict (layer.weight, layer.bias)."""
+    """Train the layer with the published step on the CPU and return its state dict (layer.weight, layer.bias)."""
     if order not in BATCH_ORDERS:
         raise ValueError(f"batch order {order!r} is not one of {', '.join(BATCH_ORDERS)}")
     features = torch.from_numpy(train.features[train.rows].astype(np.float32))  # (M, D) in list order

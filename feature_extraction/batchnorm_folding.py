@@ -26,7 +26,7 @@ FOLDABLE_CONVS = (nn.Conv2d, Conv2dSame)
 FOLDABLE_NORMS = (nn.BatchNorm2d, BatchNormAct2d)
 
 # Largest accepted ||folded - original|| / ||original|| per output row on the example. Correct
-# folds measured about 1e-6 in float32; rounding to float16 for storage alone is about 3e-4.
+# folds measured about 1e-6 in float32, and rounding to float16 for storage alone is about 3e-4.
 MAX_RELATIVE_ERROR = 5e-5
 
 

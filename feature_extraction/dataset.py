@@ -142,7 +142,7 @@ class WindowedImageDataset(IterableDataset):
 
 
 def resolve_worker_priority(priority: str, device_type: str) -> str:
-    """Map "auto" to "idle" when the model runs on the CPU and to "low" otherwise; return other values unchanged.
+    """Map "auto" to "idle" when the model runs on the CPU and to "low" otherwise, and return other values unchanged.
 
     On the CPU the model's OpenMP threads wait for each other at every parallel region,
     so a decoder that occupies a core stalls them all, and under SCHED_IDLE they take the
@@ -173,7 +173,7 @@ def lower_worker_priority(priority: str) -> str:
     """Apply a resolved worker priority to the calling process and return what was applied.
 
     "idle" is Linux's SCHED_IDLE policy, or niceness +WORKER_NICENESS where the policy is
-    missing or forbidden; "low" is that niceness; "normal" changes nothing.
+    missing or forbidden. "low" is that niceness, and "normal" changes nothing.
     """
     if priority == "normal":
         return "unchanged"
@@ -182,7 +182,7 @@ def lower_worker_priority(priority: str) -> str:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
         except OSError:
-            pass  # a seccomp or container policy may forbid it; niceness is always allowed
+            pass  # a seccomp or container policy may forbid it, but raising niceness is always allowed
     os.nice(WORKER_NICENESS)
     return f"niceness +{WORKER_NICENESS}"
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from feature_extraction.interrupts import exit_quietly_on_signals  # noqa: E402
 
 if __name__ == "__main__":
-    exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
+    exit_quietly_on_signals()  # until the script's own handling starts, because importing torch takes seconds
 
 from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402

@@ -73,7 +73,7 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 class TerminationRequested(BaseException):
-    """Raised from the SIGTERM handler of `sigterm_raises`; a BaseException so no `except Exception` swallows it."""
+    """Exception raised by the SIGTERM handler of `sigterm_raises`, a BaseException so no `except Exception` swallows it."""
 
 
 def _raise_termination(signal_number, frame):

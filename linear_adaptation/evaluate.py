@@ -42,7 +42,7 @@ from feature_extraction.interrupts import (  # noqa: E402
 )
 
 if __name__ == "__main__":
-    exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
+    exit_quietly_on_signals()  # until the script's own handling starts, because importing torch takes seconds
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -411,7 +411,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse the arguments and run main; Ctrl-C and SIGTERM end it with status 130 or 143 and no traceback."""
+    """Parse the arguments and run main, ending with status 130 or 143 and no traceback on Ctrl-C or SIGTERM."""
     args = get_args_parser().parse_args(argv)
     try:
         with sigterm_raises():

@@ -43,7 +43,7 @@ from feature_extraction.interrupts import (  # noqa: E402
 )
 
 if __name__ == "__main__":
-    exit_quietly_on_signals()  # until the script's own handling starts; torch takes seconds to import
+    exit_quietly_on_signals()  # until the script's own handling starts, because importing torch takes seconds
 
 import torch  # noqa: E402
 

@@ -31,7 +31,7 @@ def printed_summary(output: str) -> dict:
 
 
 def stored_split_args(data, folder) -> list[str]:
-    """Write the synthetic splits as HDF5 files and lists; return the flags that name them."""
+    """Write the synthetic splits as HDF5 files and lists, and return the flags that name them."""
     write_split(data.train, folder / "train.hdf5", folder / "train.txt")
     write_split(data.heldout, folder / "heldout.hdf5", folder / "heldout.txt")
     return [

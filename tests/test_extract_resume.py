@@ -90,7 +90,7 @@ def test_changed_settings_rejected_while_partial(extract, monkeypatch, caplog):
     assert not output.exists()
 
 
-def test_resume_may_change_folding_and_worker_priority(extract, monkeypatch, caplog):
+def test_resume_ignores_folding_and_priority(extract, monkeypatch, caplog):
     # folding changes the embeddings within rounding only, so the saved windows stay valid
     _, reference = extract("--fold_batchnorm", "false", name="reference")
     _stop_after_windows(monkeypatch, 1)

@@ -33,7 +33,7 @@ def test_trainer_matches_plain_autograd_step(train_set):
         torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-5)
 
 
-def test_older_tool_batch_order_differs_but_is_seeded(train_set):
+def test_sampler_order_seeded_and_distinct(train_set):
     first = train_reference(train_set, order="sampler", **RECIPE)
     again = train_reference(train_set, order="sampler", **RECIPE)
     trainer_order = train_reference(train_set, order="trainer", **RECIPE)
