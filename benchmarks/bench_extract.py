@@ -7,6 +7,11 @@ its decode workers meanwhile. The forward-only run then feeds the model the same
 shapes (same batch sizes, precision and channels_last layout) from tensors prepared in
 advance, so their ratio is the share of the model's speed the pipeline keeps.
 
+On a shared machine the speed of the cores drifts between runs, so one end-to-end run and
+one forward-only run made a minute apart can differ by more than the pipeline's cost.
+`--rounds N` alternates the two N times and reports the median of each and the median of
+the per-round ratios.
+
     python benchmarks/bench_extract.py                      # mini_uned images, EfficientNet-Lite0 at 256 px
     python benchmarks/bench_extract.py --cpu_bf16 true
     python benchmarks/bench_extract.py --selected_ids heldout_paths.txt --num_images 0 --compare_precision true
@@ -18,6 +23,7 @@ import argparse
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +120,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--forward_passes", metavar="N", type=int,
                      help="timed forward-only passes over all batch shapes, after one warm-up batch per shape")
+    run.add_argument("--rounds", metavar="N", type=int,
+                     help="alternate the end-to-end run and the forward-only passes N times and report the "
+                          "medians; peak memory is taken from the first end-to-end run, before the "
+                          "forward-only model exists in this process")
     run.add_argument("--compare_precision", metavar="BOOL", type=bool_flag,
                      help="also extract the list twice with float32 storage, once in float32 and once with "
                           "the autocast of --cpu_bf16 true (CPU) or --comp_fp16 true (CUDA), and report "
@@ -133,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         dataset_dir=None, selected_ids=None, num_images=1024, framework="timm", model="tf_efficientnet_lite0",
         checkpoint=None, pooling="head", resolution=256, transforms=TransformName.RESIZE_LARGE.value,
         device="auto", batch_size=None, num_workers=2, window_size=None, worker_priority="auto", fold_batchnorm=True, cpu_bf16=False, comp_fp16=False,
-        amp_dtype="float16", store_fp16=True, forward_passes=1, compare_precision=False, val_k=100,
+        amp_dtype="float16", store_fp16=True, forward_passes=1, rounds=1, compare_precision=False, val_k=100,
         profile_batches=0, profile_rows=15, work_dir=None, json=None,
     )
     return parser
@@ -145,7 +155,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.dataset_dir = str(default_dataset_dir())
     if not Path(args.dataset_dir).is_dir():
         parser.error(f"--dataset_dir {args.dataset_dir!r} is not a folder; set MINI_UNED_DIR or pass --dataset_dir")
-    for name in ("resolution", "forward_passes", "val_k", "profile_rows"):
+    for name in ("resolution", "forward_passes", "rounds", "val_k", "profile_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
     for name in ("batch_size", "window_size"):
@@ -312,8 +322,29 @@ def compare_precision(settings: dict, list_path: Path, entries: list[ListEntry],
     return result
 
 
+def prepare_forward_only(args: argparse.Namespace, settings: dict, entries: list[ListEntry], device: torch.device,
+                         batch_size: int, window_size: int) -> tuple[Embedder, list[ImageBatch], float]:
+    """Decode the list into the extraction's batches and build the same model, returning both and the decode seconds."""
+    transform = InferenceTransform(TransformName(args.transforms), args.resolution, 0)
+    decode_options = DecodeOptions(transform, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True)
+    batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size, window_size)
+    autocast_dtype = resolve_autocast(device, args.comp_fp16, args.amp_dtype, args.cpu_bf16)
+    torch.manual_seed(0)
+    backbone = build_backbone(args.framework, args.model, settings["pretrained"], args.checkpoint, args.pooling)
+    if args.fold_batchnorm:
+        backbone.module, _ = fold_backbone_batchnorm(backbone.module, args.resolution)
+    return Embedder(backbone, transform, device, autocast_dtype=autocast_dtype), batches, decode_seconds
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """Return the median of every timing over the rounds. The ratio is the median of the per-round ratios."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def format_results(summary: dict) -> str:
     """Return the main numbers as aligned `name: value` lines."""
+    medians = f", median of {summary['rounds']} rounds" if summary["rounds"] > 1 else ""
+    first_round = " (first round)" if summary["rounds"] > 1 else ""
     lines = [
         f"images:                      {summary['num_images']} in {summary['num_batches']} batches "
         f"({summary['distinct_shapes']} shapes), precision {summary['precision']}",
@@ -321,10 +352,10 @@ def format_results(summary: dict) -> str:
         f"({summary['wall_images_per_second']:.2f} counting model build and HDF5 assembly)",
         f"forward-only images/s:       {summary['forward_images_per_second']:.2f} "
         f"(embedder with normalisation: {summary['embed_images_per_second']:.2f})",
-        f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}",
+        f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}{medians}",
         f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}",
-        f"peak memory, {summary['max_processes']} processes: RSS sum {summary['peak_rss_mib']:.0f} MiB, "
-        f"PSS sum {summary['peak_pss_mib']:.0f} MiB",
+        f"peak memory, {summary['max_processes']} processes{first_round}: "
+        f"RSS sum {summary['peak_rss_mib']:.0f} MiB, PSS sum {summary['peak_pss_mib']:.0f} MiB",
     ]
     precision = summary.get("precision_check")
     if precision:
@@ -362,25 +393,33 @@ def main(args: argparse.Namespace) -> int:
         list_path = work_dir / "list.txt"
         write_list(entries, list_path)
 
-        # end to end, with the memory of this process and its decode workers
+        # end to end (with the memory of this process and its decode workers), then forward only
+        # on the same batches, alternated so that a drift of the machine's speed hits both
         load_before = load_average()
-        with PeakMemorySampler() as memory:
-            extraction = extract(settings, list_path, work_dir / "features_uned.hdf5", cpu_bf16=args.cpu_bf16,
-                                 comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
-        end_to_end = extraction.rows_this_run / extraction.embed_seconds
-
-        # forward only, on the same batches
-        transform = InferenceTransform(TransformName(args.transforms), args.resolution, 0)
-        decode_options = DecodeOptions(transform, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True)
-        batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size, window_size)
-        autocast_dtype = resolve_autocast(device, args.comp_fp16, args.amp_dtype, args.cpu_bf16)
-        torch.manual_seed(0)
-        backbone = build_backbone(args.framework, args.model, settings["pretrained"], args.checkpoint, args.pooling)
-        if args.fold_batchnorm:
-            backbone.module, _ = fold_backbone_batchnorm(backbone.module, args.resolution)
-        embedder = Embedder(backbone, transform, device, autocast_dtype=autocast_dtype)
-        forward = time_forward(embedder, batches, args.forward_passes)
+        forward_only = None
+        rounds = []
+        for round_index in range(args.rounds):
+            with PeakMemorySampler() as memory:
+                extraction = extract(settings, list_path, work_dir / "features_uned.hdf5", cpu_bf16=args.cpu_bf16,
+                                     comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
+            if round_index == 0:
+                first_memory = memory
+                forward_only = prepare_forward_only(args, settings, entries, device, batch_size, window_size)
+            embedder, batches, decode_seconds = forward_only
+            forward = time_forward(embedder, batches, args.forward_passes)
+            end_to_end = extraction.rows_this_run / extraction.embed_seconds
+            rounds.append({
+                "end_to_end_images_per_second": end_to_end,
+                "wall_images_per_second": extraction.num_images / extraction.seconds,
+                **forward,
+                "end_to_end_over_forward": end_to_end / forward["forward_images_per_second"],
+            })
+            if args.rounds > 1:
+                _logger.info("round %d of %d: end to end %.2f images/s, forward only %.2f images/s, ratio %.3f",
+                             round_index + 1, args.rounds, end_to_end, forward["forward_images_per_second"],
+                             rounds[-1]["end_to_end_over_forward"])
         decoded = sum(len(batch.rows) for batch in batches)
+        autocast_dtype = embedder.autocast_dtype
 
         summary = {
             "benchmark": "extract",
@@ -400,15 +439,14 @@ def main(args: argparse.Namespace) -> int:
             "num_images": len(entries),
             "num_embedded": extraction.num_embedded,
             "num_batches": len(batches),
-            "end_to_end_images_per_second": end_to_end,
-            "wall_images_per_second": extraction.num_images / extraction.seconds,
-            **forward,
-            "end_to_end_over_forward": end_to_end / forward["forward_images_per_second"],
+            **median_of_rounds(rounds),
+            "rounds": args.rounds,
+            "per_round": rounds,
             "decode_images_per_second": decoded / decode_seconds,
-            "peak_rss_mib": round(memory.peak_rss_mib, 1),
-            "peak_pss_mib": round(memory.peak_pss_mib, 1),
-            "rss_before_mib": round(memory.start_rss_mib, 1),
-            "max_processes": memory.max_processes,
+            "peak_rss_mib": round(first_memory.peak_rss_mib, 1),
+            "peak_pss_mib": round(first_memory.peak_pss_mib, 1),
+            "rss_before_mib": round(first_memory.start_rss_mib, 1),
+            "max_processes": first_memory.max_processes,
             "load_average_before": load_before,
             "load_average_after": load_average(),
             "machine": describe_machine(),
