@@ -121,9 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--forward_passes", metavar="N", type=int,
                      help="timed forward-only passes over all batch shapes, after one warm-up batch per shape")
     run.add_argument("--rounds", metavar="N", type=int,
-                     help="alternate the end-to-end run and the forward-only passes N times and report the "
-                          "medians; peak memory is taken from the first end-to-end run, before the "
-                          "forward-only model exists in this process")
+                     help="alternate the end-to-end run and the forward-only passes N times. The rates are "
+                          "the medians over the rounds and the ratio is the median of the per-round ratios. "
+                          "Peak memory comes from the first end-to-end run, before the forward-only model "
+                          "exists in this process")
     run.add_argument("--compare_precision", metavar="BOOL", type=bool_flag,
                      help="also extract the list twice with float32 storage, once in float32 and once with "
                           "the autocast of --cpu_bf16 true (CPU) or --comp_fp16 true (CUDA), and report "
@@ -338,7 +339,8 @@ def prepare_forward_only(args: argparse.Namespace, settings: dict, entries: list
 
 def median_of_rounds(rounds: list[dict]) -> dict:
     """Return the median of every timing over the rounds. The ratio is the median of the per-round ratios."""
-    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "distinct_shapes"}
+    return {"distinct_shapes": rounds[0]["distinct_shapes"], **medians}
 
 
 def format_results(summary: dict) -> str:
@@ -349,11 +351,11 @@ def format_results(summary: dict) -> str:
         f"images:                      {summary['num_images']} in {summary['num_batches']} batches "
         f"({summary['distinct_shapes']} shapes), precision {summary['precision']}",
         f"end-to-end images/s:         {summary['end_to_end_images_per_second']:.2f} "
-        f"({summary['wall_images_per_second']:.2f} counting model build and HDF5 assembly)",
+        f"({summary['wall_images_per_second']:.2f} counting model build and HDF5 assembly){medians}",
         f"forward-only images/s:       {summary['forward_images_per_second']:.2f} "
-        f"(embedder with normalisation: {summary['embed_images_per_second']:.2f})",
+        f"(embedder with normalisation: {summary['embed_images_per_second']:.2f}){medians}",
         f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}{medians}",
-        f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}",
+        f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}{first_round}",
         f"peak memory, {summary['max_processes']} processes{first_round}: "
         f"RSS sum {summary['peak_rss_mib']:.0f} MiB, PSS sum {summary['peak_pss_mib']:.0f} MiB",
     ]
