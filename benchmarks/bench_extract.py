@@ -398,7 +398,6 @@ def main(args: argparse.Namespace) -> int:
         # end to end (with the memory of this process and its decode workers), then forward only
         # on the same batches, alternated so that a drift of the machine's speed hits both
         load_before = load_average()
-        forward_only = None
         rounds = []
         for round_index in range(args.rounds):
             with PeakMemorySampler() as memory:
@@ -406,8 +405,9 @@ def main(args: argparse.Namespace) -> int:
                                      comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
             if round_index == 0:
                 first_memory = memory
-                forward_only = prepare_forward_only(args, settings, entries, device, batch_size, window_size)
-            embedder, batches, decode_seconds = forward_only
+                embedder, batches, decode_seconds = prepare_forward_only(
+                    args, settings, entries, device, batch_size, window_size
+                )
             forward = time_forward(embedder, batches, args.forward_passes)
             end_to_end = extraction.rows_this_run / extraction.embed_seconds
             rounds.append({
