@@ -7,9 +7,14 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-# shell convention: 128 + signal number
-EXIT_SIGINT = 128 + signal.SIGINT
-EXIT_SIGTERM = 128 + signal.SIGTERM
+
+def exit_status(signal_number: int) -> int:
+    """Return the shell's exit status for a process ended by the signal: 128 + its number."""
+    return 128 + signal_number
+
+
+EXIT_SIGINT = exit_status(signal.SIGINT)
+EXIT_SIGTERM = exit_status(signal.SIGTERM)
 
 
 class Interrupted(Exception):
@@ -21,7 +26,7 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signal_number
+        return exit_status(self.signal_number)
 
 
 # set while the main thread is inside `interrupts_deferred()`
@@ -91,7 +96,7 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def _exit_for_signal(signal_number, frame):
-    raise SystemExit(128 + signal_number)
+    raise SystemExit(exit_status(signal_number))
 
 
 def exit_quietly_on_signals() -> None:
