@@ -80,20 +80,33 @@ def _check_relative(path: str, list_path: str, line_no: int) -> None:
         )
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise ImageListError(
             f"{list_path}:{line_no}: {field} {value!r} is not an integer; "
             "each line must be 'path,label,domain' with integer label and domain"
         ) from None
+    # labels and domains are stored as int64 arrays
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise ImageListError(
+            f"{list_path}:{line_no}: {field} {value!r} does not fit in a 64-bit integer; "
+            "renumber the labels and domains"
+        )
+    return number
 
 
 def _read_list_text(list_path: str) -> str:
     """Return the list file decoded as UTF-8 without a byte-order mark, or raise naming the bad line."""
-    with open(list_path, "rb") as f:
-        data = f.read()
+    try:
+        with open(list_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageListError(f"cannot read the list {list_path!r}: {e.strerror or e}; check the path") from e
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

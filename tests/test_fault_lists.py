@@ -205,6 +205,11 @@ TRAIN_REJECTED = [
     ("path_without_label", "train/extra.jpg", "has a path but no label and domain"),
     ("extra_columns", "train/extra.jpg,1,0,0", "got 4 fields"),
     ("text_label", "train/extra.jpg,one,0", "label 'one' is not an integer"),
+    # Regression: labels beyond int64 ended in an OverflowError traceback without a line number.
+    ("label_beyond_int64", "train/extra.jpg,99999999999999999999999,0",
+     "label '99999999999999999999999' does not fit in a 64-bit integer"),
+    ("domain_beyond_int64", "train/extra.jpg,1,-9223372036854775809",
+     "domain '-9223372036854775809' does not fit in a 64-bit integer"),
 ]
 
 

@@ -91,6 +91,24 @@ def test_read_list_rejects_empty_list(tmp_path):
         read_image_list(list_path)
 
 
+def test_read_list_int64_bounds(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg,1_0,0\nc.jpg,{2**63},0\n")
+    with pytest.raises(ImageListError, match=f"list.txt:3: label '{2**63}' does not fit in a 64-bit integer"):
+        read_image_list(list_path)
+    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg,1_0,0\n")
+    assert [(e.label, e.domain) for e in read_image_list(list_path)] == [(2**63 - 1, -(2**63)), (10, 0)]
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_read_list_unreadable_file(tmp_path, kind):
+    list_path = tmp_path / "list.txt"
+    if kind == "folder":
+        list_path.mkdir()
+    with pytest.raises(ImageListError, match=f"cannot read the list {str(list_path)!r}: .*; check the path"):
+        read_image_list(list_path)
+
+
 def test_read_list_requires_labels_when_asked(tmp_path):
     list_path = tmp_path / "list.txt"
     list_path.write_text("a.jpg\n")
