@@ -4,37 +4,48 @@ Definitions, per query with P positives in the database and a ranked list of k i
 - AP@k = sum over ranks r <= k of precision@r * rel(r), divided by min(k, P). A query
   with no positive in its top k scores 0.
 - recall@1 = 1 if the top-ranked id is a positive.
-- MP@5 = (positives in the top m) / m with m = min(5, P).
+- MP@5 = (positives in the top m) / m with m = min(5, P). It needs the top m ranks, so
+  it is NaN for a query with m > k, and the mean MP@5 is then NaN too (reported as
+  n/a). This happens only for k < 5.
 Queries with P = 0 have no defined score and are left out of every mean; their count
 is reported as `queries_without_positives`.
+
+A ranked list may be shorter than k only when the database has no more rows to return
+(every image but the query itself in a labelled set). Then every positive is in the list,
+and the metrics equal those of a list padded to k, so callers search no deeper than the
+database.
 """
 import numpy as np
 
 METRIC_NAMES = ("map", "recall@1", "mmp@5")
 
 
-def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray) -> dict[str, np.ndarray]:
+def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray, k: int | None = None) -> dict[str, np.ndarray]:
     """Compute AP@k, recall@1 and MP@5 for each query.
 
-    `relevant` is (Q, k) bool, True where the id at that rank is a positive;
-    `num_positives` is (Q,) int, the positives of each query in the whole database.
+    `relevant` is (Q, n) bool, True where the id at that rank is a positive, for the top
+    n <= k ranks; `num_positives` is (Q,) int, the positives of each query in the whole
+    database. `k` defaults to n. MP@5 is NaN where min(5, positives) > k.
     """
     relevant = np.asarray(relevant, dtype=bool)
     num_positives = np.asarray(num_positives, dtype=np.int64)
-    num_queries, k = relevant.shape
+    num_queries, n = relevant.shape
+    k = n if k is None else k
+    if n > k:
+        raise ValueError(f"relevant has {n} ranks, more than k = {k}")
     if num_positives.shape != (num_queries,):
         raise ValueError(f"num_positives has shape {num_positives.shape}, expected ({num_queries},)")
 
-    hits = np.cumsum(relevant, axis=1)  # (Q, k) positives up to each rank
-    ranks = np.arange(1, k + 1)
+    hits = np.cumsum(relevant, axis=1)  # (Q, n) positives up to each rank
+    ranks = np.arange(1, n + 1)
     precision_sum = (relevant * hits / ranks).sum(axis=1)  # (Q,)
     ap = precision_sum / np.maximum(np.minimum(num_positives, k), 1)
 
-    recall_at_1 = relevant[:, 0].astype(np.float64) if k > 0 else np.zeros(num_queries)
+    recall_at_1 = relevant[:, 0].astype(np.float64) if n > 0 else np.zeros(num_queries)
 
-    m = np.clip(np.minimum(num_positives, 5), 1, max(min(k, 5), 1))
-    hits_at_m = hits[np.arange(num_queries), np.minimum(m, k) - 1] if k > 0 else np.zeros(num_queries)
-    mp5 = hits_at_m / np.minimum(num_positives.clip(min=1), 5)
+    m = np.clip(np.minimum(num_positives, 5), 1, 5)  # (Q,) ranks that MP@5 looks at
+    hits_at_m = hits[np.arange(num_queries), np.minimum(m, n) - 1] if n > 0 else np.zeros(num_queries)
+    mp5 = np.where(m > k, np.nan, hits_at_m / m)  # ranks beyond k were never searched
 
     return {"map": ap, "recall@1": recall_at_1, "mmp@5": mp5}
 
@@ -59,18 +70,13 @@ def class_ids(labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
 
 
 def _ranks_at_k(ranked_indices: np.ndarray, k: int, num_queries: int) -> np.ndarray:
-    """Cut or pad (with -1) ranked lists to exactly k columns.
-
-    Padding keeps AP normalised by min(k, positives) when fewer than k results were kept.
-    """
+    """Cut ranked lists to at most k columns; narrower lists stay as they are (see the module docstring)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     ranked_indices = np.asarray(ranked_indices, dtype=np.int64)
     if ranked_indices.ndim != 2 or ranked_indices.shape[0] != num_queries:
         raise ValueError(f"ranked_indices has shape {ranked_indices.shape}, expected ({num_queries}, k)")
-    if ranked_indices.shape[1] >= k:
-        return ranked_indices[:, :k]
-    return np.pad(ranked_indices, ((0, 0), (0, k - ranked_indices.shape[1])), constant_values=-1)
+    return ranked_indices[:, :k]
 
 
 def labelled_set_metrics(
@@ -78,8 +84,8 @@ def labelled_set_metrics(
 ) -> dict:
     """Score a labelled set where every image queried all the others.
 
-    `ranked_indices` (Q=N, k) contains database rows of the same set, self excluded,
-    with -1 where fewer than k results exist. Narrower lists are padded to k.
+    `ranked_indices` (Q=N, n) contains database rows of the same set, self excluded,
+    with -1 where fewer than n results exist; n may be below k (see the module docstring).
     Positives share (domain, label). Returns the macro average over the domains that
     have queries with positives at the top level, the per-domain summaries under
     `per_domain`, and the mean over all queries (micro average) under `all_queries`.
@@ -91,7 +97,7 @@ def labelled_set_metrics(
     ranked_indices = _ranks_at_k(ranked_indices, k, len(classes))
     found = ranked_indices >= 0
     relevant = found & (classes[np.where(found, ranked_indices, 0)] == classes[:, None])
-    per_query = per_query_metrics(relevant, num_positives)
+    per_query = per_query_metrics(relevant, num_positives, k)
 
     domains = np.asarray(domains)
     per_domain = {}
@@ -118,7 +124,7 @@ def labelled_set_metrics(
 def positive_set_metrics(ranked_indices: np.ndarray, positives: list[np.ndarray], k: int) -> dict:
     """Score queries against a database whose positives are listed per query.
 
-    `ranked_indices` (Q, k) contains database rows, padded with -1. `positives[q]`
+    `ranked_indices` (Q, n) contains database rows, padded with -1, with n <= k. `positives[q]`
     contains the distinct database rows that are positives of query q. Returns the summary of
     `summarise` plus `k`.
     """
@@ -134,6 +140,6 @@ def positive_set_metrics(ranked_indices: np.ndarray, positives: list[np.ndarray]
     )
     relevant = (ranked_indices >= 0) & np.isin(ranked_keys, positive_keys)
 
-    result = summarise(per_query_metrics(relevant, num_positives), num_positives)
+    result = summarise(per_query_metrics(relevant, num_positives, k), num_positives)
     result["k"] = k
     return result

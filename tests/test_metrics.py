@@ -28,16 +28,41 @@ def test_per_query_no_positive_in_top_k():
 
 
 def test_per_query_k_below_positives():
-    # 10 positives but k = 3: AP is normalised by k, MP@5 by min(5, 10) with ranks 4-5 unseen
+    # 10 positives but k = 3: AP is normalised by k; MP@5 needs ranks 4 and 5, which were not searched
     result = per_query_metrics(np.array([[True, False, True]]), np.array([10]))
     assert result["map"][0] == pytest.approx((1 + 2 / 3) / 3)
-    assert result["mmp@5"][0] == pytest.approx(2 / 5)
+    assert np.isnan(result["mmp@5"][0])
 
 
 def test_per_query_all_top_k_relevant():
-    result = per_query_metrics(np.ones((1, 4), dtype=bool), np.array([7]))
+    result = per_query_metrics(np.ones((1, 5), dtype=bool), np.array([7]))
     assert result["map"][0] == pytest.approx(1.0)
-    assert result["mmp@5"][0] == pytest.approx(4 / 5)
+    assert result["mmp@5"][0] == pytest.approx(1.0)
+
+
+def test_per_query_mp5_needs_min_5_positives_ranks():
+    # Regression: with k = 1, MP@5 was recall@1 divided by min(5, positives).
+    relevant = np.array([[True], [True], [False]])
+    result = per_query_metrics(relevant, np.array([1, 3, 1]), k=1)
+    assert result["mmp@5"][0] == 1.0
+    assert np.isnan(result["mmp@5"][1])
+    assert result["mmp@5"][2] == 0.0
+    assert np.isnan(summarise(result, np.array([1, 3, 1]))["mmp@5"])
+
+
+def test_per_query_short_list_uses_nominal_k():
+    # a list cut at the 2 database rows scores as the same list padded to k = 100
+    relevant = np.array([[False, True]])
+    short = per_query_metrics(relevant, np.array([1]), k=100)
+    padded = per_query_metrics(np.pad(relevant, ((0, 0), (0, 98))), np.array([1]), k=100)
+    for name in ("map", "recall@1", "mmp@5"):
+        assert short[name][0] == padded[name][0]
+    assert short["map"][0] == pytest.approx(0.5)
+
+
+def test_per_query_rejects_more_ranks_than_k():
+    with pytest.raises(ValueError, match="more than k = 2"):
+        per_query_metrics(np.zeros((1, 3), dtype=bool), np.array([1]), k=2)
 
 
 def test_per_query_rejects_wrong_positive_shape():
@@ -146,10 +171,12 @@ def test_positive_set_metrics_hand_example():
     ranked = np.array([[5, 2, -1], [0, 1, 2], [3, 4, 9]])
     positives = [np.array([2, 7]), np.array([], dtype=np.int64), np.array([9, 3, 4, 8, 1, 6])]
     result = positive_set_metrics(ranked, positives, k=3)
-    # query 0: AP (1/2)/2, MP@5 1/2; query 1 has no positive; query 2: AP 1, MP@5 3/5
+    # query 0: AP (1/2)/2, MP@5 1/2; query 1 has no positive; query 2: AP 1, and MP@5 needs
+    # 5 ranks of which k = 3 were searched, so the mean MP@5 is not available
     assert result["map"] == pytest.approx(100 * (0.25 + 1.0) / 2)
     assert result["recall@1"] == pytest.approx(50.0)
-    assert result["mmp@5"] == pytest.approx(100 * (0.5 + 0.6) / 2)
+    assert np.isnan(result["mmp@5"])
+    assert positive_set_metrics(ranked[:2], positives[:2], k=3)["mmp@5"] == pytest.approx(50.0)
     assert result["num_queries"] == 2
     assert result["queries_without_positives"] == 1
 
