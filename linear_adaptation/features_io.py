@@ -59,11 +59,12 @@ def decode_ids(index: h5py.Dataset) -> list[str]:
     return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
 
 
-def load_hdf5_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tuple[np.ndarray, list[str]]:
     """Load `features` in their stored dtype and the decoded `index` ids.
 
     Raises DataError for a missing or damaged file, a bad layout (see
-    check_hdf5_layout), or rows with NaN or Inf values.
+    check_hdf5_layout), or, with `check_finite`, rows with NaN or Inf values. Callers
+    that use only some rows pass False and call `check_finite_rows` on those rows.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -82,19 +83,30 @@ def load_hdf5_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
             # a damaged chunk fails only when it is read (h5py raises OSError)
             raise DataError(f"cannot read {path!r} ({e}); the file is damaged, copy or extract it again") from e
 
-    # checked in blocks so a float16 file is never copied whole to another dtype
-    for start in range(0, features.shape[0], _FINITE_CHECK_ROWS):
-        block = features[start : start + _FINITE_CHECK_ROWS]
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            bad = start + np.flatnonzero(~finite)
-            raise DataError(
-                f"{path!r}: {int((~finite).sum())}+ rows contain NaN or Inf, e.g. row {bad[0]} "
-                f"(id {ids[bad[0]]!r}); re-extract those images or drop them from the list"
-            )
+    if check_finite:
+        check_finite_rows(features, np.arange(features.shape[0]), ids, path)
 
     _logger.info("loaded %s: %d x %d %s", path, features.shape[0], features.shape[1], features.dtype)
     return features, ids
+
+
+def check_finite_rows(features: np.ndarray, rows: np.ndarray, ids: list[str], path: str) -> None:
+    """Raise DataError naming the count and the first ids of the given rows that contain NaN or Inf.
+
+    `rows` (M,) are row numbers into `features` (N, D) and `ids` (N,) its ids.
+    """
+    bad_rows = []
+    # checked in blocks so a float16 file is never copied whole to another dtype
+    for start in range(0, len(rows), _FINITE_CHECK_ROWS):
+        block_rows = rows[start : start + _FINITE_CHECK_ROWS]
+        finite = np.isfinite(features[block_rows]).all(axis=1)
+        bad_rows.extend(block_rows[~finite].tolist())
+    if bad_rows:
+        examples = ", ".join(f"{ids[r]!r} (row {r})" for r in bad_rows[:_MAX_EXAMPLES])
+        raise DataError(
+            f"{str(path)!r}: {len(bad_rows)} of the {len(rows)} embeddings used contain NaN or Inf, ids "
+            f"{examples}; re-extract those images or drop them from the list"
+        )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feature_extraction.image_list import read_image_list
-from linear_adaptation.features_io import DataError, JoinReport, join_by_id, load_hdf5_features
+from linear_adaptation.features_io import DataError, JoinReport, check_finite_rows, join_by_id, load_hdf5_features
 from linear_adaptation.trainer import LabelledEmbeddings, class_index_first_appearance
 
 _logger = logging.getLogger(__name__)
@@ -27,12 +27,13 @@ def load_labelled_embeddings(
 
     Raises:
         ImageListError: a malformed list line, duplicate path or empty list.
-        DataError: an unreadable HDF5 file, NaN/Inf rows, or ids that do not match
-            one-to-one (unless `allow_missing`).
+        DataError: an unreadable HDF5 file, NaN/Inf in a row the list uses, or ids
+            that do not match one-to-one (unless `allow_missing`).
     """
     entries = read_image_list(list_path, require_labels=True)
-    features, ids = load_hdf5_features(features_path)
+    features, ids = load_hdf5_features(features_path, check_finite=False)
     joined = join_by_id(ids, entries, allow_missing=allow_missing, source=f"{name} embeddings {str(features_path)!r}")
+    check_finite_rows(features, joined.rows, ids, features_path)
     data = LabelledEmbeddings(features=features, rows=joined.rows, labels=joined.labels, domains=joined.domains)
     _logger.info(
         "%s set: %d images of %d classes joined by id from %s and %s (%d HDF5 rows)",
