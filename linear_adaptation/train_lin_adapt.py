@@ -26,6 +26,7 @@ complete first.
 """
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -48,6 +49,12 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E402
+from linear_adaptation.arg_checks import (  # noqa: E402
+    check_finite,
+    check_input_file,
+    check_not_an_input,
+    check_seed,
+)
 from linear_adaptation.features_io import DataError  # noqa: E402
 from linear_adaptation.model import LOSS_TYPES  # noqa: E402
 from linear_adaptation.outputs import (  # noqa: E402
@@ -66,6 +73,7 @@ from linear_adaptation.trainer import (  # noqa: E402
     CLASSIFIER_INITS,
     KEEP_MODES,
     LR_SCHEDULES,
+    TrainingError,
     describe_metrics,
     seed_everything,
 )
@@ -76,6 +84,7 @@ _logger = logging.getLogger("train_lin_adapt")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEVICES = ("auto", "cpu", "cuda")
+_INPUT_FLAGS = ("uned_features_path", "uned_info_path", "val_features_path", "val_info_path")
 _TRUE_WORDS = ("true", "on", "1", "yes")
 _FALSE_WORDS = ("false", "off", "0", "no")
 
@@ -111,37 +120,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--uned_info_path", metavar="LIST", required=True,
                       help="training list, one 'path,label,domain' line per image; joined to the HDF5 ids by path")
     data.add_argument("--allow_missing", metavar="BOOL", type=parse_bool, nargs="?", const=True,
-                      help="train on the ids present in both list and HDF5 instead of stopping when they differ "
-                           "(true/false; the flag alone means true)")
+                      help="train and validate on the ids present in both list and HDF5 instead of stopping when "
+                           "they differ; applies to the training and the validation files (true/false; the flag "
+                           "alone means true)")
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--adaptation_layer_dim", metavar="N", type=int, help="output dimension of the layer")
     model.add_argument("--loss", metavar="TYPE", choices=LOSS_TYPES,
                        help=f"margin softmax loss on the cosine logits, one of {', '.join(LOSS_TYPES)}")
-    model.add_argument("--scale", metavar="S", type=float, help="logit scale applied to the cosines")
+    model.add_argument("--scale", metavar="S", type=float, help="logit scale applied to the cosines (finite, > 0)")
     model.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
                        help="class weights at the start: random (nn.Linear's initialisation, the published recipe) "
                             "or class_mean (pointed at the initial layer's output for each class's mean embedding, "
                             "which converges in far fewer steps)")
     model.add_argument("--margin", metavar="M", type=float,
-                       help="margin: subtracted from the target cosine (cosface) or added to the target angle "
-                            "in radians (arcface); must be 0 for normface")
+                       help="margin: subtracted from the target cosine (cosface, 0 to 2) or added to the target "
+                            "angle in radians (arcface, 0 to below pi); must be 0 for normface")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--num_epochs", metavar="N", type=int, help="passes over the training images")
     optim.add_argument("--max_steps", metavar="N", type=int,
-                       help="stop after N optimisation steps, within an epoch if need be; the learning-rate "
-                            "schedule spans these steps (default: none, run --num_epochs full epochs)")
+                       help="upper bound on the optimisation steps: training stops after N steps, within an "
+                            "epoch if need be, or after --num_epochs, whichever comes first; the learning-rate "
+                            "schedule spans the steps run (default: none, run --num_epochs full epochs)")
     optim.add_argument("--batch_size", metavar="N", type=int,
                        help="images per step; the last partial batch of each epoch is dropped")
-    optim.add_argument("--lr", metavar="LR", type=float, help="Adam learning rate (peak value with a schedule)")
-    optim.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay")
+    optim.add_argument("--lr", metavar="LR", type=float,
+                       help="Adam learning rate (peak value with a schedule; finite, > 0)")
+    optim.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
     optim.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
                        help="learning rate over the steps: constant, or cosine decay to 0 at the last step")
     optim.add_argument("--warmup_steps", metavar="N", type=int,
-                       help="steps of linear learning-rate warmup before the schedule")
+                       help="steps of linear learning-rate warmup before the schedule; a warning is logged "
+                            "when they are not fewer than the training steps")
     optim.add_argument("--seed", metavar="N", type=int,
-                       help="seed of the initialisation, the batch order and --val_fraction's class draw")
+                       help="seed of the initialisation, the batch order and --val_fraction's class draw "
+                            "(0 to 2**63 - 1)")
 
     val = parser.add_argument_group("validation")
     val.add_argument("--val_features_path", metavar="HDF5",
@@ -150,7 +164,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     val.add_argument("--val_fraction", metavar="F", type=float,
                      help="without a held-out file, hold out this fraction (0 < F < 1) of the training classes "
                           "for validation and train on the rest")
-    val.add_argument("--val_k", metavar="K", type=int, help="ranking depth k of the held-out mAP@k")
+    val.add_argument("--val_k", metavar="K", type=int,
+                     help="ranking depth k of the held-out mAP@k; below 5, mMP@5 is not computed and is recorded "
+                          "as null")
     val.add_argument("--keep", metavar="WHICH", choices=KEEP_MODES,
                      help="save the last epoch, or the epoch with the best held-out mAP (needs validation)")
 
@@ -205,18 +221,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps is {args.max_steps}; it must be at least 1")
-    if not args.lr > 0:
-        parser.error(f"--lr is {args.lr}; it must be positive")
-    if not args.scale > 0:
-        parser.error(f"--scale is {args.scale}; it must be positive")
-    if args.weight_decay < 0:
-        parser.error(f"--weight_decay is {args.weight_decay}; it must be 0 or positive")
+    check_seed(parser, "--seed", args.seed)
+    check_loss_args(parser, args)
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps is {args.warmup_steps}; it must be 0 or positive")
-    if args.margin < 0:
-        parser.error(f"--margin is {args.margin}; it must be 0 or positive")
-    if args.loss == "normface" and args.margin != 0:
-        parser.error(f"--loss normface has no margin but --margin is {args.margin}; use cosface or arcface")
 
     has_val_file = args.val_features_path is not None or args.val_info_path is not None
     if has_val_file and (args.val_features_path is None or args.val_info_path is None):
@@ -231,6 +239,38 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
     if Path(args.save_dir).is_dir():
         parser.error(f"--save_dir {args.save_dir!r} is a folder; give the path of the .pth file to write")
+    check_paths(parser, args)
+
+
+def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject NaN, infinite and out-of-range values of the loss and optimizer flags."""
+    for name in ("lr", "scale", "weight_decay", "margin"):
+        check_finite(parser, f"--{name}", getattr(args, name))
+    if not args.lr > 0:
+        parser.error(f"--lr is {args.lr}; it must be positive")
+    if not args.scale > 0:
+        parser.error(f"--scale is {args.scale}; it must be positive")
+    if args.weight_decay < 0:
+        parser.error(f"--weight_decay is {args.weight_decay}; it must be 0 or positive")
+    if args.margin < 0:
+        parser.error(f"--margin is {args.margin}; it must be 0 or positive")
+    if args.loss == "normface" and args.margin != 0:
+        parser.error(f"--loss normface has no margin but --margin is {args.margin}; use cosface or arcface")
+    # a cosine spans [-1, 1], so a larger cosface margin puts every target logit below every other
+    if args.loss == "cosface" and args.margin > 2:
+        parser.error(f"--margin is {args.margin}; a cosface margin must be at most 2, the range of a cosine")
+    if args.loss == "arcface" and args.margin >= math.pi:
+        parser.error(f"--margin is {args.margin}; an arcface margin is an angle in radians and must be below pi")
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject input files that do not exist and outputs that would overwrite an input."""
+    inputs = {f"--{name}": [getattr(args, name)] for name in _INPUT_FLAGS if getattr(args, name) is not None}
+    for flag, (path,) in inputs.items():
+        check_input_file(parser, flag, path)
+    pth_path = Path(args.save_dir)
+    for output in (pth_path, *sidecar_paths(pth_path)):
+        check_not_an_input(parser, "--save_dir", output, inputs)
 
 
 def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
@@ -288,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
         )
         checksums = {
             name: {"path": str(getattr(args, name)), "sha256": file_sha256(getattr(args, name))}
-            for name in ("uned_features_path", "uned_info_path", "val_features_path", "val_info_path")
+            for name in _INPUT_FLAGS
             if getattr(args, name) is not None
         }
 
@@ -361,7 +401,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         with sigterm_raises():
             return main(args)
-    except (DataError, ImageListError, OutputError) as e:
+    except (DataError, ImageListError, OutputError, TrainingError) as e:
         _logger.error("%s", e)
         return EXIT_FAILED
     except (ValueError, OSError, RuntimeError) as e:

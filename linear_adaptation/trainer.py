@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,12 @@ KEEP_MODES = ("last", "best")
 CLASSIFIER_INITS = ("random", "class_mean")
 
 _EMBED_CHUNK_ROWS = 65536
-_POSTFIX_EVERY_STEPS = 20
+_POSTFIX_EVERY_STEPS = 20  # also how often the running loss is checked for NaN and Inf
+_MAX_TENSOR_ROWS = 2**31 - 1  # out_dim above this cannot be a torch size on every platform
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot finish with a usable layer: the message names the cause and the fix."""
 
 
 @dataclass
@@ -191,7 +197,9 @@ def evaluate_retrieval(
     if adapter is not None:
         adapter.train(was_training)
 
-    _, ranked = knn_search(embeddings, [embeddings], k=k, device=features.device, exclude_self=True)
+    # a query ranks at most the other images, and mAP@k is the same for every k above that
+    search_k = max(1, min(k, data.num_images - 1))
+    _, ranked = knn_search(embeddings, [embeddings], k=search_k, device=features.device, exclude_self=True)
     return labelled_set_metrics(ranked, data.labels, data.domains, k)
 
 
@@ -251,8 +259,13 @@ class _StepRunner:
     total_steps: int
 
     def run_epoch(self, epoch_rows: torch.Tensor, epoch_classes: torch.Tensor, first_step: int, num_steps: int,
-                  bar: tqdm) -> tuple[float, float]:
-        """Run `num_steps` steps over consecutive batches of the epoch order; return the mean loss and last lr."""
+                  bar: tqdm) -> tuple[float, float, int]:
+        """Run up to `num_steps` steps over consecutive batches of the epoch order.
+
+        Returns the mean loss, the last learning rate and the steps run. The epoch stops
+        early when the running loss becomes NaN or Inf, checked every
+        `_POSTFIX_EVERY_STEPS` steps, where the progress bar synchronises anyway.
+        """
         device_type = self.features.device.type
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.features.device)
         current_lr = self.lr
@@ -284,8 +297,73 @@ class _StepRunner:
             loss_sum += loss.detach()
             bar.update(1)
             if (i + 1) % _POSTFIX_EVERY_STEPS == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", refresh=False)
-        return loss_sum.item() / num_steps, current_lr
+                mean_loss = loss_sum.item() / (i + 1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+                if not math.isfinite(mean_loss):
+                    return mean_loss, current_lr, i + 1
+        return loss_sum.item() / num_steps, current_lr, num_steps
+
+
+def _plan_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None, warmup_steps: int, lr: float
+                ) -> tuple[int, int]:
+    """Return the total steps and the epochs to run, warning about a --max_steps or warmup that cannot take effect."""
+    epoch_steps = steps_per_epoch * num_epochs
+    total_steps = epoch_steps
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps is {max_steps}; it must be at least 1")
+        if max_steps > epoch_steps:
+            _logger.warning(
+                "--max_steps %d exceeds the %d steps of %d %s, so training stops after %d steps; "
+                "raise --num_epochs to run more", max_steps, epoch_steps, num_epochs, _plural(num_epochs, "epoch"),
+                epoch_steps,
+            )
+        total_steps = min(epoch_steps, max_steps)
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+    if warmup_steps >= total_steps:
+        peak = lr * min(total_steps, warmup_steps) / warmup_steps
+        _logger.warning(
+            "--warmup_steps %d is not below the %d training steps, so warmup takes the whole run and the learning "
+            "rate peaks at %g (--lr is %g) on the last step; lower --warmup_steps", warmup_steps, total_steps, peak, lr,
+        )
+    return total_steps, num_epochs
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else noun + "s"
+
+
+def _build_models(in_dim: int, out_dim: int, num_classes: int, device: torch.device
+                  ) -> tuple[LinearAdapter, CosineClassifier]:
+    """Create the layer and the classifier on `device`; raise TrainingError naming the size when memory runs out."""
+    # weights, gradients and Adam's two moments: four float32 values per parameter
+    num_parameters = in_dim * out_dim + out_dim + num_classes * out_dim
+    size = (
+        f"the layer ({out_dim} x {in_dim}) and the classifier ({num_classes} classes x {out_dim}) need about "
+        f"{16 * num_parameters / 2**30:.1f} GiB on {device} for weights, gradients and Adam state; "
+        "lower --adaptation_layer_dim"
+    )
+    if out_dim > _MAX_TENSOR_ROWS:
+        raise TrainingError(f"output dimension {out_dim} is too large: {size}")
+    try:
+        return LinearAdapter(in_dim, out_dim).to(device), CosineClassifier(out_dim, num_classes).to(device)
+    except (RuntimeError, MemoryError) as e:
+        # torch raises OutOfMemoryError on CUDA and a RuntimeError from its allocator on the CPU
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise
+        raise TrainingError(f"cannot allocate the model: {size}") from e
+
+
+def _check_finite(epoch: int, loss: float, modules: tuple[torch.nn.Module, ...], lr: float) -> None:
+    """Raise TrainingError when the epoch's loss or any weight is NaN or Inf."""
+    weights_finite = all(bool(torch.isfinite(p).all()) for module in modules for p in module.parameters())
+    if math.isfinite(loss) and weights_finite:
+        return
+    state = "" if weights_finite else " and the weights contain NaN or Inf"
+    raise TrainingError(
+        f"training diverged in epoch {epoch}: the mean loss is {loss:.4g}{state}, so no layer is saved; "
+        f"lower --lr (now {lr:g})"
+    )
 
 
 def _check_training_set(train: LabelledEmbeddings, num_classes: int, batch_size: int) -> None:
@@ -324,6 +402,7 @@ def train_linear_adapter(
     classifier_init: str = "random",
     max_steps: int | None = None,
     show_progress: bool = True,
+    on_train_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train a LinearAdapter with a cosine classifier over the (domain, label) classes of `train`.
 
@@ -331,12 +410,16 @@ def train_linear_adapter(
     of `batch_size` in that order (the last partial batch is dropped). When `validation`
     is given, retrieval on it is scored before training (raw embeddings) and after every
     epoch. `keep="best"` returns the epoch with the highest validation mAP, else the last.
-    `max_steps` ends training after that many steps, within an epoch if need be, and the
-    learning rate schedule then spans those steps.
+    `max_steps` is an upper bound: training ends after that many steps, within an epoch
+    if need be, or after `num_epochs`, whichever comes first, and the learning rate
+    schedule spans the steps run. `on_train_start` is called once just before the first
+    step, after the model, the optimizer and the validation before training.
 
     Raises:
         ValueError: an empty or single-class training set, a batch larger than the set,
             a dimension mismatch with `validation`, or an unknown option value.
+        TrainingError: the model does not fit in memory, or the loss or the weights
+            became NaN or Inf (checked every 20 steps and after every epoch).
     """
     device = torch.device(device)
     if loss_type not in LOSS_TYPES:
@@ -358,12 +441,7 @@ def train_linear_adapter(
     num_classes = int(class_pairs.shape[0])
     _check_training_set(train, num_classes, batch_size)
     steps_per_epoch = train.num_images // batch_size
-    total_steps = steps_per_epoch * num_epochs
-    if max_steps is not None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps is {max_steps}; it must be at least 1")
-        total_steps = min(total_steps, max_steps)
-        num_epochs = math.ceil(total_steps / steps_per_epoch)
+    total_steps, num_epochs = _plan_steps(steps_per_epoch, num_epochs, max_steps, warmup_steps, lr)
 
     # data on the device: stored dtype, no float32 copy of the whole matrix
     features_t = _to_device_tensor(train.features, device)
@@ -376,8 +454,7 @@ def train_linear_adapter(
 
     # model, in the published recipe's creation order so the seed gives the same start
     torch.manual_seed(seed)
-    adapter = LinearAdapter(train.dim, out_dim).to(device)
-    classifier = CosineClassifier(out_dim, num_classes).to(device)
+    adapter, classifier = _build_models(train.dim, out_dim, num_classes, device)
     init_seconds = 0.0
     if classifier_init == "class_mean":
         start = time.perf_counter()
@@ -404,9 +481,10 @@ def train_linear_adapter(
     batch_generator = torch.Generator().manual_seed(seed)
 
     _logger.info(
-        "training on %s: %d images, %d classes, %d -> %d, %d epochs of %d steps (batch %d), "
+        "training on %s: %d images, %d classes, %d -> %d, %d %s of %d steps (batch %d), "
         "loss %s (scale %g, margin %g), Adam lr %g (%s, warmup %d steps), weight decay %g, amp %s, optimizer %s",
-        device, train.num_images, num_classes, train.dim, out_dim, num_epochs, steps_per_epoch, batch_size,
+        device, train.num_images, num_classes, train.dim, out_dim, num_epochs, _plural(num_epochs, "epoch"),
+        steps_per_epoch, batch_size,
         loss_type, scale, margin, lr, lr_schedule, warmup_steps, weight_decay, amp, optimizer_impl,
     )
 
@@ -423,6 +501,8 @@ def train_linear_adapter(
     step = 0
     train_seconds = init_seconds  # the class-mean pass is part of the training time
 
+    if on_train_start is not None:
+        on_train_start()
     for epoch in range(1, num_epochs + 1):
         epoch_steps = min(steps_per_epoch, total_steps - step)
         record = EpochRecord(epoch=epoch, steps=epoch_steps)
@@ -440,9 +520,10 @@ def train_linear_adapter(
             disable=None if show_progress else True,
             leave=False,
         )
-        record.loss, record.lr = runner.run_epoch(epoch_rows, epoch_classes, step, epoch_steps, bar)
+        record.loss, record.lr, steps_run = runner.run_epoch(epoch_rows, epoch_classes, step, epoch_steps, bar)
         bar.close()
-        step += epoch_steps
+        _check_finite(epoch, record.loss, (adapter, classifier), lr)
+        step += steps_run
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)

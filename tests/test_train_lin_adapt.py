@@ -251,6 +251,19 @@ def test_cli_failure_keeps_existing_folder(data_dir, tmp_path):
         (["--batch_size", "0"], "--batch_size is 0"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
         (["--val_info_path", "x.txt"], "must be given together"),
+        # Regression: NaN and Inf loss settings trained a NaN layer and exited 0, and a negative
+        # seed failed only after loading the data.
+        (["--margin", "nan"], "--margin is nan; it must be a finite number"),
+        (["--scale", "inf"], "--scale is inf; it must be a finite number"),
+        (["--lr", "inf"], "--lr is inf; it must be a finite number"),
+        (["--lr=-1e-3"], "--lr is -0.001; it must be positive"),
+        (["--weight_decay", "inf"], "--weight_decay is inf; it must be a finite number"),
+        (["--weight_decay", "nan"], "--weight_decay is nan; it must be a finite number"),
+        (["--loss", "arcface", "--margin", "3.2"], "an arcface margin is an angle in radians and must be below pi"),
+        (["--loss", "cosface", "--margin", "2.5"], "a cosface margin must be at most 2"),
+        (["--seed", "-1"], "--seed is -1; it must lie between 0 and 2**63 - 1"),
+        (["--seed", str(10**23)], f"--seed is {10**23}; it must lie between 0"),
+        (["--seed", "-1", "--val_fraction", "0.3"], "--seed is -1"),
     ],
 )
 def test_cli_bad_arguments_exit_2(data_dir, tmp_path, capsys, extra, message):
@@ -334,3 +347,117 @@ def test_atomic_write_holds_back_signal(tmp_path, monkeypatch):
     assert (tmp_path / "a.bin").read_bytes() == b"a"
     assert (tmp_path / "b.bin").read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_cli_largest_seed_trains(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path / "layer.pth", "--seed", str(2**63 - 1), "--val_fraction", "0.2",
+                      with_val=False)
+    args[args.index("--num_epochs") + 1] = "1"
+    assert run(args) == 0
+    assert json.loads((tmp_path / "layer.json").read_text())["args"]["seed"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("extra", [["--lr", "1e30"], ["--lr", "1e30", "--val_fraction", "0.3", "--keep", "best"]])
+def test_cli_diverged_training_writes_nothing(data_dir, tmp_path, caplog, extra):
+    # Regression: a learning rate of 1e30 saved a layer full of NaN and exited 0, and with
+    # --keep best it kept epoch 1 at mAP 0.00.
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = run(train_args(data_dir, out / "layer.pth", *extra, with_val=False))
+    assert code == 1
+    assert "training diverged in epoch 1: the mean loss is nan" in caplog.text
+    assert "lower --lr (now 1e+30)" in caplog.text
+    assert "epoch 2/2" not in caplog.text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("victim", ["train.hdf5", "train.txt"])
+def test_cli_save_dir_input_file_exit_2(data_dir, tmp_path, capsys, victim):
+    # Regression: --save_dir naming the training HDF5 replaced it with the .pth.
+    (tmp_path / "train.hdf5").write_bytes((data_dir / "train.hdf5").read_bytes())
+    (tmp_path / "train.txt").write_text((data_dir / "train.txt").read_text())
+    before = (tmp_path / victim).read_bytes()
+    args = ["--uned_features_path", str(tmp_path / "train.hdf5"), "--uned_info_path", str(tmp_path / "train.txt"),
+            "--save_dir", str(tmp_path / victim), *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2
+    flag = "--uned_features_path" if victim.endswith(".hdf5") else "--uned_info_path"
+    assert f"which is the {flag} input" in capsys.readouterr().err
+    assert (tmp_path / victim).read_bytes() == before
+
+
+def test_cli_sidecar_input_file_exit_2(data_dir, tmp_path, capsys):
+    # the .json record of --save_dir layer.pth would replace a list named layer.json
+    (tmp_path / "layer.json").write_text((data_dir / "heldout.txt").read_text())
+    args = train_args(data_dir, tmp_path / "layer.pth", with_val=False)
+    args += ["--val_features_path", str(data_dir / "heldout.hdf5"), "--val_info_path", str(tmp_path / "layer.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2
+    assert "--save_dir would write" in capsys.readouterr().err
+    assert (tmp_path / "layer.json").read_text() == (data_dir / "heldout.txt").read_text()
+
+
+def test_cli_save_dir_replaces_older_layer(data_dir, tmp_path, caplog):
+    save_path = tmp_path / "layer.pth"
+    save_path.write_bytes(b"older layer")
+    with caplog.at_level(logging.WARNING):
+        assert run(train_args(data_dir, save_path, with_val=False)) == 0
+    assert "replacing the existing" in caplog.text
+    assert sorted(torch.load(save_path, weights_only=True)) == ["layer.bias", "layer.weight"]
+
+
+@pytest.mark.parametrize("flag", ["--uned_features_path", "--uned_info_path", "--val_info_path"])
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_cli_missing_input_exit_2(data_dir, tmp_path, capsys, flag, kind):
+    # Regression: a missing list ended in "training failed: FileNotFoundError" without the flag.
+    bad = tmp_path / "nope.txt"
+    if kind == "folder":
+        bad.mkdir()
+    args = train_args(data_dir, tmp_path / "out" / "layer.pth")
+    args[args.index(flag) + 1] = str(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2
+    expected = "is a folder; give the path of a file" if kind == "folder" else "does not exist; check the path"
+    assert f"{flag} {str(bad)!r} {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_max_steps_beyond_epochs_warns(data_dir, tmp_path, caplog):
+    # 1500 images in batches of 64 give 23 steps per epoch
+    args = train_args(data_dir, tmp_path / "layer.pth", "--max_steps", "1000", "--warmup_steps", "100",
+                      with_val=False)
+    args[args.index("--num_epochs") + 1] = "1"
+    with caplog.at_level(logging.INFO):
+        assert run(args) == 0
+    assert "--max_steps 1000 exceeds the 23 steps of 1 epoch, so training stops after 23 steps" in caplog.text
+    assert "--warmup_steps 100 is not below the 23 training steps" in caplog.text
+    assert "1 epoch of 23 steps" in caplog.text
+    assert json.loads((tmp_path / "layer.json").read_text())["epochs"][1]["steps"] == 23
+
+
+def test_cli_huge_layer_names_flag(data_dir, tmp_path, caplog):
+    # Regression: an output dimension too large to allocate ended in an allocator traceback text.
+    for dim in ("100000000000", str(10**20)):
+        caplog.clear()
+        args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
+        args[args.index("--adaptation_layer_dim") + 1] = dim
+        assert run(args) == 1
+        assert "lower --adaptation_layer_dim" in caplog.text
+        assert "training failed" not in caplog.text
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_nan_row_outside_list_ignored(data_dir, tmp_path, caplog):
+    # Regression: a NaN row that the list does not use stopped training, with advice to drop
+    # it from the list, which could not help.
+    def add_broken_row(features, ids):
+        return np.concatenate([features, np.full((1, features.shape[1]), np.nan, features.dtype)]), ids + ["x/broken.jpg"]
+
+    copy_hdf5(data_dir / "train.hdf5", tmp_path / "extra.hdf5", add_broken_row)
+    args = train_args(data_dir, tmp_path / "layer.pth", "--allow_missing", with_val=False)
+    args[args.index("--uned_features_path") + 1] = str(tmp_path / "extra.hdf5")
+    assert run(args) == 0
+    assert json.loads((tmp_path / "layer.json").read_text())["num_images"] == 1500

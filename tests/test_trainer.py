@@ -9,6 +9,7 @@ from linear_adaptation.model import CosineClassifier
 from linear_adaptation.synthetic import make_synthetic_dataset
 from linear_adaptation.trainer import (
     LabelledEmbeddings,
+    TrainingError,
     class_index_first_appearance,
     evaluate_retrieval,
     imprint_class_means,
@@ -205,3 +206,54 @@ def test_max_steps_ends_within_epoch(synthetic):
     assert [record.steps for record in result.history[1:]] == [31, 9]
     assert result.kept_epoch == 2
     assert result.history[2].lr == pytest.approx(lr_at_step(39, 40, 3e-3, "cosine", 0))
+
+
+def test_validation_searches_no_deeper_than_set(synthetic, monkeypatch):
+    # Regression: val_k = 100000000 padded every ranked list to k places (112 GiB).
+    from linear_adaptation import trainer
+
+    heldout = as_labelled(synthetic.heldout)
+    features = torch.from_numpy(heldout.features)
+    depths = []
+    original = trainer.knn_search
+    monkeypatch.setattr(trainer, "knn_search", lambda *a, k, **kw: depths.append(k) or original(*a, k=k, **kw))
+
+    deep = evaluate_retrieval(None, heldout, features, k=10**8)
+    full = evaluate_retrieval(None, heldout, features, k=399)
+    assert depths == [399, 399]
+    assert deep["k"] == 10**8
+    for name in ("map", "recall@1", "mmp@5"):
+        assert deep[name] == pytest.approx(full[name])
+
+
+def test_diverged_training_raises(synthetic):
+    with pytest.raises(TrainingError, match="training diverged in epoch 1: the mean loss is nan"):
+        train_linear_adapter(as_labelled(synthetic.train), **{**TRAIN_ARGS, "lr": 1e30})
+
+
+def test_diverged_training_stops_within_epoch(synthetic, monkeypatch):
+    # the running loss is checked every 20 steps, so a NaN stops an epoch of 31 steps after 20
+    from linear_adaptation import trainer
+
+    steps = []
+    original = trainer.cosine_margin_loss
+
+    def nan_loss(*args):
+        steps.append(1)
+        return original(*args) * float("nan")
+
+    monkeypatch.setattr(trainer, "cosine_margin_loss", nan_loss)
+    with pytest.raises(TrainingError, match="epoch 1"):
+        train_linear_adapter(as_labelled(synthetic.train), **TRAIN_ARGS)
+    assert len(steps) == 20
+
+
+def test_on_train_start_runs_before_first_step(synthetic, monkeypatch):
+    from linear_adaptation import trainer
+
+    events = []
+    original = trainer.cosine_margin_loss
+    monkeypatch.setattr(trainer, "cosine_margin_loss", lambda *a: events.append("step") or original(*a))
+    train_linear_adapter(as_labelled(synthetic.train), on_train_start=lambda: events.append("start"),
+                         **{**TRAIN_ARGS, "max_steps": 2})
+    assert events == ["start", "step", "step"]

@@ -1,0 +1,71 @@
+"""Argument checks shared by the trainer, the evaluator and the training benchmark.
+
+Each check calls `parser.error` (exit status 2) with a message that names the flag, the
+value and the fix, so that bad paths and values fail before any data is read.
+"""
+import argparse
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+# torch.manual_seed, torch.Generator and numpy.random.default_rng all accept this range
+MAX_SEED = 2**63 - 1
+
+
+def check_input_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
+    """Reject an input path that does not exist or is not a file."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        parser.error(f"{flag} {str(path)!r} is a folder; give the path of a file")
+    parser.error(f"{flag} {str(path)!r} does not exist; check the path")
+
+
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
+    """Reject an output path that is a folder, or whose folder cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        parser.error(f"{flag} {str(path)!r} is a folder; give the path of the file to write")
+    folder = Path(os.path.abspath(path)).parent
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        parser.error(f"{flag} {str(path)!r}: {str(existing)!r} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {str(path)!r}: the folder {str(existing)!r} is not writable; choose another path")
+
+
+def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Return whether two paths name the same file, through links too; a missing path compares by its resolved name."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return os.path.realpath(first) == os.path.realpath(second)
+
+
+def check_not_an_input(
+    parser: argparse.ArgumentParser, flag: str, output: str | os.PathLike, inputs: Mapping[str, list]
+) -> None:
+    """Reject an output path that is one of the input files, which writing it would destroy.
+
+    `inputs` maps each input flag to its paths.
+    """
+    for input_flag, paths in inputs.items():
+        for path in paths:
+            if same_file(output, path):
+                parser.error(
+                    f"{flag} would write {str(output)!r}, which is the {input_flag} input {str(path)!r}; "
+                    "choose another output path"
+                )
+
+
+def check_seed(parser: argparse.ArgumentParser, flag: str, seed: int) -> None:
+    """Reject a seed outside 0 .. 2**63 - 1."""
+    if not 0 <= seed <= MAX_SEED:
+        parser.error(f"{flag} is {seed}; it must lie between 0 and 2**63 - 1 ({MAX_SEED})")
+
+
+def check_finite(parser: argparse.ArgumentParser, flag: str, value: float) -> None:
+    """Reject NaN and infinite values."""
+    if not math.isfinite(value):
+        parser.error(f"{flag} is {value}; it must be a finite number")
