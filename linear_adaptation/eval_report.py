@@ -5,11 +5,14 @@ Ranked-list files (`--save_ranks`), chosen by extension:
   "with_layer": {...}}, with the padding of short lists left out. Readable, but large
   for many queries.
 - `.npz` or `.hdf5`/`.h5`: arrays `query_ids` (Q,) and `database_ids` (N,) as ASCII
-  bytes, `k` (a file attribute in HDF5), and per variant `rows_<variant>` (Q, k) int64 database rows (-1 pads) and
-  `scores_<variant>` (Q, k) float32 (-inf pads). Compressed, for large runs.
+  bytes, `k` (a file attribute in HDF5), and per variant `rows_<variant>` (Q, n) int64 database rows (-1 pads) and
+  `scores_<variant>` (Q, n) float32 (-inf pads). Compressed, for large runs.
 `<variant>` is `without_layer` or `with_layer`. Ids are the escaped form of the HDF5 index.
-Every file is written to a temporary name first and renamed when complete.
+The lists hold n = min(k, database rows) places, or min(k, images - 1) in a labelled set,
+because the search returns no more. Every file is written to a temporary name first,
+given the permissions a new file gets under the umask, and renamed when complete.
 """
+import errno
 import json
 import math
 import os
@@ -21,8 +24,10 @@ import h5py
 import numpy as np
 
 from feature_extraction.image_list import file_sha256
+from linear_adaptation.outputs import default_file_mode
 
 VARIANTS = ("without_layer", "with_layer")
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 RANK_EXTENSIONS = (".json", ".npz", ".hdf5", ".h5")
 TIE_BREAK = "equal scores are ordered by lower database row"
 
@@ -98,6 +103,14 @@ def _write_failure_reason(error: BaseException) -> str:
     return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 
+def _write_failure(path: str, error: BaseException) -> OutputWriteError:
+    """Describe a failed write with its reason and the fix for that reason."""
+    reason = _write_failure_reason(error)
+    out_of_space = getattr(error, "errno", None) in _SPACE_ERRORS or reason in map(os.strerror, _SPACE_ERRORS)
+    fix = "free space there or choose another path" if out_of_space else "choose another path"
+    return OutputWriteError(f"cannot write {path!r}: {reason}; {fix}")
+
+
 @contextmanager
 def _atomic_path(path: str):
     """Yield a temporary path beside `path` and rename it to `path` only if the block succeeds.
@@ -110,13 +123,14 @@ def _atomic_path(path: str):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     except OSError as e:
-        raise OutputWriteError(f"cannot write {path!r}: {_write_failure_reason(e)}") from e
+        raise _write_failure(path, e) from e
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # h5py raises RuntimeError for some failed writes
-        raise OutputWriteError(f"cannot write {path!r}: {_write_failure_reason(e)}") from e
+        raise _write_failure(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

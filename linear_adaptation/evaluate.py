@@ -19,8 +19,9 @@ variants rank by cosine similarity. Search is exact inner product (faiss on CPU,
 on CUDA), with the database read in blocks of --chunk_rows rows. Equal scores are
 ordered by lower database row. The table
 is printed to stdout and the log goes to stderr. Exit status: 0 on success, 1 for
-unusable input data (nothing is written), 2 for invalid arguments, 130 after SIGINT and
-143 after SIGTERM.
+unusable input data (nothing is written) or a failed output write, 2 for invalid
+arguments (including input files that do not exist and output paths that cannot be
+written or would replace an input), 130 after SIGINT and 143 after SIGTERM.
 """
 import argparse
 import logging
@@ -49,6 +50,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from feature_extraction.image_list import ImageListError, canonical_id, read_image_list  # noqa: E402
+from linear_adaptation.arg_checks import (  # noqa: E402
+    check_input_file,
+    check_not_an_input,
+    check_output_file,
+    same_file,
+)
 from linear_adaptation.eval_report import (  # noqa: E402
     RANK_EXTENSIONS,
     TIE_BREAK,
@@ -57,12 +64,12 @@ from linear_adaptation.eval_report import (  # noqa: E402
     write_json,
     write_ranks,
 )
-from linear_adaptation.features_io import DataError, join_by_id, load_hdf5_features  # noqa: E402
+from linear_adaptation.features_io import DataError, check_finite_rows, join_by_id, load_hdf5_features  # noqa: E402
 from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth  # noqa: E402
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
-from linear_adaptation.metrics import labelled_set_metrics, positive_set_metrics  # noqa: E402
+from linear_adaptation.metrics import class_ids, labelled_set_metrics, positive_set_metrics  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class EvaluationResult:
 
     k: int
     metrics: dict[str, dict]
-    ranks: dict[str, tuple[np.ndarray, np.ndarray]]  # variant -> (scores, rows), each (Q, k)
+    ranks: dict[str, tuple[np.ndarray, np.ndarray]]  # variant -> (scores, rows), each (Q, min(k, rows returnable))
     query_ids: list[str]
     database_ids: list[str]
     counts: dict[str, int] = field(default_factory=dict)
@@ -103,6 +110,28 @@ def _warn_if_not_normalised(features: np.ndarray, source: str) -> None:
         )
 
 
+def _search_depth(k: int, available: int, candidates: str) -> int:
+    """Return min(k, available), logging when k is cut, so that no list is padded to k places.
+
+    `candidates` names what a query ranks, for the log line.
+    """
+    if k <= available:
+        return k
+    _logger.info(
+        "k = %d exceeds the %d %s, so each query ranks all of them; mAP@%d is the same as for a list padded to k",
+        k, available, candidates, k,
+    )
+    return max(available, 1)
+
+
+def _warn_if_no_positives(labels: np.ndarray, domains: np.ndarray, source: str) -> None:
+    if np.bincount(class_ids(labels, domains)).max() < 2:
+        _logger.warning(
+            "%s: no two images share a (domain, label) class, so no query has a positive and every metric is n/a; "
+            "check the labels of the list", source,
+        )
+
+
 def evaluate_labelled_set(
     features_path: str,
     info_path: str,
@@ -121,11 +150,14 @@ def evaluate_labelled_set(
         DataError: Unusable embeddings, list, or layer file.
         ImageListError: A malformed list.
     """
-    features, hdf5_ids = load_hdf5_features(features_path)
+    features, hdf5_ids = load_hdf5_features(features_path, check_finite=False)
     entries = read_image_list(info_path, require_labels=True)
     joined = join_by_id(hdf5_ids, entries, allow_missing=allow_missing, source=features_path)
+    check_finite_rows(features, joined.rows, hdf5_ids, features_path)
     features = features[joined.rows]  # (N, D) in list order, stored dtype
     _warn_if_not_normalised(features, features_path)
+    _warn_if_no_positives(joined.labels, joined.domains, features_path)
+    search_k = _search_depth(k, len(joined.ids) - 1, "other images of the set")
 
     adapter = None
     if lin_adapt_path is not None:
@@ -141,7 +173,7 @@ def evaluate_labelled_set(
         scores, rows = knn_search(
             embeddings,
             iterate_chunks(embeddings, chunk_rows=chunk_rows),
-            k=k,
+            k=search_k,
             device=device,
             exclude_self=True,
             total_rows=len(embeddings),
@@ -181,7 +213,7 @@ def evaluate_query_database(
     Raises:
         DataError: Unusable embeddings, ground truth, or layer file.
     """
-    query_features, query_ids = load_hdf5_features(query_path)
+    query_features, query_ids = load_hdf5_features(query_path, check_finite=False)
     database = HDF5Database(database_paths)
     if database.dim != query_features.shape[1]:
         raise DataError(
@@ -190,7 +222,9 @@ def evaluate_query_database(
         )
 
     matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids)
+    check_finite_rows(query_features, matched.query_rows, query_ids, query_path)
     queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)
+    search_k = _search_depth(k, database.num_rows, "database rows")
     _warn_if_not_normalised(queries, query_path)
 
     adapter = None
@@ -210,7 +244,7 @@ def evaluate_query_database(
             "searching %d queries in %d database rows, %s", len(queries), database.num_rows, variant.replace("_", " ")
         )
         scores, rows = knn_search(
-            variant_queries, chunks, k=k, device=device, exclude_self=False, total_rows=database.num_rows
+            variant_queries, chunks, k=search_k, device=device, exclude_self=False, total_rows=database.num_rows
         )
         metrics[variant] = positive_set_metrics(rows, matched.positives, k)
         ranks[variant] = (scores, rows)
@@ -235,10 +269,19 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, on/off, yes/no or 1/0, got {value!r}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults in the help, except for flags without a default (their help states what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="kNN retrieval mAP@k, recall@1 and mMP@5 of embeddings, without and with a linear adaptation layer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     labelled = parser.add_argument_group("mode 1: one labelled set, every image queries all the others")
     labelled.add_argument("--features_path", metavar="HDF5", help="embeddings of the labelled set (ILIAS layout)")
@@ -249,7 +292,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         metavar="BOOL",
-        help="evaluate the ids present in both list and HDF5 instead of failing on a mismatch",
+        help="evaluate the ids present in both list and HDF5 instead of failing on a mismatch "
+        "(true/false; the flag alone means true)",
     )
 
     query_db = parser.add_argument_group("mode 2: queries against a database with ground truth")
@@ -276,18 +320,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--k",
         type=int,
         metavar="N",
-        help=f"ranked-list length; None means {DEFAULT_K_LABELLED_SET} in mode 1 and {DEFAULT_K_QUERY_DATABASE} "
-        "in mode 2 (default: %(default)s)",
+        help=f"ranked-list length k of mAP@k (default: {DEFAULT_K_LABELLED_SET} in mode 1, "
+        f"{DEFAULT_K_QUERY_DATABASE} in mode 2); below 5, mMP@5 is reported as n/a",
     )
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), metavar="DEVICE", help="auto, cpu or cuda")
     common.add_argument(
         "--chunk_rows", type=int, metavar="ROWS", help="database rows read, adapted and searched per block"
     )
-    common.add_argument("--save_json", metavar="PATH", help="write metrics, arguments and input file sizes/hashes")
+    common.add_argument(
+        "--save_json", metavar="PATH", help="write metrics, arguments and input file sizes/hashes (default: not written)"
+    )
     common.add_argument(
         "--save_ranks",
         metavar="PATH",
-        help="write the top-k ids and scores per query: .json, or compressed .npz/.hdf5 for large runs",
+        help="write the top-k ids and scores per query: .json, or compressed .npz/.hdf5 for large runs "
+        "(default: not written)",
     )
     common.add_argument(
         "--hash_inputs",
@@ -295,7 +342,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         metavar="BOOL",
-        help="store the SHA-256 of every input file in --save_json (reads each file once more)",
+        help="store the SHA-256 of every input file in --save_json, which reads each file once more "
+        "(true/false; the flag alone means true)",
     )
 
     parser.set_defaults(
@@ -339,6 +387,32 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_paths(parser, args)
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the input files and the output paths before any data is read.
+
+    Expands --db_hdf5 into `args.db_files`. Rejects inputs that do not exist, outputs
+    that cannot be written, and outputs that are an input file or each other.
+    """
+    if args.mode == "query_database":
+        try:
+            args.db_files = expand_database_paths(args.db_hdf5)
+        except DataError as e:
+            parser.error(f"--db_hdf5: {e}")
+    inputs = {f"--{name}": paths for name, paths in _input_files(args).items()}
+    for flag, paths in inputs.items():
+        for path in paths:
+            check_input_file(parser, flag, path)
+
+    outputs = {flag: path for flag, path in (("--save_json", args.save_json), ("--save_ranks", args.save_ranks))
+               if path is not None}
+    for flag, path in outputs.items():
+        check_output_file(parser, flag, path)
+        check_not_an_input(parser, flag, path, inputs)
+    if len(outputs) == 2 and same_file(args.save_json, args.save_ranks):
+        parser.error(f"--save_json and --save_ranks both name {args.save_json!r}; give two different files")
 
 
 def _input_files(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -368,7 +442,6 @@ def main(args: argparse.Namespace) -> int:
                 allow_missing=args.allow_missing,
             )
         else:
-            args.db_files = expand_database_paths(args.db_hdf5)
             result = evaluate_query_database(
                 query_path=args.query_hdf5,
                 database_paths=args.db_files,
@@ -385,29 +458,41 @@ def main(args: argparse.Namespace) -> int:
     print(format_metrics_table(result.metrics, result.k), flush=True)
     _logger.info("evaluated in %.1f s", time.time() - start)
 
-    try:
-        if args.save_json is not None:
-            write_json(
-                args.save_json,
-                {
-                    "mode": args.mode,
-                    "k": result.k,
-                    "tie_break": TIE_BREAK,
-                    "metrics": result.metrics,
-                    "counts": result.counts,
-                    "args": vars(args),
-                    "inputs": describe_inputs(_input_files(args), hash_files=args.hash_inputs),
-                    "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},
-                },
-            )
-            _logger.info("wrote metrics to %s", args.save_json)
-        if args.save_ranks is not None:
-            write_ranks(args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k)
-            _logger.info("wrote ranked lists to %s", args.save_ranks)
-    except OSError as e:
-        _logger.error("%s; free space there or choose a writable path (the metrics are printed above)", e)
-        return 1
-    return 0
+    return _write_outputs(args, result)
+
+
+def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
+    """Write --save_json and --save_ranks, each independently of a failure of the other; return the exit status."""
+    writers = {}
+    if args.save_json is not None:
+        writers[args.save_json] = lambda: write_json(
+            args.save_json,
+            {
+                "mode": args.mode,
+                "k": result.k,
+                "tie_break": TIE_BREAK,
+                "metrics": result.metrics,
+                "counts": result.counts,
+                "args": vars(args),
+                "inputs": describe_inputs(_input_files(args), hash_files=args.hash_inputs),
+                "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},
+            },
+        )
+    if args.save_ranks is not None:
+        writers[args.save_ranks] = lambda: write_ranks(
+            args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k
+        )
+
+    status = 0
+    for path, write in writers.items():
+        try:
+            write()
+        except OSError as e:
+            _logger.error("%s (the metrics are printed above)", e)
+            status = 1
+            continue
+        _logger.info("wrote %s", path)
+    return status
 
 
 def run(argv: list[str] | None = None) -> int:

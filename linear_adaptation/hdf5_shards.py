@@ -71,7 +71,7 @@ def expand_database_paths(patterns: list[str]) -> list[str]:
                 raise DataError(f"no file matches the database glob {pattern!r}")
             paths.extend(matches)
         elif not os.path.isfile(pattern):
-            raise DataError(f"database file {pattern!r} not found; check --db_hdf5")
+            raise DataError(f"database file {pattern!r} not found; check the path")
         else:
             paths.append(pattern)
 

@@ -152,10 +152,11 @@ def plot_png_bytes(epochs: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def _current_umask() -> int:
+def default_file_mode() -> int:
+    """Return the mode a new file gets from open() under the current umask (0644 under umask 022)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -212,7 +213,7 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
+                os.chmod(tmp_name, default_file_mode())  # mkstemp creates 0600 files
             except OSError as e:
                 # e.g. a full disk; nothing is renamed, so earlier outputs stay as they were
                 raise OutputError(

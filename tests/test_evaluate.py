@@ -253,8 +253,9 @@ def test_cli_subprocess_exit_codes(labelled_set, tmp_path):
          "--save_json", save_json],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
-    assert missing.returncode == 1
-    assert "absent.hdf5' not found" in missing.stderr
+    assert missing.returncode == 2
+    assert "--features_path " in missing.stderr
+    assert "absent.hdf5' does not exist; check the path" in missing.stderr
     assert "Traceback" not in missing.stderr
     assert not save_json.exists()
 
@@ -363,11 +364,10 @@ def test_query_database_compact_ranks(query_database, tmp_path, extension):
             arrays = {name: f[name][()] for name in f}
             arrays["k"] = f.attrs["k"]
     assert int(arrays["k"]) == 30
-    assert arrays["rows_without_layer"].shape == (3, 30)
+    # 25 database rows and k = 30: the search returns the whole database, without padding
+    assert arrays["rows_without_layer"].shape == (3, 25)
     assert "rows_with_layer" not in arrays
-    # 25 database rows and k = 30: the last 5 places are padding
-    assert (arrays["rows_without_layer"][:, 25:] == -1).all()
-    assert np.isneginf(arrays["scores_without_layer"][:, 25:]).all()
+    assert (arrays["rows_without_layer"] >= 0).all()
 
     database_ids = [i.decode() for i in arrays["database_ids"]]
     assert database_ids == [escape_id(i) for i in query_database["database_ids"]]
@@ -484,3 +484,196 @@ def test_sigterm_handler_restored_after_run(monkeypatch):
     monkeypatch.setattr(evaluate_module, "main", lambda args: 0)
     assert evaluate_module.run(["--features_path", "x.hdf5", "--info_path", "x.txt"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------- argument and output checks
+
+
+def _labelled_args(labelled_set, *extra):
+    return ["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"], "--device", "cpu", *extra]
+
+
+def _exit_status_and_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--save_json", "--save_ranks"])
+@pytest.mark.parametrize("victim", ["list", "hdf5"])
+def test_output_naming_input_exit_2(labelled_set, tmp_path, capsys, flag, victim):
+    # Regression: --save_json naming the list replaced it with the metrics JSON.
+    target = labelled_set[victim]
+    if flag == "--save_ranks":
+        target = target.rename(target.with_suffix(".json"))
+        labelled_set[victim] = target
+    before = target.read_bytes()
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, flag, target), capsys)
+    assert code == 2
+    input_flag = "--info_path" if victim == "list" else "--features_path"
+    assert f"{flag} would write {str(target)!r}, which is the {input_flag} input" in error
+    assert target.read_bytes() == before
+
+
+def test_output_naming_input_through_link_exit_2(labelled_set, tmp_path, capsys):
+    (tmp_path / "link.txt").symlink_to(labelled_set["list"])
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", tmp_path / "link.txt"), capsys)
+    assert code == 2
+    assert "which is the --info_path input" in error
+
+
+def test_output_naming_layer_or_ground_truth_exit_2(query_database, tmp_path, layer_params, capsys):
+    _save_layer(tmp_path / "layer.pth", *layer_params)
+    base = ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", "--gt_path",
+            query_database["gt"], "--lin_adapt_path", tmp_path / "layer.pth"]
+    code, error = _exit_status_and_error([*base, "--save_json", query_database["gt"]], capsys)
+    assert code == 2
+    assert "which is the --gt_path input" in error
+    code, error = _exit_status_and_error([*base, "--save_ranks", tmp_path / "db_1.hdf5"], capsys)
+    assert code == 2
+    assert "which is the --db_hdf5 input" in error
+
+
+def test_same_json_and_ranks_exit_2(labelled_set, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", out, "--save_ranks", out), capsys)
+    assert code == 2
+    assert "--save_json and --save_ranks both name" in error
+
+
+@pytest.mark.parametrize("flag", ["--features_path", "--info_path", "--lin_adapt_path"])
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_missing_input_exit_2(labelled_set, tmp_path, capsys, flag, kind):
+    # Regression: a missing --info_path ended in a FileNotFoundError traceback, a folder in IsADirectoryError.
+    bad = tmp_path / "nope.txt"
+    if kind == "folder":
+        bad.mkdir()
+    argv = _labelled_args(labelled_set)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = bad
+    else:
+        argv += [flag, bad]
+    code, error = _exit_status_and_error(argv, capsys)
+    assert code == 2
+    expected = "is a folder; give the path of a file" if kind == "folder" else "does not exist; check the path"
+    assert f"{flag} {str(bad)!r} {expected}" in error
+
+
+def test_missing_list_subprocess_no_traceback(labelled_set, tmp_path):
+    result = subprocess.run(
+        [sys.executable, REPO / "linear_adaptation" / "evaluate.py", "--features_path", labelled_set["hdf5"],
+         "--info_path", tmp_path / "nope.txt"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"--info_path {str(tmp_path / 'nope.txt')!r} does not exist" in result.stderr
+
+
+def test_database_file_twice_exit_2(query_database, tmp_path, capsys):
+    argv = ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", tmp_path / "db_1.hdf5",
+            "--gt_path", query_database["gt"]]
+    code, error = _exit_status_and_error(argv, capsys)
+    assert code == 2
+    assert "--db_hdf5: database files given more than once" in error
+
+
+def test_outputs_get_umask_permissions(labelled_set, tmp_path):
+    # Regression: the temporary file's 0600 mode was kept by the renamed output.
+    previous = os.umask(0o022)
+    try:
+        assert _run(_labelled_args(labelled_set, "--save_json", tmp_path / "m.json", "--save_ranks",
+                                   tmp_path / "r.npz")) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_k_above_set_size_searches_no_deeper(labelled_set, tmp_path, monkeypatch, capsys):
+    # Regression: --k 100000000 padded every list to k places (112 GiB); the search now stops
+    # at the 23 other images, and mAP@k keeps its value.
+    depths = []
+    original = evaluate_module.knn_search
+
+    def recording_search(*args, k, **kwargs):
+        depths.append(k)
+        return original(*args, k=k, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "knn_search", recording_search)
+    assert _run(_labelled_args(labelled_set, "--k", 1000, "--save_json", tmp_path / "deep.json",
+                               "--save_ranks", tmp_path / "r.npz")) == 0
+    assert "mAP@1000" in capsys.readouterr().out
+    assert depths == [23]
+    with np.load(tmp_path / "r.npz") as ranks:
+        assert ranks["rows_without_layer"].shape == (24, 23)
+        assert int(ranks["k"]) == 1000
+    assert _run(_labelled_args(labelled_set, "--k", 23, "--save_json", tmp_path / "full.json")) == 0
+
+    deep = json.loads((tmp_path / "deep.json").read_text())["metrics"]["without_layer"]
+    full = json.loads((tmp_path / "full.json").read_text())["metrics"]["without_layer"]
+    assert deep["k"] == 1000
+    for name in ("map", "recall@1", "mmp@5"):
+        assert deep[name] == pytest.approx(full[name])
+
+
+def test_k_above_database_size_searches_no_deeper(query_database, tmp_path, monkeypatch):
+    depths = []
+    original = evaluate_module.knn_search
+    monkeypatch.setattr(evaluate_module, "knn_search", lambda *a, k, **kw: depths.append(k) or original(*a, k=k, **kw))
+    result = evaluate_query_database(str(tmp_path / "queries.hdf5"), [str(tmp_path / "db_1.hdf5")],
+                                     str(query_database["gt"]), k=10**8)
+    assert depths == [10]
+    assert result.k == 10**8
+    assert result.ranks["without_layer"][1].shape == (3, 10)
+
+
+def test_k_below_5_reports_mmp5_unavailable(labelled_set, tmp_path, capsys):
+    # Regression: with --k 1, mMP@5 was recall@1 divided by min(5, positives).
+    assert _run(_labelled_args(labelled_set, "--k", 1, "--save_json", tmp_path / "m.json")) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]["without_layer"]
+    assert metrics["mmp@5"] is None
+    assert metrics["recall@1"] > 0
+    assert metrics["all_queries"]["mmp@5"] is None
+    macro_row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("macro average")][0]
+    assert macro_row.split()[-1] == "n/a"
+
+
+def test_nan_row_outside_list_is_ignored(labelled_set, tmp_path):
+    # Regression: a NaN row stopped the run although the list did not use it.
+    with h5py.File(labelled_set["hdf5"], "r") as f:
+        features, ids = f["features"][()], [i.decode() for i in f["index"][()]]
+    features = np.concatenate([features, np.full((1, DIM), np.nan, dtype=np.float32)])
+    _write_hdf5(labelled_set["hdf5"], [*ids, "extra/broken.jpg"], features, escape=False)
+    argv = _labelled_args(labelled_set, "--save_json", tmp_path / "m.json")
+    assert _run(argv) == 1
+    assert _run([*argv, "--allow_missing"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["counts"]["images"] == 24
+
+
+def test_nan_rows_in_list_named(labelled_set, caplog):
+    with h5py.File(labelled_set["hdf5"], "r") as f:
+        features, ids = f["features"][()], [i.decode() for i in f["index"][()]]
+    features[[3, 7]] = np.inf
+    _write_hdf5(labelled_set["hdf5"], ids, features, escape=False)
+    assert _run(_labelled_args(labelled_set)) == 1
+    list_order = [escape_id(e[0]) for e in labelled_set["entries"]]
+    (first, first_row), (second, second_row) = sorted([(ids[3], 3), (ids[7], 7)], key=lambda p: list_order.index(p[0]))
+    assert (f"2 of the 24 embeddings used contain NaN or Inf, ids {first!r} (row {first_row}), "
+            f"{second!r} (row {second_row})") in caplog.text
+
+
+def test_no_class_with_two_images_warns(labelled_set, caplog, capsys):
+    entries = labelled_set["entries"]
+    labelled_set["list"].write_text("".join(f"{p},{i},{d}\n" for i, (p, _, d) in enumerate(entries)))
+    assert _run(_labelled_args(labelled_set)) == 0
+    assert "no two images share a (domain, label) class, so no query has a positive" in caplog.text
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_help_text_states_defaults():
+    help_text = " ".join(get_args_parser().format_help().split())
+    assert "None means" not in help_text
+    assert "(default: None)" not in help_text
+    assert "(default: 100 in mode 1, 1000 in mode 2)" in help_text
+    assert help_text.count("the flag alone means true") == 2

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from linear_adaptation import evaluate
+from linear_adaptation.eval_report import OutputWriteError
 from linear_adaptation.synthetic import make_synthetic_dataset, write_split
 from linear_adaptation.train_lin_adapt import run as train_run
 
@@ -188,7 +189,7 @@ def test_evaluate_file_size_limit_leaves_nothing(labelled, tmp_path, caplog, fla
     assert code == 1
     # Regression: an .hdf5 ranked-list file made the process crash at exit (HDF5 chunk cache),
     # and the message named no file.
-    assert f"cannot write {str(out_dir / name)!r}: File too large" in caplog.text
+    assert f"cannot write {str(out_dir / name)!r}: File too large; free space there or choose another path" in caplog.text
     assert list(out_dir.iterdir()) == []
 
 
@@ -206,20 +207,38 @@ def test_evaluate_subprocess_hdf5_ranks_limit_exits_1(labelled, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--save_json", "--save_ranks"])
-def test_evaluate_output_parent_is_file(labelled, tmp_path, caplog, flag):
+def test_evaluate_output_parent_is_file(labelled, tmp_path, capsys, monkeypatch, flag):
+    # Regression: the search ran to the end before the write failed, with advice to free space.
+    monkeypatch.setattr(evaluate, "evaluate_labelled_set", lambda **kwargs: pytest.fail("searched before the check"))
     (tmp_path / "a_file").write_text("not a folder")
-    with caplog.at_level(logging.ERROR):
-        code = _evaluate(labelled, flag, tmp_path / "a_file" / "out.json")
-    assert code == 1
-    assert "a_file" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        _evaluate(labelled, flag, tmp_path / "a_file" / "out.json")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{flag} {str(tmp_path / 'a_file' / 'out.json')!r}: {str(tmp_path / 'a_file')!r} is a file" in error
+    assert "free space" not in error
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
-def test_evaluate_output_is_folder(labelled, tmp_path, caplog):
+def test_evaluate_output_is_folder(labelled, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_labelled_set", lambda **kwargs: pytest.fail("searched before the check"))
     (tmp_path / "metrics.json").mkdir()
-    with caplog.at_level(logging.ERROR):
-        code = _evaluate(labelled, "--save_json", tmp_path / "metrics.json")
-    assert code == 1
-    assert "metrics.json" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        _evaluate(labelled, "--save_json", tmp_path / "metrics.json")
+    assert exit_info.value.code == 2
+    assert f"--save_json {str(tmp_path / 'metrics.json')!r} is a folder" in capsys.readouterr().err
     assert (tmp_path / "metrics.json").is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_evaluate_failed_json_still_writes_ranks(labelled, tmp_path, caplog, monkeypatch):
+    # Regression: a failed --save_json write skipped --save_ranks.
+    def fail(path, payload):
+        raise OutputWriteError(f"cannot write {path!r}: Permission denied; choose another path")
+
+    monkeypatch.setattr(evaluate, "write_json", fail)
+    with caplog.at_level(logging.ERROR):
+        code = _evaluate(labelled, "--save_json", tmp_path / "m.json", "--save_ranks", tmp_path / "r.json")
+    assert code == 1
+    assert "Permission denied; choose another path (the metrics are printed above)" in caplog.text
+    assert json.loads((tmp_path / "r.json").read_text())["k"] == 100

@@ -2,7 +2,8 @@
 
 Every bad HDF5 file is given to the trainer (as training and as validation file) and to
 the evaluator (labelled set, query file and database file). Each run must stop with exit
-status 1 and a message naming the file, and must write nothing. HDF5 ids join to list
+status 1 and a message naming the file, and must write nothing. A file that does not
+exist is an invalid argument instead: exit status 2, with the flag named. HDF5 ids join to list
 paths whether they were stored escaped (`#Uxxxx`) or as Unicode text.
 
 Checkpoints that would run code when unpickled are rejected by every loader before the
@@ -91,7 +92,6 @@ BAD_FILES = [
     # regression: a damaged chunk raised a bare OSError, a traceback in evaluate.py
     ("corrupt_chunk", _corrupt_chunk, "the file is damaged"),
     ("not_hdf5", lambda p, x, i: p.write_bytes(np.random.default_rng(0).bytes(5000)), "cannot open"),
-    ("missing_file", lambda p, x, i: None, "not found"),
 ]
 
 
@@ -179,6 +179,35 @@ def test_evaluate_query_database_rejects_bad_hdf5(labelled, tmp_path, caplog, ro
                          "--k", "20", "--save_ranks", tmp_path / "out/ranks.npz")
     assert code == 1
     _assert_error(caplog, bad, message, rows)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, flag", [("train", "--uned_features_path"), ("train", "--val_features_path"),
+                                           ("evaluate", "--features_path"), ("evaluate", "--query_hdf5"),
+                                           ("evaluate", "--db_hdf5")])
+def test_missing_hdf5_exit_2(labelled, tmp_path, capsys, command, flag):
+    train_features, train_list = labelled["train"]
+    val_features, val_list = labelled["heldout"]
+    gt = _ground_truth(tmp_path, _read(val_features)[1][:10], _read(train_features)[1])
+    missing = tmp_path / "missing.hdf5"
+    if command == "train":
+        argv = {"--uned_features_path": train_features, "--val_features_path": val_features}
+        argv[flag] = missing
+        call = lambda: _train(argv["--uned_features_path"], train_list, tmp_path / "out" / "layer.pth",
+                              "--val_features_path", argv["--val_features_path"], "--val_info_path", val_list)
+    elif flag == "--features_path":
+        call = lambda: _evaluate("--features_path", missing, "--info_path", val_list)
+    else:
+        argv = {"--query_hdf5": val_features, "--db_hdf5": train_features}
+        argv[flag] = missing
+        call = lambda: _evaluate("--query_hdf5", argv["--query_hdf5"], "--db_hdf5", argv["--db_hdf5"], "--gt_path", gt)
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert flag in error
+    assert f"{str(missing)!r}" in error
+    assert "not found; check the path" in error or "does not exist; check the path" in error
     assert not (tmp_path / "out").exists()
 
 
