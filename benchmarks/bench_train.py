@@ -11,10 +11,13 @@ real ones from HDF5 files and lists as train_lin_adapt.py reads them.
     python benchmarks/bench_train.py --preset gpu --device cuda --amp bf16
 
 Results go to stdout: a table of epochs, then one `summary: {...}` JSON line (also saved
-with --json). The run log goes to stderr.
+with --json). The run log goes to stderr. Exit status: 0 on success, 1 for unusable
+stored embeddings or a diverged run, 2 for invalid arguments.
 """
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,13 +30,23 @@ import torch  # noqa: E402
 from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
+from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
+from linear_adaptation.arg_checks import (  # noqa: E402
+    check_finite,
+    check_input_file,
+    check_not_an_input,
+    check_output_file,
+    check_seed,
+)
+from linear_adaptation.features_io import DataError  # noqa: E402
 from linear_adaptation.synthetic import make_synthetic_dataset  # noqa: E402
 from linear_adaptation.trainer import (  # noqa: E402
     AMP_MODES,
     CLASSIFIER_INITS,
     LR_SCHEDULES,
     LabelledEmbeddings,
+    TrainingError,
     TrainResult,
     seed_everything,
     train_linear_adapter,
@@ -52,7 +65,9 @@ PRESETS = {
 }
 SIZE_FLAGS = tuple(PRESETS["cpu"])
 DEVICES = ("auto", "cpu", "cuda")
+STORED_FLAGS = ("train_features", "train_list", "val_features", "val_list")
 _MIB = 1024 * 1024
+_MIN_CLASS_SIZE = 2  # make_synthetic_dataset's default, so that every image has a positive
 
 # the trainer script's own defaults, so the benchmark follows them if they change
 _TRAINER_DEFAULTS = train_lin_adapt.get_args_parser()
@@ -80,13 +95,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_heldout_classes", metavar="N", type=int, help="held-out classes (default: from --preset)")
     data.add_argument("--storage_dtype", metavar="DTYPE", choices=("float32", "float16"),
                       help="dtype the embeddings are stored and kept in (default: from --preset)")
-    data.add_argument("--data_seed", metavar="N", type=int, help="seed of the synthetic data generator")
+    data.add_argument("--data_seed", metavar="N", type=int,
+                      help="seed of the synthetic data generator (0 to 2**63 - 1)")
 
     stored = parser.add_argument_group("stored embeddings instead of synthetic ones")
     stored.add_argument("--train_features", metavar="HDF5", help="training embeddings (ILIAS-layout HDF5) (default: none, synthetic data)")
     stored.add_argument("--train_list", metavar="LIST", help="training 'path,label,domain' list, with --train_features")
     stored.add_argument("--val_features", metavar="HDF5", help="held-out embeddings (default: none, no validation)")
     stored.add_argument("--val_list", metavar="LIST", help="held-out 'path,label,domain' list, with --val_features")
+    stored.add_argument("--allow_missing", metavar="BOOL", type=train_lin_adapt.parse_bool, nargs="?", const=True,
+                        help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
+                             "train_lin_adapt.py does (true/false; the flag alone means true)")
 
     recipe = parser.add_argument_group("recipe (defaults: train_lin_adapt.py's)")
     recipe.add_argument("--epochs", metavar="N", type=int, help="passes over the training images")
@@ -97,40 +116,45 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
                         help="constant, or cosine decay to 0 at the last step")
     recipe.add_argument("--warmup_steps", metavar="N", type=int, help="steps of linear learning-rate warmup")
-    recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay")
+    recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
     recipe.add_argument("--out_dim", metavar="N", type=int, help="output dimension of the layer")
     recipe.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
                         help="class weights at the start: random or class_mean")
     recipe.add_argument("--amp", metavar="MODE", choices=AMP_MODES,
                         help="autocast of the matrix products: none (float32), bf16, or fp16 (CUDA only)")
-    recipe.add_argument("--seed", metavar="N", type=int, help="seed of the initialisation and batch order")
+    recipe.add_argument("--seed", metavar="N", type=int,
+                        help="seed of the initialisation and batch order (0 to 2**63 - 1)")
     recipe.add_argument("--val_k", metavar="K", type=int, help="ranking depth of the held-out mAP@k")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", metavar="DEV", choices=DEVICES, help="auto (CUDA when available), cpu or cuda")
     run.add_argument("--threads", metavar="N", type=int,
-                     help="torch intra-op threads (default: torch's choice, one per usable core)")
+                     help="torch intra-op threads, at most the usable cores (default: torch's choice, one per "
+                          "usable core)")
     run.add_argument("--untimed_steps", metavar="N", type=int,
-                     help="first run N training steps of the same recipe untimed, so that one-time costs of a "
-                          "fresh process (thread start-up, oneDNN kernel generation, first-touch page faults) "
-                          "are left out of the timed run; 0 times a fresh process as a user runs it")
+                     help="first run N training steps of the same recipe untimed, over as many epochs as they "
+                          "need, so that one-time costs of a fresh process (thread start-up, oneDNN kernel "
+                          "generation, first-touch page faults) are left out of the timed run; 0 times a fresh "
+                          "process as a user runs it")
     run.add_argument("--repeats", metavar="N", type=int,
-                     help="train N times in this process and report the run with the median training "
-                          "seconds; for small sets, where one run takes well under a second and its time "
-                          "varies by tens of percent")
+                     help="train N times in this process and report the median training seconds (for an even N, "
+                          "the mean of the two middle runs) with the epoch table of the middle run (the faster "
+                          "of the two middle runs for an even N); for small sets, where one run takes well under "
+                          "a second and its time varies by tens of percent")
     run.add_argument("--target_map", metavar="MAP", type=float,
                      help="also report the training seconds until the held-out mAP@k first reaches MAP "
-                          "(percent, checked after each epoch) (default: none)")
+                          "(percent, 0 to 100, checked after each epoch; needs a held-out set) (default: none)")
     run.add_argument("--profile_steps", metavar="N", type=int,
-                     help="after the timed run, profile N more steps with torch.profiler and print the "
-                          "operators that take the most time (default: 0, no profile)")
+                     help="after the timed run, profile N more steps with torch.profiler, over as many epochs "
+                          "as they need and without building the model, and print the operators that take the "
+                          "most time; 0 means no profile")
     run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
     run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
 
     parser.set_defaults(
         preset="cpu", num_images=None, num_classes=None, dim=None, num_heldout_images=None,
         num_heldout_classes=None, storage_dtype=None, data_seed=0,
-        train_features=None, train_list=None, val_features=None, val_list=None,
+        train_features=None, train_list=None, val_features=None, val_list=None, allow_missing=False,
         epochs=_trainer_default("num_epochs"), max_steps=None, batch_size=_trainer_default("batch_size"),
         lr=_trainer_default("lr"), lr_schedule=_trainer_default("lr_schedule"),
         warmup_steps=_trainer_default("warmup_steps"), weight_decay=_trainer_default("weight_decay"),
@@ -157,19 +181,66 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("profile_steps", "warmup_steps", "untimed_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or positive")
-    if not args.lr > 0:
-        parser.error(f"--lr is {args.lr}; it must be positive")
+    check_recipe_numbers(parser, args)
 
-    stored = (args.train_features, args.train_list, args.val_features, args.val_list)
+    stored = [getattr(args, name) for name in STORED_FLAGS]
     if any(path is not None for path in stored):
         if args.train_features is None or args.train_list is None:
             parser.error("--train_features and --train_list must be given together")
         if (args.val_features is None) != (args.val_list is None):
             parser.error("--val_features and --val_list must be given together")
+        if args.target_map is not None and args.val_features is None:
+            parser.error("--target_map needs a held-out set; give --val_features and --val_list")
+    else:
+        check_synthetic_sizes(parser, args)
+    check_paths(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given but torch finds no CUDA device; use --device cpu or auto")
     if args.amp == "fp16" and resolve_device(args.device).type != "cuda":
         parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+
+
+def check_recipe_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject seeds, rates and targets out of range, and more threads than usable cores."""
+    check_seed(parser, "--seed", args.seed)
+    check_seed(parser, "--data_seed", args.data_seed)
+    for name in ("lr", "weight_decay"):
+        check_finite(parser, f"--{name}", getattr(args, name))
+    if not args.lr > 0:
+        parser.error(f"--lr is {args.lr}; it must be positive")
+    if args.weight_decay < 0:
+        parser.error(f"--weight_decay is {args.weight_decay}; it must be 0 or positive")
+    if args.target_map is not None and not 0 <= args.target_map <= 100:
+        parser.error(f"--target_map is {args.target_map}; it must be a percentage from 0 to 100")
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.threads is not None and args.threads > usable_cores:
+        parser.error(f"--threads is {args.threads} but this process may use {usable_cores} cores; "
+                     f"give at most {usable_cores}")
+
+
+def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject synthetic sizes that cannot give every class two images or one full batch."""
+    for images, classes in (("num_images", "num_classes"), ("num_heldout_images", "num_heldout_classes")):
+        needed = _MIN_CLASS_SIZE * getattr(args, classes)
+        if getattr(args, images) < needed:
+            parser.error(
+                f"--{images} is {getattr(args, images)} but --{classes} {getattr(args, classes)} needs at least "
+                f"{needed} ({_MIN_CLASS_SIZE} images per class); raise --{images} or lower --{classes}"
+            )
+    if args.num_classes < 2:
+        parser.error(f"--num_classes is {args.num_classes}; the classification loss needs at least 2")
+    if args.batch_size > args.num_images:
+        parser.error(f"--batch_size {args.batch_size} exceeds --num_images {args.num_images}; lower --batch_size")
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject stored inputs that do not exist and a --json path that cannot be written or is an input."""
+    inputs = {f"--{name}": [getattr(args, name)] for name in STORED_FLAGS if getattr(args, name) is not None}
+    for flag, (path,) in inputs.items():
+        check_input_file(parser, flag, path)
+    if args.json is not None:
+        check_output_file(parser, "--json", args.json)
+        check_not_an_input(parser, "--json", args.json, inputs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -202,12 +273,12 @@ def synthetic_inputs(
 
 def stored_inputs(
     *, train_features: str, train_list: str, val_features: str | None, val_list: str | None, batch_size: int,
-    val_k: int, seed: int,
+    val_k: int, seed: int, allow_missing: bool = False,
 ) -> tuple[LabelledEmbeddings, LabelledEmbeddings | None]:
     """Load and join HDF5 embeddings and lists with train_lin_adapt.py's loader."""
     inputs = load_training_inputs(
         features_path=train_features, list_path=train_list, val_features_path=val_features,
-        val_list_path=val_list, val_fraction=None, allow_missing=False, seed=seed, batch_size=batch_size,
+        val_list_path=val_list, val_fraction=None, allow_missing=allow_missing, seed=seed, batch_size=batch_size,
         val_k=val_k,
     )
     return inputs.train, inputs.validation
@@ -226,16 +297,30 @@ def seconds_to_target(result: TrainResult, target_map: float) -> float | None:
     return None
 
 
-def profile_steps(train: LabelledEmbeddings, recipe: dict, steps: int, rows: int, device: torch.device) -> str:
-    """Run `steps` training steps under torch.profiler; return the table of the most expensive operators."""
+def recipe_for_steps(recipe: dict, num_images: int, steps: int) -> dict:
+    """Return the recipe changed to run exactly `steps` steps, over as many epochs as they need."""
+    steps_per_epoch = num_images // recipe["batch_size"]
+    return {**recipe, "num_epochs": math.ceil(steps / steps_per_epoch), "max_steps": steps}
+
+
+def profile_steps(
+    train: LabelledEmbeddings, recipe: dict, steps: int, rows: int, device: torch.device
+) -> tuple[str, int]:
+    """Run `steps` training steps under torch.profiler, started after the model is built.
+
+    Returns the table of the most expensive operators and the number of steps profiled.
+    """
     activities = [torch.profiler.ProfilerActivity.CPU]
     sort_by = "self_cpu_time_total"
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         sort_by = "self_cuda_time_total"
-    with torch.profiler.profile(activities=activities) as profiler:
-        train_linear_adapter(train, validation=None, show_progress=False, **{**recipe, "max_steps": steps})
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    profiler = torch.profiler.profile(activities=activities)
+    result = train_linear_adapter(train, validation=None, show_progress=False, on_train_start=profiler.start,
+                                  **recipe_for_steps(recipe, train.num_images, steps))
+    profiler.stop()
+    profiled = sum(record.steps for record in result.history[1:])
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows), profiled
 
 
 def format_epochs(result: TrainResult, val_k: int) -> str:
@@ -309,6 +394,7 @@ def main(args: argparse.Namespace) -> int:
         train, validation = stored_inputs(
             train_features=args.train_features, train_list=args.train_list, val_features=args.val_features,
             val_list=args.val_list, batch_size=args.batch_size, val_k=args.val_k, seed=args.seed,
+            allow_missing=args.allow_missing,
         )
         data = {"source": "stored", "train_features": args.train_features, "val_features": args.val_features}
     else:
@@ -334,7 +420,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.untimed_steps:
         seed_everything(args.seed)
-        train_linear_adapter(train, validation=None, show_progress=False, **{**recipe, "max_steps": args.untimed_steps})
+        train_linear_adapter(train, validation=None, show_progress=False,
+                             **recipe_for_steps(recipe, train.num_images, args.untimed_steps))
 
     # timed training, as train_lin_adapt.py runs it
     if device.type == "cuda":
@@ -346,29 +433,35 @@ def main(args: argparse.Namespace) -> int:
             seed_everything(args.seed)
             runs.append(train_linear_adapter(train, validation=validation, val_k=args.val_k, show_progress=False,
                                              **recipe))
-    result = sorted(runs, key=lambda run: run.train_seconds)[(len(runs) - 1) // 2]  # the median run
+    result = sorted(runs, key=lambda run: run.train_seconds)[(len(runs) - 1) // 2]  # the (lower) middle run
     gpu_peak = None
     if device.type == "cuda":
         gpu_peak = {"allocated": round(torch.cuda.max_memory_allocated(device) / _MIB, 1),
                     "reserved": round(torch.cuda.max_memory_reserved(device) / _MIB, 1)}
     summary = summarise(result, args=args, data=data, memory=memory, gpu_peak=gpu_peak, load_before=load_before)
     summary["train_seconds_repeats"] = [run.train_seconds for run in runs]
+    summary["train_seconds"] = float(np.median(summary["train_seconds_repeats"]))
 
     print(format_epochs(result, args.val_k))
     if args.profile_steps:
-        print(f"\ntorch.profiler, {args.profile_steps} training steps:")
-        print(profile_steps(train, recipe, args.profile_steps, args.profile_rows, device))
+        table, profiled = profile_steps(train, recipe, args.profile_steps, args.profile_rows, device)
+        print(f"\ntorch.profiler, {profiled} training steps:")
+        print(table)
     emit_summary(summary, args.json)
     return 0
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse and check the arguments, set up logging and run main."""
+    """Parse and check the arguments, set up logging and run main; return the exit status."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     train_lin_adapt.setup_logging()
-    return main(args)
+    try:
+        return main(args)
+    except (DataError, ImageListError, TrainingError) as e:
+        _logger.error("%s", e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -240,3 +240,98 @@ def test_extract_bench_rejects_missing_folder(capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench_extract.run(["--dataset_dir", str(tmp_path / "absent")])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_train_bench_runs_requested_steps_across_epochs(capsys, monkeypatch):
+    # Regression: --profile_steps 50 and --untimed_steps 100 ran only the 9 steps of one epoch,
+    # and the profile header still printed 50.
+    steps_per_call = []
+    original = bench_train.train_linear_adapter
+
+    def counting(*args, **kwargs):
+        result = original(*args, **kwargs)
+        steps_per_call.append(sum(record.steps for record in result.history[1:]))
+        return result
+
+    monkeypatch.setattr(bench_train, "train_linear_adapter", counting)
+    argv = [*TINY_TRAIN, "--epochs", "1", "--untimed_steps", "20", "--profile_steps", "25", "--profile_rows", "1000"]
+    assert bench_train.run(argv) == 0
+    output = capsys.readouterr().out
+    assert steps_per_call == [20, 600 // 64, 25]
+    assert "torch.profiler, 25 training steps" in output
+    # nn.Linear's initialisation draws with uniform_, so its absence shows the model build is not profiled
+    assert "aten::uniform_" not in output
+    assert "aten::mm" in output or "mkldnn::_linear_pointwise" in output
+
+
+def test_train_bench_even_repeats_true_median(capsys):
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--repeats", "2"]) == 0
+    summary = printed_summary(capsys.readouterr().out)
+    assert summary["train_seconds"] == pytest.approx(sum(summary["train_seconds_repeats"]) / 2)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weight_decay=-1"], "--weight_decay is -1.0; it must be 0 or positive"),
+        (["--weight_decay", "nan"], "--weight_decay is nan; it must be a finite number"),
+        (["--lr", "inf"], "--lr is inf; it must be a finite number"),
+        (["--num_classes", "5000"], "--num_images is 600 but --num_classes 5000 needs at least 10000"),
+        (["--num_heldout_classes", "400"], "--num_heldout_images is 120 but --num_heldout_classes 400 needs"),
+        (["--num_classes", "1", "--num_images", "600"], "--num_classes is 1; the classification loss needs at least 2"),
+        (["--batch_size", "1000"], "--batch_size 1000 exceeds --num_images 600"),
+        (["--seed", "-1"], "--seed is -1; it must lie between 0 and 2**63 - 1"),
+        (["--data_seed", str(10**23)], f"--data_seed is {10**23}"),
+        (["--target_map", "nan"], "--target_map is nan; it must be a percentage from 0 to 100"),
+        (["--target_map", "101"], "--target_map is 101.0"),
+        (["--threads", "100000"], "--threads is 100000 but this process may use"),
+        (["--train_features", "nope.hdf5", "--train_list", "nope.txt"], "--train_features 'nope.hdf5' does not exist"),
+    ],
+)
+def test_train_bench_rejects_bad_values(capsys, extra, message):
+    # Regression: these values ended in tracebacks from torch or synthetic.py, or were accepted.
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.run([*TINY_TRAIN, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_bench_rejects_json_under_file(capsys, tmp_path):
+    # Regression: the --json path failed only after the whole benchmark.
+    (tmp_path / "base.txt").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.run([*TINY_TRAIN, "--json", str(tmp_path / "base.txt" / "x.json")])
+    assert exit_info.value.code == 2
+    assert f"--json {str(tmp_path / 'base.txt' / 'x.json')!r}: {str(tmp_path / 'base.txt')!r} is a file" in (
+        capsys.readouterr().err
+    )
+
+
+def test_train_bench_target_map_needs_held_out_set(capsys, tmp_path):
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=1)
+    argv = stored_split_args(data, tmp_path)[:4] + ["--target_map", "50"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.run(argv)
+    assert exit_info.value.code == 2
+    assert "--target_map needs a held-out set" in capsys.readouterr().err
+
+
+def test_train_bench_list_mismatch_exit_1(capsys, caplog, tmp_path):
+    # Regression: a list that did not match its HDF5 ended in a DataError traceback whose
+    # advice named --allow_missing, which bench_train.py did not have.
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=1)
+    argv = stored_split_args(data, tmp_path) + ["--out_dim", "8", "--batch_size", "32", "--epochs", "1"]
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("train/extra/not_extracted.jpg,0,0\n")
+    assert bench_train.run(argv) == 1
+    assert "1 list paths missing from the HDF5 index" in caplog.text
+    assert bench_train.run([*argv, "--allow_missing"]) == 0
+    assert printed_summary(capsys.readouterr().out)["data"]["num_images"] == 300
+
+
+def test_train_bench_profile_help_states_default_once():
+    help_text = " ".join(bench_train.get_args_parser().format_help().split())
+    assert "0 means no profile (default: 0)" in help_text
+    assert help_text.count("(default: 0, no profile)") == 0
