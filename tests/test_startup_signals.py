@@ -8,11 +8,14 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# The inputs of train and evaluate exist (empty files), so that the argument checks pass and
+# the script is still running, not already exiting with status 2, when the signal arrives.
 SCRIPTS = {
     "extract": ["feature_extraction/extract.py", "--dataset_dir", "absent", "--hdf5_dir", "absent"],
-    "train": ["linear_adaptation/train_lin_adapt.py", "--uned_features_path", "absent.hdf5",
-              "--uned_info_path", "absent.txt", "--save_dir", "absent/layer.pth"],
-    "evaluate": ["linear_adaptation/evaluate.py", "--features_path", "absent.hdf5", "--info_path", "absent.txt"],
+    "train": ["linear_adaptation/train_lin_adapt.py", "--uned_features_path", "{tmp}/empty.hdf5",
+              "--uned_info_path", "{tmp}/empty.txt", "--save_dir", "{tmp}/absent/layer.pth"],
+    "evaluate": ["linear_adaptation/evaluate.py", "--features_path", "{tmp}/empty.hdf5", "--info_path",
+                 "{tmp}/empty.txt"],
 }
 
 
@@ -32,7 +35,10 @@ def test_early_signal_handler_exits_quietly():
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 @pytest.mark.parametrize("signal_number,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_imports_gives_status(script, signal_number, expected, tmp_path):
-    process = subprocess.Popen([sys.executable, *SCRIPTS[script]], cwd=REPO_ROOT,
+    (tmp_path / "empty.hdf5").touch()
+    (tmp_path / "empty.txt").touch()
+    argv = [arg.format(tmp=tmp_path) for arg in SCRIPTS[script]]
+    process = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)  # importing torch alone takes longer than this
     process.send_signal(signal_number)
