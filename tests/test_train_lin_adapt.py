@@ -362,11 +362,13 @@ def test_cli_diverged_training_writes_nothing(data_dir, tmp_path, caplog, extra)
     # Regression: a learning rate of 1e30 saved a layer full of NaN and exited 0, and with
     # --keep best it kept epoch 1 at mAP 0.00.
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO):
+    # the logger is named, because bench_seeds.py raises the level of "linear_adaptation" for the process
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="linear_adaptation"):
         code = run(train_args(data_dir, out / "layer.pth", *extra, with_val=False))
     assert code == 1
     assert "training diverged in epoch 1: the mean loss is nan" in caplog.text
     assert "lower --lr (now 1e+30)" in caplog.text
+    assert "training on " in caplog.text
     assert "epoch 2/2" not in caplog.text
     assert not out.exists()
 
@@ -430,7 +432,7 @@ def test_cli_max_steps_beyond_epochs_warns(data_dir, tmp_path, caplog):
     args = train_args(data_dir, tmp_path / "layer.pth", "--max_steps", "1000", "--warmup_steps", "100",
                       with_val=False)
     args[args.index("--num_epochs") + 1] = "1"
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="linear_adaptation"):
         assert run(args) == 0
     assert "--max_steps 1000 exceeds the 23 steps of 1 epoch, so training stops after 23 steps" in caplog.text
     assert "--warmup_steps 100 is not below the 23 training steps" in caplog.text
