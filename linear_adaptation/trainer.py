@@ -345,6 +345,8 @@ def _build_models(in_dim: int, out_dim: int, num_classes: int, device: torch.dev
     )
     if out_dim > _MAX_TENSOR_ROWS:
         raise TrainingError(f"output dimension {out_dim} is too large: {size}")
+    # NOTE: with Linux memory overcommit an allocation somewhat above free memory can succeed, and the
+    # kernel then kills the process while the weights are initialised, before this message can be given.
     try:
         return LinearAdapter(in_dim, out_dim).to(device), CosineClassifier(out_dim, num_classes).to(device)
     except (RuntimeError, MemoryError) as e:
