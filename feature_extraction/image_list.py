@@ -10,6 +10,7 @@ outside ASCII becomes `#U` followed by four lowercase hex digits of its code poi
 import hashlib
 import io
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -132,13 +133,15 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
 
     Raises ImageListError with the line number for a line that is not UTF-8, a
     malformed line, a path with a control character or one that escapes the dataset
-    folder, and a duplicate path or id. It also raises for a missing label when
+    folder, and a duplicate path, a second spelling of a listed path ("./a.jpg" after
+    "a.jpg") or a duplicate id. It also raises for a missing label when
     `require_labels` is set, and for a list without any entry.
     """
     list_path = str(list_path)
     entries: list[ListEntry] = []
     first_line_of: dict[str, int] = {}
     first_line_of_id: dict[str, tuple[int, str]] = {}
+    first_line_of_normalised: dict[str, tuple[int, str]] = {}
 
     # the BOM is dropped on decoding; universal newlines turn \r\n and \r into \n
     for line_no, raw in enumerate(io.StringIO(_read_list_text(list_path), newline=None), start=1):
@@ -173,6 +176,15 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
                 f"{list_path}:{line_no}: duplicate path {path!r} (first on line "
                 f"{first_line_of[path]}); remove the repeated line"
             )
+        # "./a.jpg" names the same file as "a.jpg" under a different id, so the image would
+        # become its own positive in retrieval
+        normalised = posixpath.normpath(path)
+        if normalised in first_line_of_normalised:
+            other_line, other_path = first_line_of_normalised[normalised]
+            raise ImageListError(
+                f"{list_path}:{line_no}: path {path!r} names the same file as {other_path!r} on line "
+                f"{other_line}; keep one of the two lines"
+            )
         # two paths with one HDF5 id (a Unicode path and its escaped spelling) would give
         # the output two rows with the same id
         image_id = escape_id(path)
@@ -183,6 +195,7 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
                 f"on line {other_line}; keep one of the two lines"
             )
         first_line_of[path] = line_no
+        first_line_of_normalised[normalised] = (line_no, path)
         first_line_of_id[image_id] = (line_no, path)
         entries.append(ListEntry(path, label, domain, line_no))
 

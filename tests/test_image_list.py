@@ -84,6 +84,15 @@ def test_read_list_rejects_duplicates(tmp_path):
         read_image_list(list_path)
 
 
+@pytest.mark.parametrize("first, second", [("a.jpg", "./a.jpg"), ("x/b.jpg", "x//b.jpg"), ("x/./b.jpg", "x/b.jpg")])
+def test_read_list_rejects_respelled_path(tmp_path, first, second):
+    # as two rows, one image would be its own positive
+    list_path = tmp_path / "list.txt"
+    list_path.write_text(f"{first},0,0\nc.jpg,0,0\n{second},0,0\n")
+    with pytest.raises(ImageListError, match=rf"list.txt:3: path '{second}' names the same file as '{first}' on line 1"):
+        read_image_list(list_path)
+
+
 def test_read_list_rejects_empty_list(tmp_path):
     list_path = tmp_path / "list.txt"
     list_path.write_text("\n\n")
