@@ -37,8 +37,8 @@ def escape_id(path: str) -> str:
 
     Same transformation as the ILIAS extractor (the repr of the `unicode-escape` bytes,
     with `\\u` and `\\x` turned into `#U` and `#U00`), so ids of both tools match exactly,
-    including its rare oddities: backslashes are doubled and characters above U+FFFF
-    keep the form `\\\\U0001f600`.
+    including its rare oddities: a backslash becomes four, characters above U+FFFF keep
+    the form `\\\\U0001f600`, and `'` becomes `\\'` in a path that also contains `"`.
     """
     escaped = repr(path.encode("unicode-escape"))[2:-1]
     return escaped.replace("\\\\u", "#U").replace("\\\\x", "#U00")

@@ -26,6 +26,10 @@ def _ilias_escape(path: str) -> str:
         ("rp2k/货架.jpg", "rp2k/#U8d27#U67b6.jpg"),
         ("caf\u00e9.jpg", "caf#U00e9.jpg"),
         ("mixed/\u00e9\u8d27x.png", "mixed/#U00e9#U8d27x.png"),
+        ("emoji\U0001f600.jpg", "emoji\\\\U0001f600.jpg"),
+        ("back\\slash.jpg", "back\\\\\\\\slash.jpg"),
+        ("it's.jpg", "it's.jpg"),
+        ("it's \"q\".jpg", "it\\'s \"q\".jpg"),
     ],
 )
 def test_escape_id_examples(path, expected):
