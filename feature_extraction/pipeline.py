@@ -247,7 +247,7 @@ def _fingerprint(
 
 def _output_attributes(
     *, fingerprint: dict, model: str, store_dtype: np.dtype, checkpoint: str | None, list_source: str,
-    backbone: Backbone,
+    backbone: Backbone, folded_layers: int,
 ) -> dict:
     """Return the HDF5 file attributes: the run settings, input conventions and library versions."""
     internal = ("format_version", "num_rows", "store_dtype")
@@ -260,6 +260,10 @@ def _output_attributes(
         "mean": np.array(backbone.mean),
         "std": np.array(backbone.std),
         **library_versions(),
+        # not in the resume fingerprint: folding is accepted only within 5e-5 relative error, less
+        # than float16 storage rounding, so windows of folded and unfolded runs may be combined.
+        # NOTE: after such a resume the attribute describes the last run only.
+        "batchnorm_folded": folded_layers,
     }
 
 
@@ -334,8 +338,12 @@ def run_extraction(
     if output.exists() and not overwrite:
         _logger.info("%s exists and is left untouched; pass --overwrite true to extract again", output)
         if store.directory.exists():
-            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
-            store.remove()
+            store.lock()
+            try:
+                _logger.info("removing %s, a partial run left beside the complete output", store.directory)
+                store.remove()
+            finally:
+                store.close()
         summary.already_complete = True
         return summary
 
@@ -376,13 +384,42 @@ def run_extraction(
     )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        # the lock comes first, so --overwrite never deletes the files of a run in progress
+        store.lock()
+    except OSError as e:
+        raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
+    try:
+        return _extract_locked(
+            store=store, summary=summary, start_time=start_time, overwrite=overwrite, fingerprint=fingerprint,
+            info={
+                "dataset_dir": str(Path(dataset_dir).resolve()),
+                "list": list_source,
+                "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
+            },
+            dataset_dir=dataset_dir, entries=entries, window_size=window_size, decode_options=decode_options,
+            batch_size=batch_size, num_workers=num_workers, torch_device=torch_device,
+            worker_priority=worker_priority, embedder=embedder, store_dtype=store_dtype,
+            hdf5_compression=hdf5_compression, attributes=_output_attributes(
+                fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
+                list_source=list_source, backbone=backbone, folded_layers=folded_layers,
+            ),
+        )
+    finally:
+        store.close()
+
+
+def _extract_locked(
+    *, store: PartStore, summary: ExtractionSummary, start_time: float, overwrite: bool, fingerprint: dict,
+    info: dict, dataset_dir: str | Path, entries: list[ListEntry], window_size: int, decode_options: DecodeOptions,
+    batch_size: int, num_workers: int, torch_device: torch.device, worker_priority: str, embedder: Embedder,
+    store_dtype: np.dtype, hdf5_compression: int, attributes: dict,
+) -> ExtractionSummary:
+    """Embed the pending windows and assemble the output, with the lock of `store` held."""
+    output = summary.output
+    try:
         if overwrite:
             _remove_previous_outputs(output, store)
-        store.open(fingerprint, info={
-            "dataset_dir": str(Path(dataset_dir).resolve()),
-            "list": list_source,
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
-        })
+        store.open(fingerprint, info=info)
     except OSError as e:
         raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
 
@@ -416,14 +453,6 @@ def run_extraction(
                     summary.embed_seconds = time.monotonic() - embed_start
 
             # assembly of the final file
-            attributes = _output_attributes(
-                fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
-                list_source=list_source, backbone=backbone,
-            )
-            # not in the resume fingerprint: folding is accepted only within 5e-5 relative error, less
-            # than float16 storage rounding, so windows of folded and unfolded runs may be combined.
-            # NOTE: after such a resume the attribute describes the last run only.
-            attributes["batchnorm_folded"] = folded_layers
             num_embedded, failures = _assemble_output(
                 store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
                 hdf5_compression=hdf5_compression, attributes=attributes,
@@ -444,8 +473,6 @@ def run_extraction(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    finally:
-        store.close()
 
     summary.num_images = len(entries)
     summary.num_embedded = num_embedded
