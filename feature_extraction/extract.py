@@ -42,12 +42,14 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EPILOG = """\
 exit status:
   0    the output is complete (also when some images were skipped: they are listed in
-       <output>.failed.txt and counted in the log), or it already existed and was left untouched
+       <output>.failed.txt and counted in the log), or it already existed with the same settings
+       and was left untouched
   1    the run failed: unreadable list, dataset folder or checkpoint, unwritable output
        folder, no readable image, a fatal model error (out of memory), or another process
        extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
-       absent, or settings that differ from the partial run being resumed
+       absent, or settings that differ from the partial run being resumed or from the
+       existing output
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Finished windows are kept in
        <output>.parts/ and rerunning the same command resumes from them
 
@@ -103,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="store features as float16 instead of float32 (default: %(default)s)")
     data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
                       help="delete an existing output, its failure report and any partial run before "
-                           "starting; without it a complete output is left untouched (default: %(default)s)")
+                           "starting; without it a complete output extracted with the same settings is left "
+                           "untouched and one with other settings is an error (default: %(default)s)")
 
     backbone = parser.add_argument_group("model")
     backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),

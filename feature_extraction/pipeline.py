@@ -34,6 +34,7 @@ from feature_extraction.hdf5_output import (
     assemble_hdf5,
     failures_path_for,
     publish,
+    read_attributes,
     temporary_path_for,
     write_failure_report,
 )
@@ -46,7 +47,7 @@ from feature_extraction.image_list import (
 )
 from feature_extraction.images import DecodeOptions
 from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
-from feature_extraction.store import PartStore, WindowPart, parts_dir_for
+from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, parts_dir_for
 from feature_extraction.transforms import InferenceTransform, TransformName
 
 _logger = logging.getLogger(__name__)
@@ -120,6 +121,39 @@ def _remove_previous_outputs(output: Path, store: PartStore) -> None:
     if store.directory.exists():
         _logger.info("--overwrite: removing the partial run in %s", store.directory)
         store.remove()
+
+
+def _plain(value):
+    """Convert an HDF5 attribute (numpy scalar or array) to the Python value a fingerprint contains."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _check_existing_output(output: Path, fingerprint: dict) -> None:
+    """Raise SettingsMismatchError if the complete `output` records settings other than `fingerprint`'s.
+
+    Files of the older ILIAS tools record no settings: the missing ones are logged as unchecked.
+    """
+    stored = read_attributes(output)
+    requested = {key: value for key, value in fingerprint.items() if key not in ("format_version", "num_rows")}
+    # the attributes store the dtype as `dtype` and the model as typed, tag included
+    requested["dtype"] = requested.pop("store_dtype")
+    if "model" in stored:
+        stored["model"] = str(stored["model"]).partition(".")[0]
+
+    differences = [
+        f"{key}: {_plain(stored[key])!r} in the file, {value!r} now"
+        for key, value in sorted(requested.items())
+        if key in stored and _plain(stored[key]) != value
+    ]
+    if differences:
+        raise SettingsMismatchError(
+            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "). Pass "
+            "--overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name to keep it"
+        )
+    unchecked = sorted(key for key in requested if key not in stored)
+    if unchecked:
+        _logger.warning("%s does not record %s (files of the older ILIAS tools record no settings), so "
+                        "these settings could not be compared with this command's", output, ", ".join(unchecked))
 
 
 def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[ListEntry], state: dict, report: Path):
@@ -334,19 +368,6 @@ def run_extraction(
     store = PartStore(parts_dir_for(output))
     summary = ExtractionSummary(output=output)
 
-    # a finished output is final unless --overwrite
-    if output.exists() and not overwrite:
-        _logger.info("%s exists and is left untouched; pass --overwrite true to extract again", output)
-        if store.directory.exists():
-            store.lock()
-            try:
-                _logger.info("removing %s, a partial run left beside the complete output", store.directory)
-                store.remove()
-            finally:
-                store.close()
-        summary.already_complete = True
-        return summary
-
     # inputs, device and model
     entries, list_sha256, list_source = load_entries(dataset_dir, selected_ids)
     torch_device = resolve_device(device)
@@ -416,6 +437,17 @@ def _extract_locked(
 ) -> ExtractionSummary:
     """Embed the pending windows and assemble the output, with the lock of `store` held."""
     output = summary.output
+    # a finished output is final unless --overwrite
+    if output.exists() and not overwrite:
+        _check_existing_output(output, fingerprint)
+        _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
+                     "extract again", output)
+        if store.directory.exists():
+            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
+            store.remove()
+        summary.already_complete = True
+        return summary
+
     try:
         if overwrite:
             _remove_previous_outputs(output, store)

@@ -167,11 +167,67 @@ def test_existing_output_left_untouched(extract, caplog):
     parts.mkdir()
     (parts / "window_000000.npz").write_bytes(b"leftover")
     with caplog.at_level(logging.INFO):
-        code, _ = extract("--resolution", "40")
+        code, _ = extract()
     assert code == 0
     assert output.read_bytes() == before
     assert "left untouched" in caplog.text
     assert not parts.exists()
+
+
+@pytest.mark.parametrize("extra, difference", [
+    (["--resolution", "40"], "resolution: 32 in the file, 40 now"),
+    (["--model", "resnet14t"], "model: 'resnet10t' in the file, 'resnet14t' now"),
+    (["--store_fp16", "false"], "dtype: 'float16' in the file, 'float32' now"),
+])
+def test_existing_output_with_other_settings_exit_two(extract, caplog, extra, difference):
+    # Regression: an existing output made every other flag irrelevant, and a rerun with other
+    # settings exited 0 with the old embeddings
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(*extra)
+    assert code == 2
+    assert difference in caplog.text
+    assert "--overwrite true" in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_output_other_list_exit_two(extract, sample_dataset, tmp_path, caplog):
+    _, list_path, _ = sample_dataset
+    _, output = extract()
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("".join(list_path.read_text().splitlines(keepends=True)[:5]))
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(list_file=shorter)
+    assert code == 2
+    assert "list_sha256" in caplog.text
+
+
+def test_existing_output_still_checks_inputs(extract, tmp_path, caplog):
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        missing_list, _ = extract(list_file=tmp_path / "missing.txt")
+        missing_checkpoint, _ = extract("--checkpoint", tmp_path / "missing.pth")
+    assert missing_list == 1
+    assert "missing.txt" in caplog.text
+    assert missing_checkpoint == 1
+    assert "missing.pth" in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_ilias_output_without_attributes_kept(extract, caplog):
+    _, output = extract()
+    with h5py.File(output, "a") as f:
+        for key in list(f.attrs):
+            del f.attrs[key]
+    before = output.read_bytes()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert output.read_bytes() == before
+    assert "files of the older ILIAS tools record no settings" in caplog.text
+    assert "left untouched" in caplog.text
 
 
 def test_overwrite_recomputes_with_new_settings(extract):
