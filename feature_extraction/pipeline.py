@@ -58,8 +58,13 @@ FORMAT_VERSION = 1
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 # failures logged one by one before the log switches to a count
 MAX_LOGGED_FAILURES = 20
-# a model that rejects this many batches before embedding any is broken, not the images
+# a model that rejects this many batches, or returns only NaN or Inf for them, before
+# embedding any is broken, not the images
 MAX_FAILED_FIRST_BATCHES = 3
+# failure reason of a row whose embedding is not finite; later rows of the run are kept
+NON_FINITE_REASON = (
+    "the model returned NaN or Inf values for this image; pass --comp_fp16 false if float16 overflowed"
+)
 
 
 class ExtractionError(Exception):
@@ -184,6 +189,16 @@ def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batch
     return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
 
 
+def _check_first_non_finite_batch(shape: torch.Size, failed_batches: int) -> None:
+    """Raise ExtractionError when NaN or Inf embeddings fill each of the first batches: the model is broken."""
+    if failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
+        raise ExtractionError(
+            f"the model returned NaN or Inf embeddings for every image of the first {MAX_FAILED_FIRST_BATCHES} "
+            f"batches, last of shape {tuple(shape)}. Check the weights (--checkpoint), or pass --comp_fp16 false "
+            "if float16 overflowed"
+        )
+
+
 def _embed_windows(
     *,
     loader,
@@ -223,11 +238,21 @@ def _embed_windows(
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     failed_batches += 1
                     continue
+                finite = torch.isfinite(vectors).all(dim=1)  # (B,)
+                if not bool(finite.any()) and embedded_batches == 0:
+                    _check_first_non_finite_batch(record.images.shape, failed_batches)
+                    failed_batches += 1
+                rows = record.rows[finite]
+                model_failures.setdefault(record.window, []).extend(
+                    (row, NON_FINITE_REASON) for row in record.rows[~finite].tolist()
+                )
+                if len(rows) == 0:
+                    continue
                 embedded_batches += 1
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
-                rows_list.append(record.rows.numpy())
-                vectors_list.append(vectors.numpy().astype(store_dtype))
-                progress.update(len(record.rows))
+                rows_list.append(rows.numpy())
+                vectors_list.append(vectors[finite].numpy().astype(store_dtype))
+                progress.update(len(rows))
                 continue
 
             # WindowEnd: every row of the window is now embedded or failed
@@ -511,6 +536,6 @@ def _extract_locked(
     summary.num_failed = len(failures)
     summary.seconds = time.monotonic() - start_time
     if failures:
-        _logger.warning("%d of %d images were skipped (unreadable, or a shape the model rejects); "
+        _logger.warning("%d of %d images were skipped (unreadable, a shape the model rejects, or NaN or Inf embeddings); "
                         "their paths and reasons are in %s", len(failures), len(entries), report)
     return summary

@@ -291,6 +291,51 @@ def test_checkpoint_changes_embedding_and_is_recorded(extract, tmp_path):
     assert cosines.max() < 0.999
 
 
+def test_nan_checkpoint_ends_run(extract, tmp_path, caplog):
+    # Regression: a checkpoint with one NaN weight gave all-NaN embeddings, written with exit 0
+    import timm
+
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    state["conv1.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    with caplog.at_level(logging.ERROR):
+        code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth")
+    assert code == 1
+    assert "NaN or Inf embeddings for every image of the first 3 batches" in caplog.text
+    assert not output.exists()
+
+
+def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
+    from feature_extraction.embedding import Embedder
+
+    _, _, paths = sample_dataset
+    original = Embedder.embed
+    calls = {"n": 0}
+
+    def embed_with_overflow(self, images):
+        vectors = original(self, images).clone()
+        calls["n"] += 1
+        if calls["n"] == 2:
+            vectors[0] = float("inf")
+        return vectors
+
+    monkeypatch.setattr(Embedder, "embed", embed_with_overflow)
+    code, output = extract()
+    features, ids, attrs = read_output(output)
+    report = output.with_name(output.name + ".failed.txt").read_text().splitlines()
+
+    assert code == 0
+    assert features.shape == (9, 512)
+    assert np.isfinite(features).all()
+    assert attrs["num_failed"] == 1
+    assert len(report) == 1
+    assert "NaN or Inf" in report[0]
+    failed_path = report[0].split(",")[0]
+    assert escape_id(failed_path) not in ids
+    assert ids == [escape_id(p) for p in paths if p != failed_path]
+
+
 def test_all_images_used_without_list(sample_dataset, tmp_path):
     root, _, paths = sample_dataset
     code = run_cli("--dataset_dir", root, "--hdf5_dir", tmp_path / "out", *TINY)
