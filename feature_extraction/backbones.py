@@ -45,6 +45,8 @@ class Backbone:
     std: tuple[float, float, float]
     patch_size: tuple[int, int] | None
     description: dict[str, str] = field(default_factory=dict)
+    # NAME.TAG of the pretrained config whose preprocessing applies, also with --checkpoint
+    pretrained_cfg: str = ""
 
 
 def canonical_framework(framework: str) -> str:
@@ -218,6 +220,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
         std=tuple(float(v) for v in cfg["std"]),
         patch_size=patch_size,
         description=description,
+        pretrained_cfg=f"{name}.{cfg['tag']}" if cfg.get("tag") else name,
     )
 
 
@@ -298,6 +301,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
         std=std,
         patch_size=patch_size,
         description=description,
+        pretrained_cfg=f"{name}.{tag}" if force_preprocess else name,
     )
 
 

@@ -52,7 +52,8 @@ from feature_extraction.transforms import InferenceTransform, TransformName
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the fingerprint records the pretrained config, mean and std
+FORMAT_VERSION = 2
 # EfficientNet-Lite0 at 256 px on 2 CPU cores, forward only: batch 32 was as fast as 16 in
 # float32 and 8% faster in bfloat16, but needed 0.2-0.4 GB more memory
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
@@ -288,6 +289,10 @@ def _fingerprint(
         "framework": framework,
         "model": model.partition(".")[0],
         "pretrained": backbone.description.get("pretrained", ""),
+        # the tag sets the preprocessing even when the weights come from --checkpoint
+        "pretrained_cfg": backbone.pretrained_cfg,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
         "checkpoint_sha256": checkpoint_sha256,
         "resolution": transform.resolution,
         "transforms": transform.name.value,

@@ -138,6 +138,12 @@ class PartStore:
                 raise StoreError(
                     f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
                 ) from e
+            if previous.get("format_version") != fingerprint.get("format_version"):
+                raise SettingsMismatchError(
+                    f"{self.directory} contains a partial run saved in format {previous.get('format_version')!r}, "
+                    f"and this version of extract.py resumes format {fingerprint.get('format_version')!r} only. "
+                    "Pass --overwrite true to discard it and extract again"
+                )
             differences = [
                 f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now"
                 for key in sorted(set(previous) | set(fingerprint))

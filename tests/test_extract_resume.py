@@ -11,9 +11,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from feature_extraction.interrupts import Interrupted
-from feature_extraction.store import PartStore
+from feature_extraction.store import PartStore, SettingsMismatchError
 
 from conftest import REPO_ROOT, write_image
 from test_extract_cli import TINY, read_output, run_cli
@@ -130,6 +131,34 @@ def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_datase
     assert code == 2
     assert "list_sha256" in caplog.text
     assert "num_rows: 10 before, 11 now" in caplog.text
+
+
+def test_changed_tag_with_checkpoint_rejected(extract, monkeypatch, tmp_path, caplog):
+    # Regression: with --checkpoint the fingerprint kept neither the tag nor the mean and std
+    # it sets, so a rerun with another tag resumed and mixed two normalisations in one file
+    import timm
+
+    torch.save(timm.create_model("tf_efficientnet_b0", num_classes=0).state_dict(), tmp_path / "b0.pth")
+    options = ["--pretrained", "", "--checkpoint", tmp_path / "b0.pth"]
+    _stop_after_windows(monkeypatch, 1)
+    assert extract("--model", "tf_efficientnet_b0.in1k", *options)[0] == 143
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--model", "tf_efficientnet_b0.ap_in1k", *options)
+    assert code == 2
+    assert "pretrained_cfg: 'tf_efficientnet_b0.in1k' before, 'tf_efficientnet_b0.ap_in1k' now" in caplog.text
+    assert "mean: [0.485, 0.456, 0.406] before, [0.5, 0.5, 0.5] now" in caplog.text
+    assert not output.exists()
+
+
+def test_parts_of_older_format_rejected(tmp_path):
+    store = PartStore(tmp_path / "out.hdf5.parts")
+    store.open({"format_version": 1, "model": "resnet10t"}, {})
+    store.close()
+    with pytest.raises(SettingsMismatchError, match="saved in format 1.*--overwrite true"):
+        store.open({"format_version": 2, "model": "resnet10t"}, {})
+    store.close()
 
 
 def test_finished_parts_with_stale_temporary_files_assembled(extract, monkeypatch):
