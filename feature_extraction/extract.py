@@ -91,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="folder the list paths are relative to (required)")
     data.add_argument("--selected_ids", metavar="FILE",
                       help="image list, one 'path,label,domain' or 'path' per line; output rows follow its "
-                           "order (default: every image file under --dataset_dir, sorted by path)")
+                           "order (default: every image file under --dataset_dir, symlinked folders included, sorted "
+                           "by path)")
     data.add_argument("--partition", metavar="NAME", choices=PARTITIONS,
                       help=f"partition name used in the output file name, one of {', '.join(PARTITIONS)} "
                            "(default: %(default)s)")
