@@ -11,6 +11,7 @@ a local `--checkpoint` state dict loaded into the model built without weights, o
 `--pretrained none` for random weights (tests and smoke runs only).
 """
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,21 @@ _CLASSIFIER_SIZES = (1000, 11821, 21841, 21843)
 
 class BackboneError(Exception):
     """A model request that cannot be built; the message names the flag to change."""
+
+
+class WeightsUnavailableError(Exception):
+    """Pretrained weights that could not be downloaded or found in the cache (an environment failure)."""
+
+
+def _weights_unavailable(model_name: str, error: Exception) -> WeightsUnavailableError:
+    detail = str(error).strip().rstrip(".") or type(error).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        advice = ("HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched: put the weights "
+                  "there, or pass --checkpoint PATH with a local state dict")
+    else:
+        advice = ("Without internet access, pass --checkpoint PATH with a local state dict, or put the "
+                  "weights in the Hugging Face cache and set HF_HUB_OFFLINE=1 so that no download is tried")
+    return WeightsUnavailableError(f"could not load the pretrained weights of {model_name}: {detail}. {advice}")
 
 
 @dataclass
@@ -183,11 +199,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
     except Exception as e:  # hub and network errors vary; all mean the weights are not at hand
         if not download:
             raise
-        raise BackboneError(
-            f"could not load the pretrained weights of timm model {full_name!r}: {e}. Without internet "
-            "access, pass --checkpoint PATH with a local state dict, or put the weights in the "
-            "Hugging Face cache and set HF_HUB_OFFLINE=1"
-        ) from e
+        raise _weights_unavailable(f"timm model {full_name!r}", e) from e
 
     description = {
         "pretrained": NO_WEIGHTS if random_weights else (net.pretrained_cfg.get("tag") or ""),
@@ -265,11 +277,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
     except Exception as e:  # download and hub errors vary; all mean the weights are not at hand
         if not download:
             raise
-        raise BackboneError(
-            f"could not load the pretrained weights of open_clip model {name}.{tag}: {e}. Without "
-            "internet access, pass --checkpoint PATH with a local state dict, or put the weights "
-            "in the Hugging Face cache and set HF_HUB_OFFLINE=1"
-        ) from e
+        raise _weights_unavailable(f"open_clip model {name}.{tag}", e) from e
 
     description = {"pretrained": tag or ""}
     if checkpoint is not None:

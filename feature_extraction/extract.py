@@ -23,7 +23,13 @@ from feature_extraction.interrupts import exit_quietly_on_signals  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_signals()  # until the script's own handling starts, because importing torch takes seconds
 
-from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
+from feature_extraction.backbones import (  # noqa: E402
+    FRAMEWORK_ALIASES,
+    FRAMEWORKS,
+    POOLINGS,
+    BackboneError,
+    WeightsUnavailableError,
+)
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
 from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, WORKER_PRIORITIES  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
@@ -44,9 +50,10 @@ exit status:
   0    the output is complete (also when some images were skipped: they are listed in
        <output>.failed.txt and counted in the log), or it already existed with the same settings
        and was left untouched
-  1    the run failed: unreadable list, dataset folder or checkpoint, unwritable output
-       folder, no readable image, a fatal model error (out of memory), or another process
-       extracting into the same output
+  1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
+       that could not be downloaded, unwritable output folder, no readable image, NaN or
+       Inf embeddings from every image of the first batches, a fatal model error (out of
+       memory), or another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
        absent, or settings that differ from the partial run being resumed or from the
        existing output
@@ -255,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     except (BackboneError, DeviceError, SettingsMismatchError) as e:
         _logger.error("%s", e)
         return EXIT_USAGE
-    except (ExtractionError, ImageListError, CheckpointError, StoreError) as e:
+    except (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError) as e:
         _logger.error("%s", e)
         return EXIT_ERROR
     except OSError as e:

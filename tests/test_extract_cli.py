@@ -336,6 +336,32 @@ def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
     assert ids == [escape_id(p) for p in paths if p != failed_path]
 
 
+@pytest.mark.parametrize("offline", [True, False])
+def test_failed_weight_download_exit_one(extract, monkeypatch, caplog, offline):
+    # Regression: a failed download exited 2 (invalid arguments), and the message had a double
+    # full stop and advised setting HF_HUB_OFFLINE=1 when it was already set
+    import timm
+
+    def create_offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("cannot reach huggingface.co and the files are not in the local cache.")
+        raise AssertionError("only the download is expected")
+
+    monkeypatch.setattr(timm, "create_model", create_offline)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--pretrained", "c3_in1k")
+    assert code == 1
+    assert "could not load the pretrained weights of timm model 'resnet10t.c3_in1k'" in caplog.text
+    assert ".." not in caplog.text
+    assert ("HF_HUB_OFFLINE is set" in caplog.text) == offline
+    assert ("set HF_HUB_OFFLINE=1" in caplog.text) != offline
+    assert not output.exists()
+
+
 def test_all_images_used_without_list(sample_dataset, tmp_path):
     root, _, paths = sample_dataset
     code = run_cli("--dataset_dir", root, "--hdf5_dir", tmp_path / "out", *TINY)
