@@ -92,7 +92,9 @@ def output_path(hdf5_dir: str | Path, hdf5_name: str, partition: str) -> Path:
 def load_entries(dataset_dir: str | Path, selected_ids: str | Path | None) -> tuple[list[ListEntry], str, str]:
     """Return the list entries, the SHA-256 identifying the list, and where the list came from."""
     if not Path(dataset_dir).is_dir():
-        raise ExtractionError(f"--dataset_dir {str(dataset_dir)!r} is not a folder")
+        raise ExtractionError(
+            f"--dataset_dir {str(dataset_dir)!r} is not a folder; pass the folder that the list paths are relative to"
+        )
     if selected_ids is None:
         entries = scan_image_dir(dataset_dir)
         digest = hashlib.sha256("\n".join(entry.path for entry in entries).encode("utf-8")).hexdigest()
@@ -162,11 +164,16 @@ def _check_existing_output(output: Path, fingerprint: dict) -> None:
                         "these settings could not be compared with this command's", output, ", ".join(unchecked))
 
 
+def _list_line(entry: ListEntry) -> str:
+    # entries scanned from --dataset_dir have no list line (line_no 0)
+    return f" (list line {entry.line_no})" if entry.line_no else ""
+
+
 def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[ListEntry], state: dict, report: Path):
     for row, reason in zip(failed_rows, reasons):
         state["logged"] += 1
         if state["logged"] <= MAX_LOGGED_FAILURES:
-            _logger.warning("skipping %s (list row %d): %s", entries[row].path, row, reason)
+            _logger.warning("skipping %s%s: %s", entries[row].path, _list_line(entries[row]), reason)
         elif state["logged"] == MAX_LOGGED_FAILURES + 1:
             _logger.warning("more images are skipped; they are not logged one by one but listed in %s", report)
 

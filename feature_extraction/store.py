@@ -97,7 +97,7 @@ class PartStore:
         """Take the lock of this output, or raise StoreError when another process holds it.
 
         A second process on the same output (a requeued job while the first still runs)
-        would interleave windows or delete them; the lock is released by `close` and when
+        would interleave windows or delete them. The lock is released by `close` and when
         this process exits. A POSIX record lock (lockf), unlike flock, is not shared with
         forked DataLoader workers, which outlive a SIGKILLed main process by up to 5 s and
         kept a rerun out.
@@ -114,8 +114,8 @@ class PartStore:
                     f"another process is extracting into {self.directory} (it holds {self.lock_path}); "
                     "wait for it to finish or stop it"
                 ) from e
-            # `close` deletes the lock file, so the file locked here may already be unlinked
-            # by the previous holder; only a lock on the file now at the path counts
+            # `close` deletes the lock file, so the previous holder may have unlinked the file
+            # locked here. Only a lock on the file now at the path counts.
             if _same_file(lock_file, self.lock_path):
                 self._lock_file = lock_file
                 return

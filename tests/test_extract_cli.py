@@ -520,3 +520,12 @@ def test_batchnorm_folding_flag(extract):
     assert folded_ids == plain_ids
     cosine = (folded.astype(np.float32) * plain.astype(np.float32)).sum(axis=1)
     assert cosine.min() > 0.999
+
+
+def test_missing_dataset_dir_names_fix(sample_dataset, tmp_path, caplog):
+    _, list_path, _ = sample_dataset
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", tmp_path / "nope", "--selected_ids", list_path,
+                       "--hdf5_dir", tmp_path / "out", *TINY)
+    assert code == 1
+    assert "is not a folder; pass the folder that the list paths are relative to" in caplog.text
