@@ -142,7 +142,9 @@ def _check_existing_output(output: Path, fingerprint: dict) -> None:
     Files of the older ILIAS tools record no settings: the missing ones are logged as unchecked.
     """
     stored = read_attributes(output)
-    requested = {key: value for key, value in fingerprint.items() if key not in ("format_version", "num_rows")}
+    # the window size only groups rows into resumable parts, so it does not define the embeddings
+    ignored = ("format_version", "num_rows", "window_size")
+    requested = {key: value for key, value in fingerprint.items() if key not in ignored}
     # the attributes store the dtype as `dtype` and the model as typed, tag included
     requested["dtype"] = requested.pop("store_dtype")
     if "model" in stored:

@@ -192,6 +192,17 @@ def test_existing_output_with_other_settings_exit_two(extract, caplog, extra, di
     assert output.read_bytes() == before
 
 
+def test_existing_output_other_window_size_kept(extract, caplog):
+    # the window size only groups rows into resumable parts, so it does not define the embeddings
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--window_size", "3")
+    assert code == 0
+    assert output.read_bytes() == before
+    assert "left untouched" in caplog.text
+
+
 def test_existing_output_other_list_exit_two(extract, sample_dataset, tmp_path, caplog):
     _, list_path, _ = sample_dataset
     _, output = extract()
