@@ -11,6 +11,7 @@ a local `--checkpoint` state dict loaded into the model built without weights, o
 `--pretrained none` for random weights (tests and smoke runs only).
 """
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,21 @@ class BackboneError(Exception):
     """A model request that cannot be built; the message names the flag to change."""
 
 
+class WeightsUnavailableError(Exception):
+    """Pretrained weights that could not be downloaded or found in the cache (an environment failure)."""
+
+
+def _weights_unavailable(model_name: str, error: Exception) -> WeightsUnavailableError:
+    detail = str(error).strip().rstrip(".") or type(error).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        advice = ("HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched: put the weights "
+                  "there, or pass --checkpoint PATH with a local state dict")
+    else:
+        advice = ("Without internet access, pass --checkpoint PATH with a local state dict, or put the "
+                  "weights in the Hugging Face cache and set HF_HUB_OFFLINE=1 so that no download is tried")
+    return WeightsUnavailableError(f"could not load the pretrained weights of {model_name}: {detail}. {advice}")
+
+
 @dataclass
 class Backbone:
     """A model that maps (B, 3, H, W) normalised images to (B, D) features, with its input conventions."""
@@ -45,6 +61,8 @@ class Backbone:
     std: tuple[float, float, float]
     patch_size: tuple[int, int] | None
     description: dict[str, str] = field(default_factory=dict)
+    # NAME.TAG of the pretrained config whose preprocessing applies, also with --checkpoint
+    pretrained_cfg: str = ""
 
 
 def canonical_framework(framework: str) -> str:
@@ -181,11 +199,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
     except Exception as e:  # hub and network errors vary; all mean the weights are not at hand
         if not download:
             raise
-        raise BackboneError(
-            f"could not load the pretrained weights of timm model {full_name!r}: {e}. Without internet "
-            "access, pass --checkpoint PATH with a local state dict, or put the weights in the "
-            "Hugging Face cache and set HF_HUB_OFFLINE=1"
-        ) from e
+        raise _weights_unavailable(f"timm model {full_name!r}", e) from e
 
     description = {
         "pretrained": NO_WEIGHTS if random_weights else (net.pretrained_cfg.get("tag") or ""),
@@ -218,6 +232,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
         std=tuple(float(v) for v in cfg["std"]),
         patch_size=patch_size,
         description=description,
+        pretrained_cfg=f"{name}.{cfg['tag']}" if cfg.get("tag") else name,
     )
 
 
@@ -262,11 +277,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
     except Exception as e:  # download and hub errors vary; all mean the weights are not at hand
         if not download:
             raise
-        raise BackboneError(
-            f"could not load the pretrained weights of open_clip model {name}.{tag}: {e}. Without "
-            "internet access, pass --checkpoint PATH with a local state dict, or put the weights "
-            "in the Hugging Face cache and set HF_HUB_OFFLINE=1"
-        ) from e
+        raise _weights_unavailable(f"open_clip model {name}.{tag}", e) from e
 
     description = {"pretrained": tag or ""}
     if checkpoint is not None:
@@ -298,6 +309,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
         std=std,
         patch_size=patch_size,
         description=description,
+        pretrained_cfg=f"{name}.{tag}" if force_preprocess else name,
     )
 
 

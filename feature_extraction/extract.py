@@ -23,7 +23,13 @@ from feature_extraction.interrupts import exit_quietly_on_signals  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_signals()  # until the script's own handling starts, because importing torch takes seconds
 
-from feature_extraction.backbones import FRAMEWORK_ALIASES, FRAMEWORKS, POOLINGS, BackboneError  # noqa: E402
+from feature_extraction.backbones import (  # noqa: E402
+    FRAMEWORK_ALIASES,
+    FRAMEWORKS,
+    POOLINGS,
+    BackboneError,
+    WeightsUnavailableError,
+)
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
 from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, WORKER_PRIORITIES  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
@@ -42,12 +48,15 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EPILOG = """\
 exit status:
   0    the output is complete (also when some images were skipped: they are listed in
-       <output>.failed.txt and counted in the log), or it already existed and was left untouched
-  1    the run failed: unreadable list, dataset folder or checkpoint, unwritable output
-       folder, no readable image, a fatal model error (out of memory), or another process
-       extracting into the same output
+       <output>.failed.txt and counted in the log), or it already existed with the same settings
+       and was left untouched
+  1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
+       that could not be downloaded, unwritable output folder, no readable image, NaN or
+       Inf embeddings from every image of the first batches, a fatal model error (out of
+       memory), or another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
-       absent, or settings that differ from the partial run being resumed
+       absent, or settings that differ from the partial run being resumed or from the
+       existing output
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Finished windows are kept in
        <output>.parts/ and rerunning the same command resumes from them
 
@@ -89,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="folder the list paths are relative to (required)")
     data.add_argument("--selected_ids", metavar="FILE",
                       help="image list, one 'path,label,domain' or 'path' per line; output rows follow its "
-                           "order (default: every image file under --dataset_dir, sorted by path)")
+                           "order (default: every image file under --dataset_dir, symlinked folders included, sorted "
+                           "by path)")
     data.add_argument("--partition", metavar="NAME", choices=PARTITIONS,
                       help=f"partition name used in the output file name, one of {', '.join(PARTITIONS)} "
                            "(default: %(default)s)")
@@ -103,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="store features as float16 instead of float32 (default: %(default)s)")
     data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
                       help="delete an existing output, its failure report and any partial run before "
-                           "starting; without it a complete output is left untouched (default: %(default)s)")
+                           "starting; without it a complete output extracted with the same settings is left "
+                           "untouched and one with other settings is an error (default: %(default)s)")
 
     backbone = parser.add_argument_group("model")
     backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),
@@ -251,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     except (BackboneError, DeviceError, SettingsMismatchError) as e:
         _logger.error("%s", e)
         return EXIT_USAGE
-    except (ExtractionError, ImageListError, CheckpointError, StoreError) as e:
+    except (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError) as e:
         _logger.error("%s", e)
         return EXIT_ERROR
     except OSError as e:

@@ -132,6 +132,18 @@ def _assemble(
     return num_rows, sorted(failures)
 
 
+def read_attributes(path: Path) -> dict:
+    """Return the file attributes of an existing output, raising OutputError if it cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(f.attrs)
+    except OSError as e:
+        raise OutputError(
+            f"cannot read the existing output {path}: {e}; pass --overwrite true to replace it, or choose "
+            "another --hdf5_dir or --hdf5_name"
+        ) from e
+
+
 def write_failure_report(path: Path, failures: list[tuple[str, str]]) -> None:
     """Write `path,reason` lines atomically, or remove a stale report when nothing failed."""
     if not failures:

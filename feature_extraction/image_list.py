@@ -204,16 +204,35 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
     return entries
 
 
+def _walk_image_files(root: Path) -> list[str]:
+    """Return the image files under `root` as relative POSIX paths, following symlinked folders.
+
+    Path.rglob does not follow symlinked folders before Python 3.13. A folder whose real path
+    was already visited (a symlink loop or a second link to it) is not entered again.
+    """
+    found = []
+    visited = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        subfolders.sort()  # so the first link to a folder, by path, is the one listed
+        relative = Path(folder).relative_to(root)
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                found.append((relative / name).as_posix())
+    return found
+
+
 def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
     """List every image file under `dataset_dir` as unlabelled entries, sorted by path."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise ImageListError(f"--dataset_dir {str(root)!r} is not a folder")
-    paths = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    paths = sorted(_walk_image_files(root))
     if not paths:
         raise ImageListError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}"

@@ -34,6 +34,7 @@ from feature_extraction.hdf5_output import (
     assemble_hdf5,
     failures_path_for,
     publish,
+    read_attributes,
     temporary_path_for,
     write_failure_report,
 )
@@ -46,19 +47,25 @@ from feature_extraction.image_list import (
 )
 from feature_extraction.images import DecodeOptions
 from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
-from feature_extraction.store import PartStore, WindowPart, parts_dir_for
+from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, parts_dir_for
 from feature_extraction.transforms import InferenceTransform, TransformName
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the fingerprint records the pretrained config, mean and std
+FORMAT_VERSION = 2
 # EfficientNet-Lite0 at 256 px on 2 CPU cores, forward only: batch 32 was as fast as 16 in
 # float32 and 8% faster in bfloat16, but needed 0.2-0.4 GB more memory
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 # failures logged one by one before the log switches to a count
 MAX_LOGGED_FAILURES = 20
-# a model that rejects this many batches before embedding any is broken, not the images
+# a model that rejects this many batches, or returns only NaN or Inf for them, before
+# embedding any is broken, not the images
 MAX_FAILED_FIRST_BATCHES = 3
+# failure reason of a row whose embedding is not finite; later rows of the run are kept
+NON_FINITE_REASON = (
+    "the model returned NaN or Inf values for this image; pass --comp_fp16 false if float16 overflowed"
+)
 
 
 class ExtractionError(Exception):
@@ -85,7 +92,9 @@ def output_path(hdf5_dir: str | Path, hdf5_name: str, partition: str) -> Path:
 def load_entries(dataset_dir: str | Path, selected_ids: str | Path | None) -> tuple[list[ListEntry], str, str]:
     """Return the list entries, the SHA-256 identifying the list, and where the list came from."""
     if not Path(dataset_dir).is_dir():
-        raise ExtractionError(f"--dataset_dir {str(dataset_dir)!r} is not a folder")
+        raise ExtractionError(
+            f"--dataset_dir {str(dataset_dir)!r} is not a folder; pass the folder that the list paths are relative to"
+        )
     if selected_ids is None:
         entries = scan_image_dir(dataset_dir)
         digest = hashlib.sha256("\n".join(entry.path for entry in entries).encode("utf-8")).hexdigest()
@@ -122,11 +131,51 @@ def _remove_previous_outputs(output: Path, store: PartStore) -> None:
         store.remove()
 
 
+def _plain(value):
+    """Convert an HDF5 attribute (numpy scalar or array) to the Python value a fingerprint contains."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _check_existing_output(output: Path, fingerprint: dict) -> None:
+    """Raise SettingsMismatchError if the complete `output` records settings other than `fingerprint`'s.
+
+    Files of the older ILIAS tools record no settings: the missing ones are logged as unchecked.
+    """
+    stored = read_attributes(output)
+    # the window size only groups rows into resumable parts, so it does not define the embeddings
+    ignored = ("format_version", "num_rows", "window_size")
+    requested = {key: value for key, value in fingerprint.items() if key not in ignored}
+    # the attributes store the dtype as `dtype` and the model as typed, tag included
+    requested["dtype"] = requested.pop("store_dtype")
+    if "model" in stored:
+        stored["model"] = str(stored["model"]).partition(".")[0]
+
+    differences = [
+        f"{key}: {_plain(stored[key])!r} in the file, {value!r} now"
+        for key, value in sorted(requested.items())
+        if key in stored and _plain(stored[key]) != value
+    ]
+    if differences:
+        raise SettingsMismatchError(
+            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "). Pass "
+            "--overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name to keep it"
+        )
+    unchecked = sorted(key for key in requested if key not in stored)
+    if unchecked:
+        _logger.warning("%s does not record %s (files of the older ILIAS tools record no settings), so "
+                        "these settings could not be compared with this command's", output, ", ".join(unchecked))
+
+
+def _list_line(entry: ListEntry) -> str:
+    # entries scanned from --dataset_dir have no list line (line_no 0)
+    return f" (list line {entry.line_no})" if entry.line_no else ""
+
+
 def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[ListEntry], state: dict, report: Path):
     for row, reason in zip(failed_rows, reasons):
         state["logged"] += 1
         if state["logged"] <= MAX_LOGGED_FAILURES:
-            _logger.warning("skipping %s (list row %d): %s", entries[row].path, row, reason)
+            _logger.warning("skipping %s%s: %s", entries[row].path, _list_line(entries[row]), reason)
         elif state["logged"] == MAX_LOGGED_FAILURES + 1:
             _logger.warning("more images are skipped; they are not logged one by one but listed in %s", report)
 
@@ -148,6 +197,16 @@ def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batch
         ) from error
     height, width = shape[1:3]
     return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
+
+
+def _check_first_non_finite_batch(shape: torch.Size, failed_batches: int) -> None:
+    """Raise ExtractionError when NaN or Inf embeddings fill each of the first batches: the model is broken."""
+    if failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
+        raise ExtractionError(
+            f"the model returned NaN or Inf embeddings for every image of the first {MAX_FAILED_FIRST_BATCHES} "
+            f"batches, last of shape {tuple(shape)}. Check the weights (--checkpoint), or pass --comp_fp16 false "
+            "if float16 overflowed"
+        )
 
 
 def _embed_windows(
@@ -189,11 +248,21 @@ def _embed_windows(
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     failed_batches += 1
                     continue
+                finite = torch.isfinite(vectors).all(dim=1)  # (B,)
+                if not bool(finite.any()) and embedded_batches == 0:
+                    _check_first_non_finite_batch(record.images.shape, failed_batches)
+                    failed_batches += 1
+                rows = record.rows[finite]
+                model_failures.setdefault(record.window, []).extend(
+                    (row, NON_FINITE_REASON) for row in record.rows[~finite].tolist()
+                )
+                if len(rows) == 0:
+                    continue
                 embedded_batches += 1
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
-                rows_list.append(record.rows.numpy())
-                vectors_list.append(vectors.numpy().astype(store_dtype))
-                progress.update(len(record.rows))
+                rows_list.append(rows.numpy())
+                vectors_list.append(vectors[finite].numpy().astype(store_dtype))
+                progress.update(len(rows))
                 continue
 
             # WindowEnd: every row of the window is now embedded or failed
@@ -229,6 +298,10 @@ def _fingerprint(
         "framework": framework,
         "model": model.partition(".")[0],
         "pretrained": backbone.description.get("pretrained", ""),
+        # the tag sets the preprocessing even when the weights come from --checkpoint
+        "pretrained_cfg": backbone.pretrained_cfg,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
         "checkpoint_sha256": checkpoint_sha256,
         "resolution": transform.resolution,
         "transforms": transform.name.value,
@@ -247,7 +320,7 @@ def _fingerprint(
 
 def _output_attributes(
     *, fingerprint: dict, model: str, store_dtype: np.dtype, checkpoint: str | None, list_source: str,
-    backbone: Backbone,
+    backbone: Backbone, folded_layers: int,
 ) -> dict:
     """Return the HDF5 file attributes: the run settings, input conventions and library versions."""
     internal = ("format_version", "num_rows", "store_dtype")
@@ -260,6 +333,10 @@ def _output_attributes(
         "mean": np.array(backbone.mean),
         "std": np.array(backbone.std),
         **library_versions(),
+        # not in the resume fingerprint: folding is accepted only within 5e-5 relative error, less
+        # than float16 storage rounding, so windows of folded and unfolded runs may be combined.
+        # NOTE: after such a resume the attribute describes the last run only.
+        "batchnorm_folded": folded_layers,
     }
 
 
@@ -330,15 +407,6 @@ def run_extraction(
     store = PartStore(parts_dir_for(output))
     summary = ExtractionSummary(output=output)
 
-    # a finished output is final unless --overwrite
-    if output.exists() and not overwrite:
-        _logger.info("%s exists and is left untouched; pass --overwrite true to extract again", output)
-        if store.directory.exists():
-            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
-            store.remove()
-        summary.already_complete = True
-        return summary
-
     # inputs, device and model
     entries, list_sha256, list_source = load_entries(dataset_dir, selected_ids)
     torch_device = resolve_device(device)
@@ -376,13 +444,53 @@ def run_extraction(
     )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        # the lock comes first, so --overwrite never deletes the files of a run in progress
+        store.lock()
+    except OSError as e:
+        raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
+    try:
+        return _extract_locked(
+            store=store, summary=summary, start_time=start_time, overwrite=overwrite, fingerprint=fingerprint,
+            info={
+                "dataset_dir": str(Path(dataset_dir).resolve()),
+                "list": list_source,
+                "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
+            },
+            dataset_dir=dataset_dir, entries=entries, window_size=window_size, decode_options=decode_options,
+            batch_size=batch_size, num_workers=num_workers, torch_device=torch_device,
+            worker_priority=worker_priority, embedder=embedder, store_dtype=store_dtype,
+            hdf5_compression=hdf5_compression, attributes=_output_attributes(
+                fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
+                list_source=list_source, backbone=backbone, folded_layers=folded_layers,
+            ),
+        )
+    finally:
+        store.close()
+
+
+def _extract_locked(
+    *, store: PartStore, summary: ExtractionSummary, start_time: float, overwrite: bool, fingerprint: dict,
+    info: dict, dataset_dir: str | Path, entries: list[ListEntry], window_size: int, decode_options: DecodeOptions,
+    batch_size: int, num_workers: int, torch_device: torch.device, worker_priority: str, embedder: Embedder,
+    store_dtype: np.dtype, hdf5_compression: int, attributes: dict,
+) -> ExtractionSummary:
+    """Embed the pending windows and assemble the output, with the lock of `store` held."""
+    output = summary.output
+    # a finished output is final unless --overwrite
+    if output.exists() and not overwrite:
+        _check_existing_output(output, fingerprint)
+        _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
+                     "extract again", output)
+        if store.directory.exists():
+            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
+            store.remove()
+        summary.already_complete = True
+        return summary
+
+    try:
         if overwrite:
             _remove_previous_outputs(output, store)
-        store.open(fingerprint, info={
-            "dataset_dir": str(Path(dataset_dir).resolve()),
-            "list": list_source,
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
-        })
+        store.open(fingerprint, info=info)
     except OSError as e:
         raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
 
@@ -416,14 +524,6 @@ def run_extraction(
                     summary.embed_seconds = time.monotonic() - embed_start
 
             # assembly of the final file
-            attributes = _output_attributes(
-                fingerprint=fingerprint, model=model, store_dtype=store_dtype, checkpoint=checkpoint,
-                list_source=list_source, backbone=backbone,
-            )
-            # not in the resume fingerprint: folding is accepted only within 5e-5 relative error, less
-            # than float16 storage rounding, so windows of folded and unfolded runs may be combined.
-            # NOTE: after such a resume the attribute describes the last run only.
-            attributes["batchnorm_folded"] = folded_layers
             num_embedded, failures = _assemble_output(
                 store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
                 hdf5_compression=hdf5_compression, attributes=attributes,
@@ -444,14 +544,12 @@ def run_extraction(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    finally:
-        store.close()
 
     summary.num_images = len(entries)
     summary.num_embedded = num_embedded
     summary.num_failed = len(failures)
     summary.seconds = time.monotonic() - start_time
     if failures:
-        _logger.warning("%d of %d images were skipped (unreadable, or a shape the model rejects); "
+        _logger.warning("%d of %d images were skipped (unreadable, a shape the model rejects, or NaN or Inf embeddings); "
                         "their paths and reasons are in %s", len(failures), len(entries), report)
     return summary

@@ -5,6 +5,10 @@ consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readabl
 their row numbers, and the unreadable rows with reasons). Every file is written to a
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
 or none. The next start removes leftover temporary files.
+
+The lock that keeps a second process out is `<output>.parts.lock`, beside the folder
+rather than in it, so a run that deletes the folder (`--overwrite true`) holds the lock
+first and a run in progress never has its folder deleted by another extractor.
 """
 import fcntl
 import io
@@ -24,7 +28,7 @@ from feature_extraction.dataset import Window
 _logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = "lock"
+LOCK_SUFFIX = ".lock"
 PART_FORMAT = "window_{:06d}.npz"
 _TEMP_SUFFIX = ".tmp"
 # what np.load raises for a truncated or overwritten .npz file
@@ -86,31 +90,45 @@ class PartStore:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self.lock_path = directory.with_name(directory.name + LOCK_SUFFIX)
         self._lock_file = None
 
-    def _lock(self) -> None:
-        # a second process on the same folder (a requeued job while the first still runs)
-        # would interleave windows; the lock is released when this process exits.
-        # A POSIX record lock (lockf), unlike flock, is not shared with forked DataLoader
-        # workers, which outlive a SIGKILLed main process by up to 5 s and kept a rerun out.
-        self._lock_file = open(self.directory / LOCK_NAME, "a")
-        try:
-            fcntl.lockf(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self._lock_file.close()
-            self._lock_file = None
-            raise StoreError(
-                f"another process is extracting into {self.directory}; wait for it to finish or stop it"
-            ) from e
+    def lock(self) -> None:
+        """Take the lock of this output, or raise StoreError when another process holds it.
+
+        A second process on the same output (a requeued job while the first still runs)
+        would interleave windows or delete them. The lock is released by `close` and when
+        this process exits. A POSIX record lock (lockf), unlike flock, is not shared with
+        forked DataLoader workers, which outlive a SIGKILLed main process by up to 5 s and
+        kept a rerun out.
+        """
+        if self._lock_file is not None:
+            return
+        while True:
+            lock_file = open(self.lock_path, "a")
+            try:
+                fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                lock_file.close()
+                raise StoreError(
+                    f"another process is extracting into {self.directory} (it holds {self.lock_path}); "
+                    "wait for it to finish or stop it"
+                ) from e
+            # `close` deletes the lock file, so the previous holder may have unlinked the file
+            # locked here. Only a lock on the file now at the path counts.
+            if _same_file(lock_file, self.lock_path):
+                self._lock_file = lock_file
+                return
+            lock_file.close()
 
     def open(self, fingerprint: dict, info: dict) -> None:
-        """Create and lock the folder for a new run, or lock an existing one and check its fingerprint.
+        """Create the folder for a new run, or check the fingerprint of an existing one, under the lock.
 
         Raises SettingsMismatchError naming the differing settings, and StoreError when
         another process holds the folder.
         """
+        self.lock()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock()
         manifest_path = self.directory / MANIFEST_NAME
         if manifest_path.exists():
             try:
@@ -118,8 +136,14 @@ class PartStore:
                 previous, previous_info = manifest["fingerprint"], manifest.get("info", {})
             except (OSError, ValueError, KeyError) as e:
                 raise StoreError(
-                    f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite) to start again"
+                    f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
                 ) from e
+            if previous.get("format_version") != fingerprint.get("format_version"):
+                raise SettingsMismatchError(
+                    f"{self.directory} contains a partial run saved in format {previous.get('format_version')!r}, "
+                    f"and this version of extract.py resumes format {fingerprint.get('format_version')!r} only. "
+                    "Pass --overwrite true to discard it and extract again"
+                )
             differences = [
                 f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now"
                 for key in sorted(set(previous) | set(fingerprint))
@@ -129,7 +153,7 @@ class PartStore:
                 raise SettingsMismatchError(
                     f"{self.directory} contains a partial run with other settings ("
                     + "; ".join(differences)
-                    + "). Rerun with the same flags and list to resume it, or pass --overwrite to discard it"
+                    + "). Rerun with the same flags and list to resume it, or pass --overwrite true to discard it"
                 )
             for key in sorted(set(previous_info) & set(info)):
                 if previous_info[key] != info[key]:
@@ -185,6 +209,12 @@ class PartStore:
         try:
             write_atomically(self.part_path(window.index), buffer.getvalue())
         except OSError as e:
+            if not self.directory.is_dir():
+                raise StoreError(
+                    f"the parts folder {self.directory} was deleted while this run was writing to it, so "
+                    "its saved windows are lost; check that no other program deletes it, then rerun to "
+                    "start again"
+                ) from e
             raise StoreError(
                 f"cannot save {self.part_path(window.index)}: {e.strerror or e}; free space in "
                 f"{self.directory.parent} or choose another --hdf5_dir, then rerun to resume"
@@ -215,13 +245,23 @@ class PartStore:
         return part
 
     def close(self) -> None:
-        """Release the folder lock, if this process holds it."""
+        """Release the lock, if this process holds it, and delete the lock file."""
         if self._lock_file is not None:
+            # deleted while still locked, so no other process can hold the lock on this file
+            self.lock_path.unlink(missing_ok=True)
             self._lock_file.close()
             self._lock_file = None
 
     def remove(self) -> None:
-        """Delete the parts folder and everything in it, and release the lock."""
+        """Delete the parts folder and everything in it; the lock stays held until `close`."""
         shutil.rmtree(self.directory, ignore_errors=False)
         fsync_directory(self.directory.parent)
-        self.close()
+
+
+def _same_file(open_file, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(open_file.fileno())
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)

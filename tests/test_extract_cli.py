@@ -167,11 +167,78 @@ def test_existing_output_left_untouched(extract, caplog):
     parts.mkdir()
     (parts / "window_000000.npz").write_bytes(b"leftover")
     with caplog.at_level(logging.INFO):
-        code, _ = extract("--resolution", "40")
+        code, _ = extract()
     assert code == 0
     assert output.read_bytes() == before
     assert "left untouched" in caplog.text
     assert not parts.exists()
+
+
+@pytest.mark.parametrize("extra, difference", [
+    (["--resolution", "40"], "resolution: 32 in the file, 40 now"),
+    (["--model", "resnet14t"], "model: 'resnet10t' in the file, 'resnet14t' now"),
+    (["--store_fp16", "false"], "dtype: 'float16' in the file, 'float32' now"),
+])
+def test_existing_output_with_other_settings_exit_two(extract, caplog, extra, difference):
+    # Regression: an existing output made every other flag irrelevant, and a rerun with other
+    # settings exited 0 with the old embeddings
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(*extra)
+    assert code == 2
+    assert difference in caplog.text
+    assert "--overwrite true" in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_output_other_window_size_kept(extract, caplog):
+    # the window size only groups rows into resumable parts, so it does not define the embeddings
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--window_size", "3")
+    assert code == 0
+    assert output.read_bytes() == before
+    assert "left untouched" in caplog.text
+
+
+def test_existing_output_other_list_exit_two(extract, sample_dataset, tmp_path, caplog):
+    _, list_path, _ = sample_dataset
+    _, output = extract()
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("".join(list_path.read_text().splitlines(keepends=True)[:5]))
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(list_file=shorter)
+    assert code == 2
+    assert "list_sha256" in caplog.text
+
+
+def test_existing_output_still_checks_inputs(extract, tmp_path, caplog):
+    _, output = extract()
+    before = output.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        missing_list, _ = extract(list_file=tmp_path / "missing.txt")
+        missing_checkpoint, _ = extract("--checkpoint", tmp_path / "missing.pth")
+    assert missing_list == 1
+    assert "missing.txt" in caplog.text
+    assert missing_checkpoint == 1
+    assert "missing.pth" in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_ilias_output_without_attributes_kept(extract, caplog):
+    _, output = extract()
+    with h5py.File(output, "a") as f:
+        for key in list(f.attrs):
+            del f.attrs[key]
+    before = output.read_bytes()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert output.read_bytes() == before
+    assert "files of the older ILIAS tools record no settings" in caplog.text
+    assert "left untouched" in caplog.text
 
 
 def test_overwrite_recomputes_with_new_settings(extract):
@@ -233,6 +300,77 @@ def test_checkpoint_changes_embedding_and_is_recorded(extract, tmp_path):
     assert attrs["pretrained"] == ""
     cosines = (first_features.astype(np.float32) * second_features.astype(np.float32)).sum(axis=1)
     assert cosines.max() < 0.999
+
+
+def test_nan_checkpoint_ends_run(extract, tmp_path, caplog):
+    # Regression: a checkpoint with one NaN weight gave all-NaN embeddings, written with exit 0
+    import timm
+
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    state["conv1.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    with caplog.at_level(logging.ERROR):
+        code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth")
+    assert code == 1
+    assert "NaN or Inf embeddings for every image of the first 3 batches" in caplog.text
+    assert not output.exists()
+
+
+def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
+    from feature_extraction.embedding import Embedder
+
+    _, _, paths = sample_dataset
+    original = Embedder.embed
+    calls = {"n": 0}
+
+    def embed_with_overflow(self, images):
+        vectors = original(self, images).clone()
+        calls["n"] += 1
+        if calls["n"] == 2:
+            vectors[0] = float("inf")
+        return vectors
+
+    monkeypatch.setattr(Embedder, "embed", embed_with_overflow)
+    code, output = extract()
+    features, ids, attrs = read_output(output)
+    report = output.with_name(output.name + ".failed.txt").read_text().splitlines()
+
+    assert code == 0
+    assert features.shape == (9, 512)
+    assert np.isfinite(features).all()
+    assert attrs["num_failed"] == 1
+    assert len(report) == 1
+    assert "NaN or Inf" in report[0]
+    failed_path = report[0].split(",")[0]
+    assert escape_id(failed_path) not in ids
+    assert ids == [escape_id(p) for p in paths if p != failed_path]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_failed_weight_download_exit_one(extract, monkeypatch, caplog, offline):
+    # Regression: a failed download exited 2 (invalid arguments), and the message had a double
+    # full stop and advised setting HF_HUB_OFFLINE=1 when it was already set
+    import timm
+
+    def create_offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("cannot reach huggingface.co and the files are not in the local cache.")
+        raise AssertionError("only the download is expected")
+
+    monkeypatch.setattr(timm, "create_model", create_offline)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--pretrained", "c3_in1k")
+    assert code == 1
+    assert "could not load the pretrained weights of timm model 'resnet10t.c3_in1k'" in caplog.text
+    assert ".." not in caplog.text
+    assert ("HF_HUB_OFFLINE is set" in caplog.text) == offline
+    assert ("set HF_HUB_OFFLINE=1" in caplog.text) != offline
+    assert not output.exists()
 
 
 def test_all_images_used_without_list(sample_dataset, tmp_path):
@@ -393,3 +531,12 @@ def test_batchnorm_folding_flag(extract):
     assert folded_ids == plain_ids
     cosine = (folded.astype(np.float32) * plain.astype(np.float32)).sum(axis=1)
     assert cosine.min() > 0.999
+
+
+def test_missing_dataset_dir_names_fix(sample_dataset, tmp_path, caplog):
+    _, list_path, _ = sample_dataset
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", tmp_path / "nope", "--selected_ids", list_path,
+                       "--hdf5_dir", tmp_path / "out", *TINY)
+    assert code == 1
+    assert "is not a folder; pass the folder that the list paths are relative to" in caplog.text

@@ -2,6 +2,7 @@
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from feature_extraction.interrupts import Interrupted
-from feature_extraction.store import PartStore
+from feature_extraction.store import PartStore, SettingsMismatchError
 
 from conftest import REPO_ROOT, write_image
 from test_extract_cli import TINY, read_output, run_cli
@@ -54,10 +56,9 @@ def test_interrupted_run_resumes_to_same_file(extract, monkeypatch, caplog):
     assert "8 of 10 rows are saved" in caplog.text
     assert "rerun the same command to resume" in caplog.text
     parts = output.with_name(output.name + ".parts")
-    assert sorted(p.name for p in parts.iterdir()) == [
-        "lock", "manifest.json", "window_000000.npz", "window_000001.npz"
-    ]
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json", "window_000000.npz", "window_000001.npz"]
     assert not output.exists()
+    assert not parts.with_name(parts.name + ".lock").exists()
 
     monkeypatch.undo()
     with caplog.at_level(logging.INFO):
@@ -132,6 +133,34 @@ def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_datase
     assert "num_rows: 10 before, 11 now" in caplog.text
 
 
+def test_changed_tag_with_checkpoint_rejected(extract, monkeypatch, tmp_path, caplog):
+    # Regression: with --checkpoint the fingerprint kept neither the tag nor the mean and std
+    # it sets, so a rerun with another tag resumed and mixed two normalisations in one file
+    import timm
+
+    torch.save(timm.create_model("tf_efficientnet_b0", num_classes=0).state_dict(), tmp_path / "b0.pth")
+    options = ["--pretrained", "", "--checkpoint", tmp_path / "b0.pth"]
+    _stop_after_windows(monkeypatch, 1)
+    assert extract("--model", "tf_efficientnet_b0.in1k", *options)[0] == 143
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--model", "tf_efficientnet_b0.ap_in1k", *options)
+    assert code == 2
+    assert "pretrained_cfg: 'tf_efficientnet_b0.in1k' before, 'tf_efficientnet_b0.ap_in1k' now" in caplog.text
+    assert "mean: [0.485, 0.456, 0.406] before, [0.5, 0.5, 0.5] now" in caplog.text
+    assert not output.exists()
+
+
+def test_parts_of_older_format_rejected(tmp_path):
+    store = PartStore(tmp_path / "out.hdf5.parts")
+    store.open({"format_version": 1, "model": "resnet10t"}, {})
+    store.close()
+    with pytest.raises(SettingsMismatchError, match="saved in format 1.*--overwrite true"):
+        store.open({"format_version": 2, "model": "resnet10t"}, {})
+    store.close()
+
+
 def test_finished_parts_with_stale_temporary_files_assembled(extract, monkeypatch):
     _, reference = extract(name="reference")
     # all windows saved, then a kill while the HDF5 file was being assembled
@@ -189,6 +218,63 @@ def test_second_process_on_same_parts_rejected(tmp_path):
     assert "another process is extracting into" in _open_in_other_process(tmp_path / "out.hdf5.parts")
     first.close()
     assert _open_in_other_process(tmp_path / "out.hdf5.parts") == "opened"
+
+
+def _hold_lock_in_child(directory, locked, release):
+    store = PartStore(directory)
+    store.lock()
+    locked.set()
+    release.wait(timeout=120)
+    store.close()
+
+
+def test_overwrite_rejected_while_locked(extract, monkeypatch, caplog):
+    # Regression: --overwrite true deleted the parts folder before taking the lock, which
+    # lived inside that folder, so the run holding it went on writing into the new run's
+    # folder and the two merged into one file of mixed resolutions.
+    _stop_after_windows(monkeypatch, 1)
+    _, output = extract()
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    saved = sorted(p.name for p in parts.iterdir())
+
+    context = multiprocessing.get_context("fork")
+    locked, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock_in_child, args=(parts, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(timeout=60)
+        with caplog.at_level(logging.ERROR):
+            code, _ = extract("--overwrite", "true", "--resolution", "40")
+    finally:
+        release.set()
+        holder.join(timeout=60)
+
+    assert code == 1
+    assert "another process is extracting into" in caplog.text
+    assert sorted(p.name for p in parts.iterdir()) == saved
+    assert not output.exists()
+    assert extract("--overwrite", "true", "--resolution", "40")[0] == 0
+    assert read_output(output)[2]["resolution"] == 40
+
+
+def test_parts_folder_deleted_during_run_named(extract, monkeypatch, caplog):
+    original = PartStore.write_window
+    calls = {"n": 0}
+
+    def delete_folder_then_write(self, window, part):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            shutil.rmtree(self.directory)
+        original(self, window, part)
+
+    monkeypatch.setattr(PartStore, "write_window", delete_folder_then_write)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert "was deleted while this run was writing to it" in caplog.text
+    assert "free space" not in caplog.text
+    assert not output.exists()
 
 
 def test_unusable_output_folder_fails_cleanly(sample_dataset, tmp_path, caplog):

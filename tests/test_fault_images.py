@@ -217,7 +217,7 @@ def test_odd_file_embedded_or_reported(dataset, clean_embeddings, tmp_path, capl
         assert reasons[odd] == reasons[odd].strip()
         assert re.search(reason, reasons[odd]), reasons[odd]
         assert attrs["num_failed"] == 1
-        assert f"skipping {odd} (list row 1)" in caplog.text
+        assert f"skipping {odd} (list line 2)" in caplog.text
 
     # the ordinary images keep their embeddings, whatever sits between them
     for image in (BEFORE, AFTER):

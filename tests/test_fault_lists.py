@@ -160,7 +160,7 @@ def test_extract_list_larger_than_folder(dataset, tmp_path, caplog):
         long_unicode: "cannot read file: File name too long",
         "b/also_gone.jpg": "file not found",
     }
-    assert "skipping a/gone.jpg (list row 1): file not found" in caplog.text
+    assert "skipping a/gone.jpg (list line 2): file not found" in caplog.text
 
 
 # ------------------------------------------------------------- train_lin_adapt.py, evaluate.py

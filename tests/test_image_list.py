@@ -137,6 +137,22 @@ def test_scan_image_dir_sorted_relative(tmp_path):
     assert [e.path for e in entries] == ["a/1.PNG", "b/2.jpg", "c.webp"]
 
 
+def test_scan_image_dir_follows_symlinked_folders(tmp_path):
+    # Regression: Path.rglob skipped symlinked folders, so their images were silently left out
+    root = tmp_path / "root"
+    (root / "own").mkdir(parents=True)
+    (root / "own" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "b.png").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "deep" / "c.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    # a loop back to the root must not be entered again
+    (root / "own" / "loop").symlink_to(root, target_is_directory=True)
+
+    entries = scan_image_dir(root)
+    assert [e.path for e in entries] == ["linked/b.png", "linked/deep/c.jpg", "own/a.jpg"]
+
+
 def test_scan_image_dir_rejects_missing_folder(tmp_path):
     with pytest.raises(ImageListError, match="is not a folder"):
         scan_image_dir(tmp_path / "absent")
