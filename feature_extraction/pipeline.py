@@ -139,7 +139,8 @@ def _plain(value):
 def _check_existing_output(output: Path, fingerprint: dict) -> None:
     """Raise SettingsMismatchError if the complete `output` records settings other than `fingerprint`'s.
 
-    Files of the older ILIAS tools record no settings: the missing ones are logged as unchecked.
+    Files of the older ILIAS tools record no settings, and files of earlier versions of this
+    extractor record fewer. The missing ones are logged as unchecked.
     """
     stored = read_attributes(output)
     # the window size only groups rows into resumable parts, so it does not define the embeddings
@@ -162,8 +163,9 @@ def _check_existing_output(output: Path, fingerprint: dict) -> None:
         )
     unchecked = sorted(key for key in requested if key not in stored)
     if unchecked:
-        _logger.warning("%s does not record %s (files of the older ILIAS tools record no settings), so "
-                        "these settings could not be compared with this command's", output, ", ".join(unchecked))
+        _logger.warning("%s does not record %s, so these settings could not be compared with this command's "
+                        "(files of the older ILIAS tools record no settings, and files of earlier versions of "
+                        "this extractor record fewer)", output, ", ".join(unchecked))
 
 
 def _list_line(entry: ListEntry) -> str:

@@ -241,6 +241,23 @@ def test_existing_ilias_output_without_attributes_kept(extract, caplog):
     assert "left untouched" in caplog.text
 
 
+def test_existing_output_of_earlier_version_compares_recorded(extract, caplog):
+    # a file of an earlier version lacks the newer attributes but still records the resolution
+    _, output = extract()
+    with h5py.File(output, "a") as f:
+        del f.attrs["pretrained_cfg"]
+    before = output.read_bytes()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "does not record pretrained_cfg" in caplog.text
+    assert output.read_bytes() == before
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract("--resolution", "40")
+    assert code == 2
+    assert "resolution: 32 in the file, 40 now" in caplog.text
+
+
 def test_overwrite_recomputes_with_new_settings(extract):
     _, output = extract()
     code, _ = extract("--resolution", "40", "--overwrite", "true")
