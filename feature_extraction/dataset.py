@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from feature_extraction.image_list import resolve_image_path
 from feature_extraction.images import DecodeOptions, ImageDecodeError, load_image
+from feature_extraction.interrupts import STOP_SIGNALS
 
 _logger = logging.getLogger(__name__)
 
@@ -157,12 +158,13 @@ def resolve_worker_priority(priority: str, device_type: str) -> str:
 
 
 def _init_worker(worker_id: int, priority: str = "idle") -> None:
-    # Ctrl-C and a batch scheduler's cancel (SIGTERM) reach the whole process group. The
-    # main process alone handles them and shuts the workers down: a worker that died first
-    # made the main process fail with "DataLoader worker is killed" tracebacks, or exit 1.
+    # Ctrl-C, a batch scheduler's cancel (SIGTERM) and a closed terminal (SIGHUP) reach the
+    # whole process group. The main process alone handles them and shuts the workers down: a
+    # worker that died first made the main process fail with "DataLoader worker is killed"
+    # tracebacks, or exit 1.
     # A worker whose main process is gone stops by itself (DataLoader's parent check).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signal_number in STOP_SIGNALS:
+        signal.signal(signal_number, signal.SIG_IGN)
 
     applied = lower_worker_priority(priority)
     if worker_id == 0:

@@ -57,8 +57,9 @@ exit status:
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
        absent, or settings that differ from the partial run being resumed or from the
        existing output
-  130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Finished windows are kept in
-       <output>.parts/ and rerunning the same command resumes from them
+  130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
+       terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
+       same command resumes from them
 
 A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
 """

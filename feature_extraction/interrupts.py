@@ -1,6 +1,6 @@
 """SIGINT and SIGTERM as exceptions, so that the command-line tools stop cleanly with status 130 or 143.
 
-Extraction turns both signals into `Interrupted` and logs how to resume. The trainer and the
+Extraction turns both signals, and SIGHUP (status 129), into `Interrupted` and logs how to resume. The trainer and the
 evaluator keep KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM.
 """
 import contextlib
@@ -15,10 +15,12 @@ def exit_status(signal_number: int) -> int:
 
 EXIT_SIGINT = exit_status(signal.SIGINT)
 EXIT_SIGTERM = exit_status(signal.SIGTERM)
+# SIGHUP arrives when the terminal or ssh session of a run closes
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(Exception):
-    """Raised in the main thread when SIGINT or SIGTERM arrives."""
+    """Raised in the main thread when SIGINT, SIGTERM or SIGHUP arrives."""
 
     def __init__(self, signal_number: int):
         super().__init__(signal.Signals(signal_number).name)
@@ -35,8 +37,8 @@ _deferral = {"active": False, "pending": None}
 
 @contextlib.contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
-    """Turn the first SIGINT or SIGTERM into `Interrupted`; a second one gets the default action."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Turn the first SIGINT, SIGTERM or SIGHUP into `Interrupted`; a second one gets the default action."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def handler(signal_number, frame):
         # restore the defaults first, so a second signal stops a clean-up that hangs

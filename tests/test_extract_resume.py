@@ -303,7 +303,9 @@ def many_images(tmp_path):
     return root, list_path
 
 
-def test_sigterm_stops_subprocess_cleanly(many_images, tmp_path):
+# SIGHUP reaches a run whose terminal or ssh session closed
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stop_signal_ends_subprocess_cleanly(many_images, tmp_path, signal_number):
     root, list_path = many_images
     out_dir = tmp_path / "out"
     argv = ["--dataset_dir", str(root), "--selected_ids", str(list_path), "--hdf5_dir", str(out_dir), *TINY]
@@ -316,11 +318,11 @@ def test_sigterm_stops_subprocess_cleanly(many_images, tmp_path):
     deadline = time.monotonic() + 120
     while not list(parts.glob("window_*.npz")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
 
-    assert process.returncode == 143, stderr[-2000:]
-    assert "stopped by SIGTERM" in stderr
+    assert process.returncode == 128 + signal_number, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signal_number).name}" in stderr
     assert "rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
     assert not (out_dir / "features_uned.hdf5").exists()
