@@ -321,7 +321,7 @@ def _plan_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None, wa
         total_steps = min(epoch_steps, max_steps)
         num_epochs = math.ceil(total_steps / steps_per_epoch)
     if warmup_steps >= total_steps:
-        peak = lr * min(total_steps, warmup_steps) / warmup_steps
+        peak = lr * total_steps / warmup_steps
         _logger.warning(
             "--warmup_steps %d is not below the %d training steps, so warmup takes the whole run and the learning "
             "rate peaks at %g (--lr is %g) on the last step; lower --warmup_steps", warmup_steps, total_steps, peak, lr,

@@ -437,7 +437,10 @@ def test_cli_max_steps_beyond_epochs_warns(data_dir, tmp_path, caplog):
     assert "--max_steps 1000 exceeds the 23 steps of 1 epoch, so training stops after 23 steps" in caplog.text
     assert "--warmup_steps 100 is not below the 23 training steps" in caplog.text
     assert "1 epoch of 23 steps" in caplog.text
-    assert json.loads((tmp_path / "layer.json").read_text())["epochs"][1]["steps"] == 23
+    epoch = json.loads((tmp_path / "layer.json").read_text())["epochs"][1]
+    assert epoch["steps"] == 23
+    # the warning's peak is the learning rate of the last step
+    assert f"the learning rate peaks at {epoch['lr']:g} (--lr is" in caplog.text
 
 
 def test_cli_huge_layer_names_flag(data_dir, tmp_path, caplog):
