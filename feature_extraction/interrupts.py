@@ -1,7 +1,7 @@
 """SIGINT and SIGTERM as exceptions, so that the command-line tools stop cleanly with status 130 or 143.
 
 Extraction turns both signals, and SIGHUP (status 129), into `Interrupted` and logs how to resume. The trainer and the
-evaluator keep KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM.
+evaluator keep KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM and SIGHUP.
 """
 import contextlib
 import signal
@@ -14,7 +14,6 @@ def exit_status(signal_number: int) -> int:
 
 
 EXIT_SIGINT = exit_status(signal.SIGINT)
-EXIT_SIGTERM = exit_status(signal.SIGTERM)
 # SIGHUP arrives when the terminal or ssh session of a run closes
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -80,21 +79,37 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 class TerminationRequested(BaseException):
-    """Exception raised by the SIGTERM handler of `sigterm_raises`, a BaseException so no `except Exception` swallows it."""
+    """Raised in the main thread on SIGTERM or SIGHUP inside `termination_raises`.
+
+    A BaseException, so no `except Exception` swallows it.
+    """
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        return exit_status(self.signal_number)
+
+
+# a batch scheduler's cancel, and a closed terminal or ssh session
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_termination(signal_number, frame):
-    raise TerminationRequested()
+    raise TerminationRequested(signal_number)
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Raise TerminationRequested in the main thread on SIGTERM while the block runs."""
-    previous_handler = signal.signal(signal.SIGTERM, _raise_termination)
+def termination_raises() -> Iterator[None]:
+    """Raise TerminationRequested in the main thread on SIGTERM or SIGHUP while the block runs."""
+    previous = {sig: signal.signal(sig, _raise_termination) for sig in TERMINATION_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_for_signal(signal_number, frame):
@@ -102,16 +117,17 @@ def _exit_for_signal(signal_number, frame):
 
 
 def exit_quietly_on_signals() -> None:
-    """Make SIGINT and SIGTERM end the process with status 130 or 143 and no traceback.
+    """Make SIGINT, SIGTERM and SIGHUP end the process with status 130, 143 or 129 and no traceback.
 
     Scripts call it before their heavy imports, so a Ctrl-C while torch loads prints no
     KeyboardInterrupt traceback. Handlers installed later take over from it.
     """
-    signal.signal(signal.SIGINT, _exit_for_signal)
-    signal.signal(signal.SIGTERM, _exit_for_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_for_signal)
 
 
 def restore_default_signals() -> None:
-    """Restore Python's SIGINT handler (KeyboardInterrupt) and the default SIGTERM action."""
+    """Restore Python's SIGINT handler (KeyboardInterrupt) and the default SIGTERM and SIGHUP actions."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in TERMINATION_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)

@@ -21,7 +21,8 @@ ordered by lower database row. The table
 is printed to stdout and the log goes to stderr. Exit status: 0 on success, 1 for
 unusable input data (nothing is written) or a failed output write, 2 for invalid
 arguments (including input files that do not exist and output paths that cannot be
-written or would replace an input), 130 after SIGINT and 143 after SIGTERM.
+written or would replace an input), 130 after SIGINT, 143 after SIGTERM and 129 after
+SIGHUP.
 """
 import argparse
 import logging
@@ -35,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feature_extraction.interrupts import (  # noqa: E402
     EXIT_SIGINT,
-    EXIT_SIGTERM,
     TerminationRequested,
     exit_quietly_on_signals,
     restore_default_signals,
-    sigterm_raises,
+    termination_raises,
 )
 
 if __name__ == "__main__":
@@ -496,17 +496,17 @@ def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse the arguments and run main, ending with status 130 or 143 and no traceback on Ctrl-C or SIGTERM."""
+    """Parse the arguments and run main, ending with status 130, 143 or 129 and no traceback on SIGINT, SIGTERM or SIGHUP."""
     args = get_args_parser().parse_args(argv)
     try:
-        with sigterm_raises():
+        with termination_raises():
             return main(args)
     except KeyboardInterrupt:
         _logger.error("interrupted (SIGINT); outputs not yet written were skipped, and none is left half-written")
         return EXIT_SIGINT
-    except TerminationRequested:
-        _logger.error("terminated (SIGTERM); outputs not yet written were skipped, and none is left half-written")
-        return EXIT_SIGTERM
+    except TerminationRequested as e:
+        _logger.error("terminated (%s); outputs not yet written were skipped, and none is left half-written", e)
+        return e.exit_code
 
 
 if __name__ == "__main__":

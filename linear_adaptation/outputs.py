@@ -25,7 +25,7 @@ import torch
 
 _logger = logging.getLogger(__name__)
 
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class OutputError(OSError):
@@ -172,7 +172,7 @@ def _fsync_folder(folder: Path) -> None:
 
 @contextmanager
 def _deferred_signals():
-    """Record SIGINT and SIGTERM instead of acting on them, and yield the list they are recorded in.
+    """Record SIGINT, SIGTERM and SIGHUP instead of acting on them, and yield the list they are recorded in.
 
     Python runs signal handlers in the main thread between bytecodes, so swapping the
     handlers keeps the block free of KeyboardInterrupt and handler exceptions. A signal
@@ -198,9 +198,9 @@ def _deferred_signals():
 def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
     """Write every file under a temporary name in its folder, then rename them all into place.
 
-    Temporary files are removed if anything fails before the renames. A SIGINT or SIGTERM
-    that arrives during the renames is held back and its number returned, so the caller
-    can stop after the complete write; otherwise returns None.
+    Temporary files are removed if anything fails before the renames. A SIGINT, SIGTERM or
+    SIGHUP that arrives during the renames is held back and its number returned, so the
+    caller can stop after the complete write; otherwise returns None.
     """
     staged: list[tuple[str, Path]] = []
     try:

@@ -20,7 +20,7 @@ default recipe. There, class_mean with --lr 2e-3 and one epoch of batch 128 matc
 (macro mAP@100 78.63 vs 78.43, mean of seeds 0 to 4).
 
 Exit status: 0 on success, 1 for unusable data or a failed run, 2 for invalid arguments,
-130 after SIGINT and 143 after SIGTERM. Failed and interrupted runs write nothing, except
+130 after SIGINT, 143 after SIGTERM and 129 after SIGHUP. Failed and interrupted runs write nothing, except
 that a signal arriving while the finished files are renamed into place lets the renames
 complete first.
 """
@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feature_extraction.interrupts import (  # noqa: E402
     EXIT_SIGINT,
-    EXIT_SIGTERM,
     TerminationRequested,
     exit_quietly_on_signals,
+    exit_status,
     restore_default_signals,
-    sigterm_raises,
+    termination_raises,
 )
 
 if __name__ == "__main__":
@@ -386,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
     _logger.info("wrote %s, %s and %s in %.1f s", pth_path, json_path, png_path, time.perf_counter() - wall_start)
     if late_signal is not None:
         _logger.warning("received %s while writing; the outputs are complete", signal.Signals(late_signal).name)
-        return EXIT_SIGTERM if late_signal == signal.SIGTERM else EXIT_SIGINT
+        return exit_status(late_signal)
     return EXIT_OK
 
 
@@ -399,7 +399,7 @@ def run(argv: list[str] | None = None) -> int:
     args.device = resolve_device(parser, args).type
 
     try:
-        with sigterm_raises():
+        with termination_raises():
             return main(args)
     except (DataError, ImageListError, OutputError, TrainingError) as e:
         _logger.error("%s", e)
@@ -410,9 +410,9 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _logger.error("interrupted (SIGINT); no output written")
         return EXIT_SIGINT
-    except TerminationRequested:
-        _logger.error("terminated (SIGTERM); no output written")
-        return EXIT_SIGTERM
+    except TerminationRequested as e:
+        _logger.error("terminated (%s); no output written", e)
+        return e.exit_code
 
 
 if __name__ == "__main__":

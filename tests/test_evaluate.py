@@ -461,7 +461,7 @@ def test_ground_truth_rejects_repeated_database_ids(tmp_path):
 
 # ---------------------------------------------------------------- signals
 
-@pytest.mark.parametrize("signal_name,expected", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("signal_name,expected", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
 def test_signal_exits_without_traceback(signal_name, expected, tmp_path):
     # the signal arrives while main runs; run() must turn it into the exit status
     code = (
@@ -479,11 +479,12 @@ def test_signal_exits_without_traceback(signal_name, expected, tmp_path):
     assert f"({signal_name})" in result.stderr
 
 
-def test_sigterm_handler_restored_after_run(monkeypatch):
-    before = signal.getsignal(signal.SIGTERM)
+def test_signal_handlers_restored_after_run(monkeypatch):
+    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
     monkeypatch.setattr(evaluate_module, "main", lambda args: 0)
     assert evaluate_module.run(["--features_path", "x.hdf5", "--info_path", "x.txt"]) == 0
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    assert signal.getsignal(signal.SIGHUP) is before[signal.SIGHUP]
 
 
 # ---------------------------------------------------------------- argument and output checks

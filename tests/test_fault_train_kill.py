@@ -127,14 +127,16 @@ def test_sigkill_while_replacing_keeps_a_matching_pair(data, reference, tmp_path
         assert record["args"]["seed"] == (0 if _is_reference(state, reference) else 1)
 
 
-def test_sigterm_to_process_group_writes_nothing(data, tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stop_signal_to_process_group_writes_nothing(signal_number, data, tmp_path):
     save = tmp_path / "out" / "layer.pth"
     process = start(command(TRAIN, _args(data, save)), start_new_session=True)
     # the output folder is made once the signal handlers are in place
     assert wait_for(save.parent.exists, process)
     time.sleep(1.0)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signal_number)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr[-3000:]
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert f"({signal.Signals(signal_number).name})" in stderr
     assert "Traceback" not in stderr
     assert not any(path.exists() for path in _outputs(save))

@@ -1,4 +1,4 @@
-"""Ctrl-C or SIGTERM while a command-line script is still importing torch."""
+"""Ctrl-C, SIGTERM or SIGHUP while a command-line script is still importing torch."""
 import signal
 import subprocess
 import sys
@@ -33,7 +33,7 @@ def test_early_signal_handler_exits_quietly():
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-@pytest.mark.parametrize("signal_number,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signal_number,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_during_imports_gives_status(script, signal_number, expected, tmp_path):
     (tmp_path / "empty.hdf5").touch()
     (tmp_path / "empty.txt").touch()

@@ -325,8 +325,9 @@ def test_cli_fast_recipe_flags(data_dir, tmp_path):
     assert record["kept_epoch"] == 2
 
 
-def test_atomic_write_holds_back_signal(tmp_path, monkeypatch):
-    # a SIGTERM raised during the renames is consumed and returned after all files are in place
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_atomic_write_holds_back_signal(signal_number, tmp_path, monkeypatch):
+    # a signal raised during the renames is consumed and returned after all files are in place
     from linear_adaptation import outputs
 
     original_replace = os.replace
@@ -334,16 +335,16 @@ def test_atomic_write_holds_back_signal(tmp_path, monkeypatch):
     def replace_then_signal(source, target):
         original_replace(source, target)
         if str(target).endswith("a.bin"):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal_number)
 
     monkeypatch.setattr(outputs.os, "replace", replace_then_signal)
-    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM was not held back"))
+    previous = signal.signal(signal_number, lambda *_: pytest.fail("the signal was not held back"))
     try:
         received = outputs.write_files_atomically({tmp_path / "a.bin": b"a", tmp_path / "b.bin": b"b"})
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal_number, previous)
 
-    assert received == signal.SIGTERM
+    assert received == signal_number
     assert (tmp_path / "a.bin").read_bytes() == b"a"
     assert (tmp_path / "b.bin").read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
