@@ -217,6 +217,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--hdf5_compression must be a gzip level from 0 (none) to 9, got {args.hdf5_compression}")
     if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
         parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
+    # an unset shell variable gives an empty value, which must not mean "the default"
+    if args.model == "":
+        parser.error("--model is empty; pass a timm or open_clip model name")
+    if args.model.endswith("."):
+        parser.error(f"--model {args.model!r} ends with a dot; pass NAME or NAME.TAG")
+    if args.pretrained == "":
+        parser.error("--pretrained is empty; omit it for the tag in --model or timm's default tag, or pass none "
+                     "for random weights")
+    if args.checkpoint == "":
+        parser.error("--checkpoint is empty; omit it or pass the path of a local weight file")
 
 
 def setup_logging() -> None:

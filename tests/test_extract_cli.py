@@ -522,6 +522,21 @@ def test_bad_flag_values_exit_two(extra, capsys):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--pretrained", ""], "--pretrained is empty"),
+    (["--checkpoint", ""], "--checkpoint is empty"),
+    (["--model", ""], "--model is empty"),
+    (["--model", "resnet18."], "--model 'resnet18.' ends with a dot"),
+])
+def test_empty_model_flags_exit_two(extra, message, capsys):
+    parser = get_args_parser()
+    args = parser.parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", *extra])
+    with pytest.raises(SystemExit) as info:
+        check_args(parser, args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_framework_alias_accepted():
     args = get_args_parser().parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", "--framework", "och"])
     assert args.framework == "och"
