@@ -38,19 +38,37 @@ def find_duplicates(ids: list[str]) -> list[str]:
     return list(repeated)
 
 
+def _object_rejecting_repeated_keys(path: str):
+    """Return a json `object_pairs_hook` that raises DataError on a key repeated in one object.
+
+    json.load keeps only the last value of a repeated key, which would drop a query's
+    positives without a trace.
+    """
+
+    def build(pairs: list[tuple[str, object]]) -> dict:
+        mapping = {}
+        for key, value in pairs:
+            if key in mapping:
+                raise DataError(f"{path!r}: query {key!r} occurs twice; keep one entry per query")
+            mapping[key] = value
+        return mapping
+
+    return build
+
+
 def read_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
     """Read a ground-truth JSON file into canonical query id -> distinct canonical positive ids.
 
     Raises:
         DataError: The file is missing or not valid JSON, is not an object of string
-            lists, or names one query twice (for example escaped and unescaped).
+            lists, or names one query twice (repeated, or once escaped and once not).
     """
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"ground-truth file {path!r} not found; check --gt_path")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_object_rejecting_repeated_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path!r} is not valid UTF-8 JSON ({e}); see the format in ground_truth.py") from e
 

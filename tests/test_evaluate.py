@@ -425,9 +425,10 @@ def test_shard_pattern_errors(tmp_path):
         ('["q.jpg"]', "contains a JSON list, expected an object"),
         ('{"q.jpg": "a.jpg"}', "expected a list of database id strings"),
         ('{"q\\u00e9.jpg": [], "q#U00e9.jpg": []}', "occurs twice"),
+        ('{"q.jpg": ["a.jpg"], "r.jpg": [], "q.jpg": ["b.jpg"]}', "query 'q.jpg' occurs twice"),
         ("{}", "lists no queries"),
     ],
-    ids=["syntax", "list", "string_value", "escaped_twice", "empty"],
+    ids=["syntax", "list", "string_value", "escaped_twice", "same_key_twice", "empty"],
 )
 def test_ground_truth_format_errors(tmp_path, content, message):
     path = tmp_path / "gt.json"
