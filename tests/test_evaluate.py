@@ -418,6 +418,18 @@ def test_shard_pattern_errors(tmp_path):
         expand_database_paths([str(tmp_path / "a.h5"), str(tmp_path / "*.h5")])
 
 
+def test_database_file_named_like_glob(tmp_path):
+    (tmp_path / "run[2]").mkdir()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run[2]" / "db.h5").touch()
+    (tmp_path / "run2" / "db.h5").touch()
+    paths = expand_database_paths([str(tmp_path / "run[2]" / "db.h5")])
+    assert paths == [str(tmp_path / "run[2]" / "db.h5")]
+    # a glob that names no file is still expanded
+    paths = expand_database_paths([str(tmp_path / "run[0-9]" / "db.h5")])
+    assert paths == [str(tmp_path / "run2" / "db.h5")]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
