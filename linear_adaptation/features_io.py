@@ -54,6 +54,29 @@ def check_hdf5_layout(f: h5py.File, path: str) -> tuple[h5py.Dataset, h5py.Datas
     return features, index
 
 
+def check_filters_available(datasets: tuple[h5py.Dataset, ...], path: str) -> None:
+    """Raise DataError naming the HDF5 filters of `datasets` that this h5py cannot decode.
+
+    Called after a failed read, because a missing optional filter does not stop reading
+    chunks that were stored without it. HDF5 reports a missing filter only as a failed
+    plugin search, which reads like a damaged file.
+    """
+    missing = []
+    for dataset in datasets:
+        plist = dataset.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _flags, _values, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(code):
+                filter_name = name.decode(errors="replace") or "unnamed"
+                missing.append(f"'{dataset.name.lstrip('/')}': {filter_name} (id {code})")
+    if missing:
+        raise DataError(
+            f"cannot read {path!r}: it is compressed with an HDF5 filter that this h5py cannot decode "
+            f"({', '.join(missing)}); set HDF5_PLUGIN_PATH to a folder with that filter's plugin, "
+            "or rewrite the file without filters (h5repack -f NONE IN OUT)"
+        )
+
+
 def decode_ids(index: h5py.Dataset) -> list[str]:
     """Read an `index` dataset as text ids, whether stored as bytes or str."""
     return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
@@ -81,6 +104,7 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
             ids = decode_ids(index)
         except (OSError, ValueError) as e:
             # a damaged chunk fails only when it is read (h5py raises OSError)
+            check_filters_available((features_dataset, index), path)
             raise DataError(f"cannot read {path!r} ({e}); the file is damaged, copy or extract it again") from e
 
     if check_finite:

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from feature_extraction.image_list import canonical_id
-from linear_adaptation.features_io import DataError, check_hdf5_layout, decode_ids
+from linear_adaptation.features_io import DataError, check_filters_available, check_hdf5_layout, decode_ids
 
 _logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class HDF5Database:
             try:
                 ids = decode_ids(index)
             except (OSError, ValueError) as e:
+                check_filters_available((index,), path)
                 raise DataError(f"cannot read the ids of {path!r} ({e}); the file is damaged, copy it again") from e
             self.dim = features.shape[1]
 
@@ -152,6 +153,7 @@ class HDF5Database:
                     try:
                         block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
                     except OSError as e:
+                        check_filters_available((features,), path)
                         raise DataError(
                             f"cannot read rows {start}+ of {path!r} ({e}); the file is damaged, copy or extract it again"
                         ) from e
