@@ -83,7 +83,7 @@ def decode_ids(index: h5py.Dataset) -> list[str]:
 
 
 def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Load `features` in their stored dtype and the decoded `index` ids.
+    """Load `features` in their stored dtype, in native byte order, and the decoded `index` ids.
 
     Raises DataError for a missing or damaged file, a bad layout (see
     check_hdf5_layout), or, with `check_finite`, rows with NaN or Inf values. Callers
@@ -106,6 +106,10 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
             # a damaged chunk fails only when it is read (h5py raises OSError)
             check_filters_available((features_dataset, index), path)
             raise DataError(f"cannot read {path!r} ({e}); the file is damaged, copy or extract it again") from e
+
+    if not features.dtype.isnative:
+        # torch.from_numpy rejects big-endian arrays, which HDF5 files may store
+        features = features.astype(features.dtype.newbyteorder("="))
 
     if check_finite:
         check_finite_rows(features, np.arange(features.shape[0]), ids, path)
