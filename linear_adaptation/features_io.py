@@ -192,8 +192,9 @@ def join_by_id(
 
     list_ids = [escape_id(e.path) for e in entries]
     list_set = set(list_ids)
+    duplicate_set = set(duplicates)
     report = JoinReport(
-        missing_in_hdf5=[i for i in list_ids if i not in row_of and i not in duplicates],
+        missing_in_hdf5=[i for i in list_ids if i not in row_of and i not in duplicate_set],
         missing_in_list=[i for i in canonical if i not in list_set and counts[i] == 1],
         duplicate_ids=duplicates,
     )
