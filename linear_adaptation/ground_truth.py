@@ -116,6 +116,25 @@ class MatchedGroundTruth:
         }
 
 
+def _warn_about_queries_in_database(
+    ground_truth: dict[str, list[str]], scored_queries: list[str], database_ids: list[str]
+) -> None:
+    """Warn about scored queries that are database rows but not their own positives.
+
+    The search does not skip such a row, so it ranks at the top and counts as a miss.
+    """
+    scored = set(scored_queries)
+    in_database = {image_id for image_id in database_ids if image_id in scored}
+    ranked_against_themselves = [q for q in scored_queries if q in in_database and q not in ground_truth[q]]
+    if ranked_against_themselves:
+        _logger.warning(
+            "%d scored queries are also database rows and not their own positives (e.g. %s), so each ranks "
+            "itself at the top as a miss; remove the queries from the database, or list each as its own positive",
+            len(ranked_against_themselves),
+            _examples(ranked_against_themselves),
+        )
+
+
 def match_ground_truth(
     ground_truth: dict[str, list[str]], query_ids: list[str], database_ids: list[str]
 ) -> MatchedGroundTruth:
@@ -154,6 +173,7 @@ def match_ground_truth(
     wanted = {p for q in ground_truth for p in ground_truth[q]}
     row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in wanted}
     missing_positives = sorted(wanted - row_of.keys())
+    _warn_about_queries_in_database(ground_truth, [q for _, q in kept], database_ids)
 
     positives = [
         np.array([row_of[p] for p in ground_truth[q] if p in row_of], dtype=np.int64) for _, q in kept

@@ -463,6 +463,16 @@ def test_ground_truth_matching(tmp_path):
     }
 
 
+def test_ground_truth_warns_query_in_database(tmp_path, caplog):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"a.jpg": ["b.jpg"], "c.jpg": ["c.jpg", "d.jpg"], "q.jpg": ["d.jpg"]}))
+    database_ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    matched = match_ground_truth(read_ground_truth(path), ["a.jpg", "c.jpg", "q.jpg"], database_ids)
+    assert matched.positives[0].tolist() == [1]
+    # a.jpg ranks itself first as a non-positive; c.jpg lists itself as a positive
+    assert "1 scored queries are also database rows and not their own positives (e.g. 'a.jpg')" in caplog.text
+
+
 def test_ground_truth_rejects_repeated_database_ids(tmp_path):
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"q.jpg": ["a.jpg"]}))
