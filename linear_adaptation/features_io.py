@@ -54,13 +54,36 @@ def check_hdf5_layout(f: h5py.File, path: str) -> tuple[h5py.Dataset, h5py.Datas
     return features, index
 
 
+def check_filters_available(datasets: tuple[h5py.Dataset, ...], path: str) -> None:
+    """Raise DataError naming the HDF5 filters of `datasets` that this h5py cannot decode.
+
+    Called after a failed read, because a missing optional filter does not stop reading
+    chunks that were stored without it. HDF5 reports a missing filter only as a failed
+    plugin search, which reads like a damaged file.
+    """
+    missing = []
+    for dataset in datasets:
+        plist = dataset.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _flags, _values, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(code):
+                filter_name = name.decode(errors="replace") or "unnamed"
+                missing.append(f"'{dataset.name.lstrip('/')}': {filter_name} (id {code})")
+    if missing:
+        raise DataError(
+            f"cannot read {path!r}: it is compressed with an HDF5 filter that this h5py cannot decode "
+            f"({', '.join(missing)}); set HDF5_PLUGIN_PATH to a folder with that filter's plugin, "
+            "or rewrite the file without filters (h5repack -f NONE IN OUT)"
+        )
+
+
 def decode_ids(index: h5py.Dataset) -> list[str]:
     """Read an `index` dataset as text ids, whether stored as bytes or str."""
     return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
 
 
 def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Load `features` in their stored dtype and the decoded `index` ids.
+    """Load `features` in their stored dtype, in native byte order, and the decoded `index` ids.
 
     Raises DataError for a missing or damaged file, a bad layout (see
     check_hdf5_layout), or, with `check_finite`, rows with NaN or Inf values. Callers
@@ -81,7 +104,12 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
             ids = decode_ids(index)
         except (OSError, ValueError) as e:
             # a damaged chunk fails only when it is read (h5py raises OSError)
+            check_filters_available((features_dataset, index), path)
             raise DataError(f"cannot read {path!r} ({e}); the file is damaged, copy or extract it again") from e
+
+    if not features.dtype.isnative:
+        # torch.from_numpy rejects big-endian arrays, which HDF5 files may store
+        features = features.astype(features.dtype.newbyteorder("="))
 
     if check_finite:
         check_finite_rows(features, np.arange(features.shape[0]), ids, path)
@@ -164,8 +192,9 @@ def join_by_id(
 
     list_ids = [escape_id(e.path) for e in entries]
     list_set = set(list_ids)
+    duplicate_set = set(duplicates)
     report = JoinReport(
-        missing_in_hdf5=[i for i in list_ids if i not in row_of and i not in duplicates],
+        missing_in_hdf5=[i for i in list_ids if i not in row_of and i not in duplicate_set],
         missing_in_list=[i for i in canonical if i not in list_set and counts[i] == 1],
         duplicate_ids=duplicates,
     )

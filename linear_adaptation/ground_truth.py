@@ -38,19 +38,37 @@ def find_duplicates(ids: list[str]) -> list[str]:
     return list(repeated)
 
 
+def _object_rejecting_repeated_keys(path: str):
+    """Return a json `object_pairs_hook` that raises DataError on a key repeated in one object.
+
+    json.load keeps only the last value of a repeated key, which would drop a query's
+    positives without a trace.
+    """
+
+    def build(pairs: list[tuple[str, object]]) -> dict:
+        mapping = {}
+        for key, value in pairs:
+            if key in mapping:
+                raise DataError(f"{path!r}: query {key!r} occurs twice; keep one entry per query")
+            mapping[key] = value
+        return mapping
+
+    return build
+
+
 def read_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
     """Read a ground-truth JSON file into canonical query id -> distinct canonical positive ids.
 
     Raises:
         DataError: The file is missing or not valid JSON, is not an object of string
-            lists, or names one query twice (for example escaped and unescaped).
+            lists, or names one query twice (repeated, or once escaped and once not).
     """
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"ground-truth file {path!r} not found; check --gt_path")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_object_rejecting_repeated_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path!r} is not valid UTF-8 JSON ({e}); see the format in ground_truth.py") from e
 
@@ -98,6 +116,25 @@ class MatchedGroundTruth:
         }
 
 
+def _warn_about_queries_in_database(
+    ground_truth: dict[str, list[str]], scored_queries: list[str], database_ids: list[str]
+) -> None:
+    """Warn about scored queries that are database rows but not their own positives.
+
+    The search does not skip such a row, so it ranks at the top and counts as a miss.
+    """
+    scored = set(scored_queries)
+    in_database = {image_id for image_id in database_ids if image_id in scored}
+    ranked_against_themselves = [q for q in scored_queries if q in in_database and q not in ground_truth[q]]
+    if ranked_against_themselves:
+        _logger.warning(
+            "%d scored queries are also database rows and not their own positives (e.g. %s), so each ranks "
+            "itself at the top as a miss; remove the queries from the database, or list each as its own positive",
+            len(ranked_against_themselves),
+            _examples(ranked_against_themselves),
+        )
+
+
 def match_ground_truth(
     ground_truth: dict[str, list[str]], query_ids: list[str], database_ids: list[str]
 ) -> MatchedGroundTruth:
@@ -136,6 +173,7 @@ def match_ground_truth(
     wanted = {p for q in ground_truth for p in ground_truth[q]}
     row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in wanted}
     missing_positives = sorted(wanted - row_of.keys())
+    _warn_about_queries_in_database(ground_truth, [q for _, q in kept], database_ids)
 
     positives = [
         np.array([row_of[p] for p in ground_truth[q] if p in row_of], dtype=np.int64) for _, q in kept

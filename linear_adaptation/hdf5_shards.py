@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from feature_extraction.image_list import canonical_id
-from linear_adaptation.features_io import DataError, check_hdf5_layout, decode_ids
+from linear_adaptation.features_io import DataError, check_filters_available, check_hdf5_layout, decode_ids
 
 _logger = logging.getLogger(__name__)
 
@@ -54,26 +54,28 @@ def _expand_shard_pattern(pattern: str) -> list[str]:
 def expand_database_paths(patterns: list[str]) -> list[str]:
     """Expand database arguments into an ordered list of existing files.
 
-    An argument containing `{idx}` matches files with any number in its place, in
-    numeric order. One with `*`, `?` or `[` is a glob, expanded in natural order. Any
-    other argument must name an existing file.
+    An argument that names an existing file is that file, even if its name contains
+    `[` or `*`. Otherwise an argument containing `{idx}` matches files with any number
+    in its place, in numeric order, and one with `*`, `?` or `[` is a glob, expanded in
+    natural order. Any other argument must name an existing file.
 
     Raises:
         DataError: A pattern matches nothing, a file is missing, or a file is given twice.
     """
     paths = []
     for pattern in patterns:
-        if SHARD_PLACEHOLDER in pattern:
+        # as a glob, "run[2]/db.hdf5" would match "run2/db.hdf5" and never itself
+        if os.path.isfile(pattern):
+            paths.append(pattern)
+        elif SHARD_PLACEHOLDER in pattern:
             paths.extend(_expand_shard_pattern(pattern))
         elif _GLOB_CHARS.search(pattern):
             matches = sorted(glob.glob(pattern), key=_natural_key)
             if not matches:
                 raise DataError(f"no file matches the database glob {pattern!r}")
             paths.extend(matches)
-        elif not os.path.isfile(pattern):
-            raise DataError(f"database file {pattern!r} not found; check the path")
         else:
-            paths.append(pattern)
+            raise DataError(f"database file {pattern!r} not found; check the path")
 
     uses = Counter(os.path.realpath(p) for p in paths)
     repeated = sorted({p for p in paths if uses[os.path.realpath(p)] > 1})
@@ -123,6 +125,7 @@ class HDF5Database:
             try:
                 ids = decode_ids(index)
             except (OSError, ValueError) as e:
+                check_filters_available((index,), path)
                 raise DataError(f"cannot read the ids of {path!r} ({e}); the file is damaged, copy it again") from e
             self.dim = features.shape[1]
 
@@ -150,6 +153,7 @@ class HDF5Database:
                     try:
                         block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
                     except OSError as e:
+                        check_filters_available((features,), path)
                         raise DataError(
                             f"cannot read rows {start}+ of {path!r} ({e}); the file is damaged, copy or extract it again"
                         ) from e

@@ -122,6 +122,13 @@ def load_lin_adapt_layer(
     weight = _check_tensor(path, state, "layer.weight", ndim=2)  # (out, in)
     bias = _check_tensor(path, state, "layer.bias", ndim=1)  # (out,)
     out_features, in_features = weight.shape
+    # an empty weight would map every embedding to the same empty vector, and every score would tie
+    for size, side in ((out_features, "output"), (in_features, "input")):
+        if size == 0:
+            raise LayerLoadError(
+                f"{path!r}: 'layer.weight' has shape {tuple(weight.shape)}, so the layer has no {side} "
+                "dimension; the file is not a trained layer, retrain or re-download it"
+            )
     if bias.shape[0] != out_features:
         raise LayerLoadError(
             f"{path!r}: 'layer.bias' has {bias.shape[0]} values but 'layer.weight' has {out_features} rows; "

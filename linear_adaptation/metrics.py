@@ -105,12 +105,13 @@ def labelled_set_metrics(
         mask = domains == domain
         per_domain[int(domain)] = summarise({n: v[mask] for n, v in per_query.items()}, num_positives[mask])
 
-    # a domain whose queries all lack positives has NaN metrics and stays out of the macro average
+    # a domain whose queries all lack positives stays out of the macro average, but a domain
+    # with queries and an n/a metric (mMP@5 with k < 5) makes that macro average n/a too
+    scored_domains = [d for d in per_domain.values() if d["num_queries"] > 0]
     result = {}
     for name in METRIC_NAMES:
-        values = np.array([d[name] for d in per_domain.values()])
-        values = values[~np.isnan(values)]
-        result[name] = float(values.mean()) if values.size else float("nan")
+        values = [d[name] for d in scored_domains]
+        result[name] = float(np.mean(values)) if values else float("nan")
     result.update(
         k=k,
         num_queries=int(sum(d["num_queries"] for d in per_domain.values())),

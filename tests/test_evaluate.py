@@ -418,6 +418,18 @@ def test_shard_pattern_errors(tmp_path):
         expand_database_paths([str(tmp_path / "a.h5"), str(tmp_path / "*.h5")])
 
 
+def test_database_file_named_like_glob(tmp_path):
+    (tmp_path / "run[2]").mkdir()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run[2]" / "db.h5").touch()
+    (tmp_path / "run2" / "db.h5").touch()
+    paths = expand_database_paths([str(tmp_path / "run[2]" / "db.h5")])
+    assert paths == [str(tmp_path / "run[2]" / "db.h5")]
+    # a glob that names no file is still expanded
+    paths = expand_database_paths([str(tmp_path / "run[0-9]" / "db.h5")])
+    assert paths == [str(tmp_path / "run2" / "db.h5")]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -425,9 +437,10 @@ def test_shard_pattern_errors(tmp_path):
         ('["q.jpg"]', "contains a JSON list, expected an object"),
         ('{"q.jpg": "a.jpg"}', "expected a list of database id strings"),
         ('{"q\\u00e9.jpg": [], "q#U00e9.jpg": []}', "occurs twice"),
+        ('{"q.jpg": ["a.jpg"], "r.jpg": [], "q.jpg": ["b.jpg"]}', "query 'q.jpg' occurs twice"),
         ("{}", "lists no queries"),
     ],
-    ids=["syntax", "list", "string_value", "escaped_twice", "empty"],
+    ids=["syntax", "list", "string_value", "escaped_twice", "same_key_twice", "empty"],
 )
 def test_ground_truth_format_errors(tmp_path, content, message):
     path = tmp_path / "gt.json"
@@ -448,6 +461,16 @@ def test_ground_truth_matching(tmp_path):
         "ground_truth_queries_missing": 1,
         "positives_missing_from_database": 1,
     }
+
+
+def test_ground_truth_warns_query_in_database(tmp_path, caplog):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"a.jpg": ["b.jpg"], "c.jpg": ["c.jpg", "d.jpg"], "q.jpg": ["d.jpg"]}))
+    database_ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    matched = match_ground_truth(read_ground_truth(path), ["a.jpg", "c.jpg", "q.jpg"], database_ids)
+    assert matched.positives[0].tolist() == [1]
+    # a.jpg ranks itself first as a non-positive; c.jpg lists itself as a positive
+    assert "1 scored queries are also database rows and not their own positives (e.g. 'a.jpg')" in caplog.text
 
 
 def test_ground_truth_rejects_repeated_database_ids(tmp_path):

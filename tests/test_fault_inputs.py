@@ -69,6 +69,21 @@ def _corrupt_chunk(path, features, ids):
     path.write_bytes(bytes(data))
 
 
+def _unavailable_filter(path, features, ids):
+    # gzip-compressed `features` whose filter id is then changed to 32001 (Blosc), a
+    # plugin that h5py does not include, as in files compressed with hdf5plugin
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features, chunks=(16, features.shape[1]), compression="gzip")
+        f.create_dataset("index", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+    data = bytearray(path.read_bytes())
+    assert data.count(b"deflate\x00") == 1
+    # filter pipeline entry: id, name length, flags, number of values, then the name
+    entry = data.find(b"deflate\x00") - 8
+    data[entry : entry + 2] = (32001).to_bytes(2, "little")
+    data[entry + 4 : entry + 6] = (0).to_bytes(2, "little")  # mandatory, so reading fails
+    path.write_bytes(bytes(data))
+
+
 def _with_value(features, row, value):
     bad = features.copy()
     bad[row, 3] = value
@@ -91,6 +106,7 @@ BAD_FILES = [
     ("truncated", lambda p, x, i: (_write(p, x, i), p.write_bytes(p.read_bytes()[:4000])), "was it written completely"),
     # regression: a damaged chunk raised a bare OSError, a traceback in evaluate.py
     ("corrupt_chunk", _corrupt_chunk, "the file is damaged"),
+    ("unavailable_filter", _unavailable_filter, ("HDF5 filter", "id 32001", "HDF5_PLUGIN_PATH")),
     ("not_hdf5", lambda p, x, i: p.write_bytes(np.random.default_rng(0).bytes(5000)), "cannot open"),
 ]
 

@@ -98,8 +98,10 @@ def test_wrong_keys(tmp_path, state):
         (torch.zeros(2, 3), torch.zeros(3), "'layer.bias' has 3 values but 'layer.weight' has 2 rows"),
         (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2), "expected a floating-point tensor"),
         (torch.full((2, 3), float("nan")), torch.zeros(2), "NaN or Inf"),
+        (torch.zeros(0, 3), torch.zeros(0), "'layer.weight' has shape \\(0, 3\\), so the layer has no output"),
+        (torch.zeros(2, 0), torch.zeros(2), "'layer.weight' has shape \\(2, 0\\), so the layer has no input"),
     ],
-    ids=["weight_1d", "bias_length", "integer_weight", "nan_weight"],
+    ids=["weight_1d", "bias_length", "integer_weight", "nan_weight", "no_outputs", "no_inputs"],
 )
 def test_bad_tensors(tmp_path, weight, bias, message):
     path = tmp_path / "layer.pth"

@@ -154,6 +154,24 @@ def test_labelled_set_all_queries_without_positives():
     assert result["queries_without_positives"] == 2
 
 
+def test_labelled_set_macro_mmp5_unavailable():
+    # k = 3: domain 0 has a class of 5 images (4 positives > k), so its mMP@5 is n/a;
+    # domain 1 has classes of 2 images. The macro average must not be domain 1's alone.
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1])
+    domains = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    same_class_first = []
+    for q in range(len(labels)):
+        same = [r for r in range(len(labels)) if r != q and (labels[r], domains[r]) == (labels[q], domains[q])]
+        other = [r for r in range(len(labels)) if r != q and r not in same]
+        same_class_first.append((same + other)[:3])
+    result = labelled_set_metrics(np.array(same_class_first), labels, domains, k=3)
+
+    assert np.isnan(result["per_domain"][0]["mmp@5"])
+    assert result["per_domain"][1]["mmp@5"] == pytest.approx(100.0)
+    assert np.isnan(result["mmp@5"])
+    assert result["map"] == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 2, 4])
 def test_ties_ranked_by_lower_row(chunk_rows):
     # four identical embeddings, classes A B A B: every list is ordered by row number

@@ -129,6 +129,22 @@ def test_cli_shuffled_hdf5_rows_same_layer(data_dir, tmp_path):
     assert torch.equal(first["layer.weight"], second["layer.weight"])
 
 
+def test_cli_big_endian_features_same_layer(data_dir, tmp_path):
+    # HDF5 files written on or for big-endian machines read back as '>f4' arrays
+    copy_hdf5(data_dir / "train.hdf5", tmp_path / "big_endian.hdf5", lambda f, i: (f.astype(">f4"), i))
+    with h5py.File(tmp_path / "big_endian.hdf5", "r") as f:
+        assert f["features"].dtype == np.dtype(">f4")
+    base = ["--uned_info_path", str(data_dir / "train.txt"), *FAST]
+
+    native = ["--uned_features_path", str(data_dir / "train.hdf5"), "--save_dir", str(tmp_path / "a.pth"), *base]
+    assert run(native) == 0
+    swapped = ["--uned_features_path", str(tmp_path / "big_endian.hdf5"), "--save_dir", str(tmp_path / "b.pth"), *base]
+    assert run(swapped) == 0
+    first = torch.load(tmp_path / "a.pth", weights_only=True)
+    second = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert torch.equal(first["layer.weight"], second["layer.weight"])
+
+
 def test_cli_val_fraction_holds_out_classes(data_dir, tmp_path):
     save_path = tmp_path / "layer.pth"
     assert run(train_args(data_dir, save_path, "--val_fraction", "0.2", "--keep", "best", with_val=False)) == 0
