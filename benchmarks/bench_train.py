@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch_size", metavar="N", type=int, help="images per step")
     recipe.add_argument("--lr", metavar="LR", type=float, help="Adam learning rate (peak value with a schedule)")
     recipe.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
-                        help="constant, or cosine decay to 0 at the last step")
+                        help="constant, or cosine decay that would reach 0 one step after the last step")
     recipe.add_argument("--warmup_steps", metavar="N", type=int, help="steps of linear learning-rate warmup")
     recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
     recipe.add_argument("--out_dim", metavar="N", type=int, help="output dimension of the layer")

@@ -149,7 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Adam learning rate (peak value with a schedule; finite, > 0)")
     optim.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
     optim.add_argument("--lr_schedule", metavar="NAME", choices=LR_SCHEDULES,
-                       help="learning rate over the steps: constant, or cosine decay to 0 at the last step")
+                       help="learning rate over the steps: constant, or cosine decay that would reach 0 one step "
+                            "after the last step")
     optim.add_argument("--warmup_steps", metavar="N", type=int,
                        help="steps of linear learning-rate warmup before the schedule; a warning is logged "
                             "when they are not fewer than the training steps")
