@@ -60,8 +60,25 @@ def explain_weights_only_error(error: pickle.UnpicklingError) -> tuple[bool, str
     return any(phrase in text for phrase in _FORBIDDEN_OBJECT_PHRASES), detail
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Return whether the file is named or starts as a safetensors file: an 8-byte header size, then JSON.
+
+    torch.save files start with a zip or pickle signature, whose ninth byte is not '{'.
+    """
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read --checkpoint {str(path)!r}: {e}") from e
+    return len(start) == 9 and start[8:9] == b"{"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt`/`.bin` (torch.save) or `.safetensors` file into a state dict.
+    """Read a torch.save file (`.pth`, `.pt`, `.bin`) or a safetensors file into a state dict.
+
+    Safetensors files are recognised by their suffix in any case, or by their first bytes.
 
     Pickle files are read with `weights_only=True`, so a file that would run code when
     unpickled is rejected.
@@ -70,7 +87,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {str(path)!r} is not a file; pass the path of a local weight file")
 
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         try:

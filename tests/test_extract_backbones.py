@@ -219,11 +219,13 @@ def test_checkpoint_wrappers_accepted(tmp_path, wrap, prefix):
     assert "conv1.0.weight" in state
 
 
-def test_safetensors_checkpoint_read(tmp_path):
+# the format is read from the file, so an upper-case or another suffix does not matter
+@pytest.mark.parametrize("name", ["w.safetensors", "W.SAFETENSORS", "w.bin"])
+def test_safetensors_checkpoint_read(tmp_path, name):
     from safetensors.torch import save_file
 
-    save_file({"module.weight": torch.ones(2, 3), "module.bias": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
-    state = read_state_dict(tmp_path / "w.safetensors")
+    save_file({"module.weight": torch.ones(2, 3), "module.bias": torch.zeros(2)}, str(tmp_path / name))
+    state = read_state_dict(tmp_path / name)
     assert sorted(state) == ["bias", "weight"]
     assert torch.equal(state["weight"], torch.ones(2, 3))
 
