@@ -172,6 +172,18 @@ def test_labelled_set_macro_mmp5_unavailable():
     assert result["map"] == pytest.approx(100.0)
 
 
+def test_labelled_set_macro_skips_domain_without_positives():
+    # domain 1 has a single image, so no query there has a positive
+    labels = np.array([0, 0, 0])
+    domains = np.array([0, 0, 1])
+    ranked = np.array([[1, 2], [0, 2], [0, 1]])
+    result = labelled_set_metrics(ranked, labels, domains, k=2)
+
+    assert np.isnan(result["per_domain"][1]["map"])
+    assert result["map"] == pytest.approx(100.0)
+    assert result["mmp@5"] == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 2, 4])
 def test_ties_ranked_by_lower_row(chunk_rows):
     # four identical embeddings, classes A B A B: every list is ordered by row number
