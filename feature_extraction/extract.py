@@ -126,8 +126,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "pretrained tag, e.g. RN50.openai (default: %(default)s)")
     backbone.add_argument("--pretrained", metavar="TAG",
                           help="pretrained weights tag, e.g. openai for open_clip or in1k for timm; 'none' "
-                               "builds random weights for tests (default: the tag in --model, else timm's "
-                               "default tag; open_clip needs one unless --checkpoint is given)")
+                               "builds random weights for tests (default, also for an empty value: the tag in "
+                               "--model, else timm's default tag; open_clip needs one unless --checkpoint is "
+                               "given)")
     backbone.add_argument("--checkpoint", metavar="PATH",
                           help="local state dict (.pth/.pt/.bin via torch.load(weights_only=True), or "
                                ".safetensors) loaded strictly into the model instead of downloading weights "
@@ -217,14 +218,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--hdf5_compression must be a gzip level from 0 (none) to 9, got {args.hdf5_compression}")
     if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
         parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
-    # an unset shell variable gives an empty value, which must not mean "the default"
+    # an unset shell variable in a job script gives an empty value: an empty tag means the default
+    # tag, but an empty model name or checkpoint path cannot be given a meaning
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):
         parser.error(f"--model {args.model!r} ends with a dot; pass NAME or NAME.TAG")
     if args.pretrained == "":
-        parser.error("--pretrained is empty; omit it for the tag in --model or timm's default tag, or pass none "
-                     "for random weights")
+        args.pretrained = None
     if args.checkpoint == "":
         parser.error("--checkpoint is empty; omit it or pass the path of a local weight file")
 

@@ -523,7 +523,6 @@ def test_bad_flag_values_exit_two(extra, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--pretrained", ""], "--pretrained is empty"),
     (["--checkpoint", ""], "--checkpoint is empty"),
     (["--model", ""], "--model is empty"),
     (["--model", "resnet18."], "--model 'resnet18.' ends with a dot"),
@@ -535,6 +534,13 @@ def test_empty_model_flags_exit_two(extra, message, capsys):
         check_args(parser, args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_empty_pretrained_means_default_tag():
+    parser = get_args_parser()
+    args = parser.parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", "--pretrained", ""])
+    check_args(parser, args)
+    assert args.pretrained is None
 
 
 def test_framework_alias_accepted():
