@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from feature_extraction.checkpoints import load_state_dict_strict, read_state_dict
+from feature_extraction.interrupts import raise_wrapped_interrupt
 
 _logger = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
     except Exception as e:  # hub and network errors vary; all mean the weights are not at hand
         if not download:
             raise
+        raise_wrapped_interrupt(e)
         raise _weights_unavailable(f"timm model {full_name!r}", e) from e
 
     description = {
@@ -277,6 +279,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
     except Exception as e:  # download and hub errors vary; all mean the weights are not at hand
         if not download:
             raise
+        raise_wrapped_interrupt(e)
         raise _weights_unavailable(f"open_clip model {name}.{tag}", e) from e
 
     description = {"pretrained": tag or ""}

@@ -78,6 +78,21 @@ def interrupts_deferred() -> Iterator[None]:
         raise Interrupted(pending)
 
 
+def raise_wrapped_interrupt(error: BaseException) -> None:
+    """Raise the signal exception in `error`'s cause or context chain, if there is one.
+
+    A signal handler's exception (Interrupted, KeyboardInterrupt, SystemExit, TerminationRequested)
+    that is raised inside a lazy import can come out wrapped in a RuntimeError, for example "Error
+    calling __set_name__". Broad error handling calls this first, so the run still stops.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted) or not isinstance(error, Exception):
+            raise error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+
+
 class TerminationRequested(BaseException):
     """Raised in the main thread on SIGTERM or SIGHUP inside `termination_raises`.
 

@@ -46,7 +46,12 @@ from feature_extraction.image_list import (
     scan_image_dir,
 )
 from feature_extraction.images import DecodeOptions
-from feature_extraction.interrupts import Interrupted, interrupts_deferred, signals_raise_interrupted
+from feature_extraction.interrupts import (
+    Interrupted,
+    interrupts_deferred,
+    raise_wrapped_interrupt,
+    signals_raise_interrupted,
+)
 from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, parts_dir_for
 from feature_extraction.transforms import InferenceTransform, TransformName
 
@@ -246,6 +251,7 @@ def _embed_windows(
                     raise ExtractionError(f"out of memory on a batch of {tuple(record.images.shape)} images: "
                                           f"{e}; lower --batch_size or --resolution") from e
                 except RuntimeError as e:
+                    raise_wrapped_interrupt(e)
                     reason = _shape_failure_reason(e, record.images.shape, embedded_batches, failed_batches)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     failed_batches += 1

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from feature_extraction.interrupts import raise_wrapped_interrupt
 from linear_adaptation.knn import knn_search
 from linear_adaptation.lin_adapt import LinearAdapter
 from linear_adaptation.metrics import labelled_set_metrics
@@ -153,6 +154,9 @@ def make_adam(params: list[torch.nn.Parameter], lr: float, weight_decay: float) 
     try:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True), "fused"
     except (RuntimeError, ValueError) as e:
+        # The first fused Adam imports torch._dynamo (1.5 s on a 2-core machine). A signal handler that
+        # raises meanwhile can come out wrapped in a RuntimeError, and the run must still stop.
+        raise_wrapped_interrupt(e)
         _logger.info("fused Adam is not available here (%s); using the foreach implementation", e)
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True), "foreach"
 

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import shutil
+import signal
 
 import h5py
 import numpy as np
@@ -387,6 +388,43 @@ def test_failed_weight_download_exit_one(extract, monkeypatch, caplog, offline):
     assert ".." not in caplog.text
     assert ("HF_HUB_OFFLINE is set" in caplog.text) == offline
     assert ("set HF_HUB_OFFLINE=1" in caplog.text) != offline
+    assert not output.exists()
+
+
+def test_interrupt_in_download_not_missing_weights(extract, monkeypatch):
+    # a signal handler that raises inside a lazy import comes out wrapped in a RuntimeError,
+    # which the download's broad error handling must not turn into "weights not at hand" (exit 1)
+    import timm
+
+    def create_interrupted(name, pretrained=False, **kwargs):
+        try:
+            raise SystemExit(143)
+        except SystemExit as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+
+    monkeypatch.setattr(timm, "create_model", create_interrupted)
+    with pytest.raises(SystemExit) as info:
+        extract("--pretrained", "c3_in1k")
+    assert info.value.code == 143
+
+
+def test_interrupt_wrapped_in_model_error_stops_run(extract, monkeypatch, caplog):
+    # the same wrapped signal in the forward pass must stop the run, not skip the batch's images
+    from feature_extraction.embedding import Embedder
+    from feature_extraction.interrupts import Interrupted
+
+    def embed_interrupted(self, images):
+        try:
+            raise Interrupted(signal.SIGTERM)
+        except Interrupted as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+
+    monkeypatch.setattr(Embedder, "embed", embed_interrupted)
+    with caplog.at_level(logging.WARNING):
+        code, output = extract()
+    assert code == 143
+    assert "rerun the same command to resume" in caplog.text
+    assert "cannot embed" not in caplog.text
     assert not output.exists()
 
 

@@ -14,6 +14,7 @@ from linear_adaptation.trainer import (
     evaluate_retrieval,
     imprint_class_means,
     lr_at_step,
+    make_adam,
     train_linear_adapter,
 )
 
@@ -257,3 +258,31 @@ def test_on_train_start_runs_before_first_step(synthetic, monkeypatch):
     train_linear_adapter(as_labelled(synthetic.train), on_train_start=lambda: events.append("start"),
                          **{**TRAIN_ARGS, "max_steps": 2})
     assert events == ["start", "step", "step"]
+
+
+def test_make_adam_falls_back_to_foreach(monkeypatch):
+    original_adam = torch.optim.Adam
+
+    def adam_without_fused(params, fused=False, **kwargs):
+        if fused:
+            raise RuntimeError("fused=True requires all the params to be on a supported device")
+        return original_adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
+    _, implementation = make_adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=0.0)
+    assert implementation == "foreach"
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_make_adam_keeps_interrupt_wrapped_in_error(monkeypatch, interrupt):
+    # A signal handler that raises during the optimizer's first, lazy imports can come out wrapped in
+    # a RuntimeError ("Error calling __set_name__ ..."), which must not read as "fused Adam unavailable".
+    def adam_interrupted(params, **kwargs):
+        try:
+            raise interrupt()
+        except BaseException as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_interrupted)
+    with pytest.raises(interrupt):
+        make_adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=0.0)
