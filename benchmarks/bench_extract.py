@@ -48,7 +48,8 @@ from feature_extraction.dataset import (  # noqa: E402
     split_windows,
 )
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
-from feature_extraction.extract import bool_flag, setup_logging  # noqa: E402
+from feature_extraction.extract import setup_logging  # noqa: E402
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
 from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # noqa: E402

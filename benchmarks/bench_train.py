@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
@@ -103,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     stored.add_argument("--train_list", metavar="LIST", help="training 'path,label,domain' list, with --train_features")
     stored.add_argument("--val_features", metavar="HDF5", help="held-out embeddings (default: none, no validation)")
     stored.add_argument("--val_list", metavar="LIST", help="held-out 'path,label,domain' list, with --val_features")
-    stored.add_argument("--allow_missing", metavar="BOOL", type=train_lin_adapt.parse_bool, nargs="?", const=True,
+    stored.add_argument("--allow_missing", metavar="BOOL", type=bool_flag, nargs="?", const=True,
                         help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
                              "train_lin_adapt.py does (true/false; the flag alone means true)")
 

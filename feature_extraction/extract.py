@@ -33,6 +33,7 @@ from feature_extraction.backbones import (  # noqa: E402
 from feature_extraction.checkpoints import CheckpointError  # noqa: E402
 from feature_extraction.dataset import MAX_AUTO_WINDOW_SIZE, WORKER_PRIORITIES  # noqa: E402
 from feature_extraction.embedding import AMP_DTYPES, DeviceError  # noqa: E402
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from feature_extraction.interrupts import Interrupted  # noqa: E402
@@ -63,20 +64,6 @@ exit status:
 
 A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
 """
-
-_TRUE = ("true", "on", "1", "yes", "y", "t")
-_FALSE = ("false", "off", "0", "no", "n", "f")
-
-
-def bool_flag(value: str) -> bool:
-    """Parse true/false/on/off/1/0/yes/no (any case) for argparse."""
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}; use true/false, on/off, 1/0 or yes/no")
-
 
 def default_num_workers() -> int:
     """Return min(8, the CPU cores this process may use)."""

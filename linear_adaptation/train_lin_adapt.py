@@ -48,6 +48,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     check_finite,
@@ -85,8 +86,6 @@ _logger = logging.getLogger("train_lin_adapt")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEVICES = ("auto", "cpu", "cuda")
 _INPUT_FLAGS = ("uned_features_path", "uned_info_path", "val_features_path", "val_info_path")
-_TRUE_WORDS = ("true", "on", "1", "yes")
-_FALSE_WORDS = ("false", "off", "0", "no")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -96,16 +95,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None:
             return action.help
         return super()._get_help_string(action)
-
-
-def parse_bool(value: str) -> bool:
-    """Parse true/false, on/off, 1/0 or yes/no (any case) for argparse."""
-    word = str(value).strip().lower()
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}; use one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -119,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="training embeddings: HDF5 with 'features' (N x D) and 'index' (N ids)")
     data.add_argument("--uned_info_path", metavar="LIST", required=True,
                       help="training list, one 'path,label,domain' line per image; joined to the HDF5 ids by path")
-    data.add_argument("--allow_missing", metavar="BOOL", type=parse_bool, nargs="?", const=True,
+    data.add_argument("--allow_missing", metavar="BOOL", type=bool_flag, nargs="?", const=True,
                       help="train and validate on the ids present in both list and HDF5 instead of stopping when "
                            "they differ; applies to the training and the validation files (true/false; the flag "
                            "alone means true)")
@@ -177,14 +166,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "and the .json record and .png plot go beside it")
     run.add_argument("--device", metavar="DEV", choices=DEVICES,
                      help="training device: auto (CUDA when available), cpu or cuda")
-    run.add_argument("--use_gpu", metavar="BOOL", type=parse_bool,
+    run.add_argument("--use_gpu", metavar="BOOL", type=bool_flag,
                      help="older flag kept for existing commands (true/false): false forces the CPU; true with "
                           "--device auto asks for CUDA and warns when there is none (default: unset, same as true "
                           "without the warning)")
     run.add_argument("--amp", metavar="MODE", choices=AMP_MODES,
                      help="autocast the matrix products: none (float32), bf16 (CPU with bfloat16 support, or CUDA) "
                           "or fp16 (CUDA only, with loss scaling)")
-    run.add_argument("--progress", metavar="BOOL", type=parse_bool,
+    run.add_argument("--progress", metavar="BOOL", type=bool_flag,
                      help="show a progress bar per epoch when stderr is a terminal")
 
     parser.set_defaults(
