@@ -39,6 +39,7 @@ from feature_extraction.interrupts import (  # noqa: E402
     TerminationRequested,
     exit_quietly_on_signals,
     exit_status,
+    raise_wrapped_interrupt,
     restore_default_signals,
     termination_raises,
 )
@@ -390,7 +391,13 @@ def run(argv: list[str] | None = None) -> int:
 
     try:
         with termination_raises():
-            return main(args)
+            try:
+                return main(args)
+            except (ValueError, OSError, RuntimeError) as e:
+                # A signal during a lazy import (matplotlib for the plot, torch._dynamo for fused Adam)
+                # can come out wrapped in a RuntimeError. It stops the run like any other signal.
+                raise_wrapped_interrupt(e)
+                raise
     except (DataError, ImageListError, OutputError, TrainingError) as e:
         _logger.error("%s", e)
         return EXIT_FAILED

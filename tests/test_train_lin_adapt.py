@@ -330,6 +330,28 @@ def test_cli_signal_stops_without_output(data_dir, tmp_path, signum, expected):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("signum,expected", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_cli_signal_in_plot_import_stops(data_dir, tmp_path, monkeypatch, caplog, signum, expected):
+    # The plot imports matplotlib on first use, and its class bodies call __set_name__. A signal
+    # raised there comes out wrapped in a RuntimeError, which exited 1 as "training failed".
+    class Descriptor:
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), signum)
+
+    def plot_during_signal(epochs, title):
+        class Owner:
+            attribute = Descriptor()
+
+    monkeypatch.setattr("linear_adaptation.train_lin_adapt.plot_png_bytes", plot_during_signal)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code = run(train_args(data_dir, out / "layer.pth", "--device", "cpu", with_val=False))
+    assert code == expected
+    assert "no output written" in caplog.text
+    assert "training failed" not in caplog.text
+    assert not out.exists()
+
+
 def test_cli_fast_recipe_flags(data_dir, tmp_path):
     save_path = tmp_path / "fast.pth"
     extra = ["--classifier_init", "class_mean", "--lr_schedule", "cosine", "--warmup_steps", "2", "--max_steps", "30"]
