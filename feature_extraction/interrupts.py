@@ -18,8 +18,8 @@ EXIT_SIGINT = exit_status(signal.SIGINT)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class Interrupted(Exception):
-    """Raised in the main thread when SIGINT, SIGTERM or SIGHUP arrives."""
+class _SignalStop:
+    """Base of the exceptions that signal handlers raise: the signal's name as message, and its exit status."""
 
     def __init__(self, signal_number: int):
         super().__init__(signal.Signals(signal_number).name)
@@ -28,6 +28,10 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return exit_status(self.signal_number)
+
+
+class Interrupted(_SignalStop, Exception):
+    """Raised in the main thread when SIGINT, SIGTERM or SIGHUP arrives."""
 
 
 # set while the main thread is inside `interrupts_deferred()`
@@ -93,19 +97,11 @@ def raise_wrapped_interrupt(error: BaseException) -> None:
         error = error.__cause__ or error.__context__
 
 
-class TerminationRequested(BaseException):
+class TerminationRequested(_SignalStop, BaseException):
     """Raised in the main thread on SIGTERM or SIGHUP inside `termination_raises`.
 
     A BaseException, so no `except Exception` swallows it.
     """
-
-    def __init__(self, signal_number: int):
-        super().__init__(signal.Signals(signal_number).name)
-        self.signal_number = signal_number
-
-    @property
-    def exit_code(self) -> int:
-        return exit_status(self.signal_number)
 
 
 # a batch scheduler's cancel, and a closed terminal or ssh session
