@@ -1,7 +1,8 @@
-"""SIGINT and SIGTERM as exceptions, so that the command-line tools stop cleanly with status 130 or 143.
+"""SIGINT, SIGTERM and SIGHUP as exceptions, so that the command-line tools stop cleanly with status 130, 143 or 129.
 
-Extraction turns both signals, and SIGHUP (status 129), into `Interrupted` and logs how to resume. The trainer and the
-evaluator keep KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM and SIGHUP.
+Extraction turns the three signals into `Interrupted` and logs how to resume. The trainer and the evaluator keep
+KeyboardInterrupt for SIGINT and get `TerminationRequested` for SIGTERM and SIGHUP. A process started with SIGHUP
+ignored, as `nohup` starts it, keeps ignoring it.
 """
 import contextlib
 import signal
@@ -16,6 +17,14 @@ def exit_status(signal_number: int) -> int:
 EXIT_SIGINT = exit_status(signal.SIGINT)
 # SIGHUP arrives when the terminal or ssh session of a run closes
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# nohup starts a program with SIGHUP ignored so that it outlives the session. The scripts import this
+# module before they install any handler, so this reads the setting the process started with.
+_SIGHUP_IGNORED_AT_START = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def handled_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
+    """Return `signals` without SIGHUP when the process started with SIGHUP ignored."""
+    return tuple(sig for sig in signals if not (sig == signal.SIGHUP and _SIGHUP_IGNORED_AT_START))
 
 
 class _SignalStop:
@@ -41,7 +50,7 @@ _deferral = {"active": False, "pending": None}
 @contextlib.contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """Turn the first SIGINT, SIGTERM or SIGHUP into `Interrupted`; a second one gets the default action."""
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in handled_signals(STOP_SIGNALS)}
 
     def handler(signal_number, frame):
         # restore the defaults first, so a second signal stops a clean-up that hangs
@@ -82,6 +91,13 @@ def interrupts_deferred() -> Iterator[None]:
         raise Interrupted(pending)
 
 
+class TerminationRequested(_SignalStop, BaseException):
+    """Raised in the main thread on SIGTERM or SIGHUP inside `termination_raises`.
+
+    A BaseException, so no `except Exception` swallows it.
+    """
+
+
 def raise_wrapped_interrupt(error: BaseException) -> None:
     """Raise the signal exception in `error`'s cause or context chain, if there is one.
 
@@ -91,17 +107,10 @@ def raise_wrapped_interrupt(error: BaseException) -> None:
     """
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, Interrupted) or not isinstance(error, Exception):
+        if isinstance(error, (Interrupted, TerminationRequested, KeyboardInterrupt, SystemExit)):
             raise error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-
-
-class TerminationRequested(_SignalStop, BaseException):
-    """Raised in the main thread on SIGTERM or SIGHUP inside `termination_raises`.
-
-    A BaseException, so no `except Exception` swallows it.
-    """
 
 
 # a batch scheduler's cancel, and a closed terminal or ssh session
@@ -115,7 +124,7 @@ def _raise_termination(signal_number, frame):
 @contextlib.contextmanager
 def termination_raises() -> Iterator[None]:
     """Raise TerminationRequested in the main thread on SIGTERM or SIGHUP while the block runs."""
-    previous = {sig: signal.signal(sig, _raise_termination) for sig in TERMINATION_SIGNALS}
+    previous = {sig: signal.signal(sig, _raise_termination) for sig in handled_signals(TERMINATION_SIGNALS)}
     try:
         yield
     finally:
@@ -133,12 +142,12 @@ def exit_quietly_on_signals() -> None:
     Scripts call it before their heavy imports, so a Ctrl-C while torch loads prints no
     KeyboardInterrupt traceback. Handlers installed later take over from it.
     """
-    for sig in STOP_SIGNALS:
+    for sig in handled_signals(STOP_SIGNALS):
         signal.signal(sig, _exit_for_signal)
 
 
 def restore_default_signals() -> None:
     """Restore Python's SIGINT handler (KeyboardInterrupt) and the default SIGTERM and SIGHUP actions."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in TERMINATION_SIGNALS:
+    for sig in handled_signals(TERMINATION_SIGNALS):
         signal.signal(sig, signal.SIG_DFL)

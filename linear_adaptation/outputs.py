@@ -185,8 +185,10 @@ def _deferred_signals():
         yield received
         return
 
-    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED_SIGNALS}
-    for signum in _DEFERRED_SIGNALS:
+    # an ignored signal (SIGHUP under nohup) stays ignored
+    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    for signum in previous:
         signal.signal(signum, lambda number, frame: received.append(number))
     try:
         yield received

@@ -140,3 +140,15 @@ def test_stop_signal_to_process_group_writes_nothing(signal_number, data, tmp_pa
     assert f"({signal.Signals(signal_number).name})" in stderr
     assert "Traceback" not in stderr
     assert not any(path.exists() for path in _outputs(save))
+
+
+def test_sighup_under_nohup_does_not_stop_training(data, tmp_path):
+    save = tmp_path / "out" / "layer.pth"
+    process = start(command(TRAIN, _args(data, save)), start_new_session=True,
+                    preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert wait_for(save.parent.exists, process)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert all(path.exists() for path in _outputs(save))

@@ -46,3 +46,25 @@ def test_signal_during_imports_gives_status(script, signal_number, expected, tmp
 
     assert process.returncode == expected, stderr
     assert "Traceback" not in stderr
+
+
+def test_sighup_ignored_by_nohup_stays_ignored():
+    # nohup starts a program with SIGHUP ignored, so that it outlives the terminal or ssh session
+    code = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from feature_extraction import interrupts\n"
+        "interrupts.exit_quietly_on_signals()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "with interrupts.termination_raises():\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    time.sleep(0.05)\n"
+        "with interrupts.signals_raise_interrupted():\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    time.sleep(0.05)\n"
+        "interrupts.restore_default_signals()\n"
+        "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

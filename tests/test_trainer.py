@@ -286,3 +286,18 @@ def test_make_adam_keeps_interrupt_wrapped_in_error(monkeypatch, interrupt):
     monkeypatch.setattr(torch.optim, "Adam", adam_interrupted)
     with pytest.raises(interrupt):
         make_adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=0.0)
+
+
+def test_wrapped_interrupt_ignores_other_base_exceptions():
+    from feature_extraction.interrupts import raise_wrapped_interrupt
+
+    # an error raised in a generator's finally while the generator is closed has GeneratorExit as context
+    try:
+        try:
+            raise GeneratorExit()
+        except GeneratorExit:
+            raise OSError("flush failed")
+    except OSError as e:
+        raise_wrapped_interrupt(e)  # returns: GeneratorExit is not a signal's exception
+        error = e
+    assert isinstance(error.__context__, GeneratorExit)
