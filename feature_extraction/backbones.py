@@ -198,9 +198,9 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
     try:
         net = _create_timm(full_name, download, kwargs)
     except Exception as e:  # hub and network errors vary; all mean the weights are not at hand
+        raise_wrapped_interrupt(e)
         if not download:
             raise
-        raise_wrapped_interrupt(e)
         raise _weights_unavailable(f"timm model {full_name!r}", e) from e
 
     description = {
@@ -277,9 +277,9 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
             name, pretrained=tag if download else None, force_preprocess_cfg=force_preprocess
         )
     except Exception as e:  # download and hub errors vary; all mean the weights are not at hand
+        raise_wrapped_interrupt(e)
         if not download:
             raise
-        raise_wrapped_interrupt(e)
         raise _weights_unavailable(f"open_clip model {name}.{tag}", e) from e
 
     description = {"pretrained": tag or ""}

@@ -205,8 +205,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--hdf5_compression must be a gzip level from 0 (none) to 9, got {args.hdf5_compression}")
     if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
         parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
-    # an unset shell variable in a job script gives an empty value: an empty tag means the default
-    # tag, but an empty model name or checkpoint path cannot be given a meaning
+    # An unset shell variable in a job script gives an empty value. An empty tag means the default
+    # tag, but an empty model name or checkpoint path has no meaning.
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):

@@ -49,6 +49,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, canonical_id, read_image_list  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     check_input_file,
@@ -259,16 +260,6 @@ def evaluate_query_database(
     )
 
 
-def str2bool(value: str) -> bool:
-    """Parse true/false, on/off, yes/no or 1/0 (any case) for boolean flags."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "on", "yes", "1"):
-        return True
-    if lowered in ("false", "off", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, on/off, yes/no or 1/0, got {value!r}")
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults in the help, except for flags without a default (their help states what happens then)."""
 
@@ -288,7 +279,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     labelled.add_argument("--info_path", metavar="LIST", help="list file with 'path,label,domain' lines")
     labelled.add_argument(
         "--allow_missing",
-        type=str2bool,
+        type=bool_flag,
         nargs="?",
         const=True,
         metavar="BOOL",
@@ -338,7 +329,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--hash_inputs",
-        type=str2bool,
+        type=bool_flag,
         nargs="?",
         const=True,
         metavar="BOOL",

@@ -49,7 +49,7 @@ def _object_rejecting_repeated_keys(path: str):
         mapping = {}
         for key, value in pairs:
             if key in mapping:
-                raise DataError(f"{path!r}: query {key!r} occurs twice; keep one entry per query")
+                raise DataError(f"{path!r}: key {key!r} occurs twice in one JSON object; keep one entry per query")
             mapping[key] = value
         return mapping
 
@@ -121,15 +121,16 @@ def _warn_about_queries_in_database(
 ) -> None:
     """Warn about scored queries that are database rows but not their own positives.
 
-    The search does not skip such a row, so it ranks at the top and counts as a miss.
+    The search does not skip such a row. When the query and database embeddings of the image match,
+    it ranks at or near the top and counts as a miss.
     """
     scored = set(scored_queries)
     in_database = {image_id for image_id in database_ids if image_id in scored}
     ranked_against_themselves = [q for q in scored_queries if q in in_database and q not in ground_truth[q]]
     if ranked_against_themselves:
         _logger.warning(
-            "%d scored queries are also database rows and not their own positives (e.g. %s), so each ranks "
-            "itself at the top as a miss; remove the queries from the database, or list each as its own positive",
+            "%d scored queries are also database rows and not their own positives (e.g. %s), so each can rank "
+            "itself at or near the top as a miss; remove the queries from the database, or list each as its own positive",
             len(ranked_against_themselves),
             _examples(ranked_against_themselves),
         )

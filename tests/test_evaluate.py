@@ -437,7 +437,7 @@ def test_database_file_named_like_glob(tmp_path):
         ('["q.jpg"]', "contains a JSON list, expected an object"),
         ('{"q.jpg": "a.jpg"}', "expected a list of database id strings"),
         ('{"q\\u00e9.jpg": [], "q#U00e9.jpg": []}', "occurs twice"),
-        ('{"q.jpg": ["a.jpg"], "r.jpg": [], "q.jpg": ["b.jpg"]}', "query 'q.jpg' occurs twice"),
+        ('{"q.jpg": ["a.jpg"], "r.jpg": [], "q.jpg": ["b.jpg"]}', "key 'q.jpg' occurs twice in one JSON object"),
         ("{}", "lists no queries"),
     ],
     ids=["syntax", "list", "string_value", "escaped_twice", "same_key_twice", "empty"],
