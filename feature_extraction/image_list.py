@@ -139,7 +139,6 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
     """
     list_path = str(list_path)
     entries: list[ListEntry] = []
-    first_line_of: dict[str, int] = {}
     first_line_of_id: dict[str, tuple[int, str]] = {}
     first_line_of_normalised: dict[str, tuple[int, str]] = {}
 
@@ -171,16 +170,16 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
             raise ImageListError(f"{list_path}:{line_no}: empty path in {line!r}")
         _check_characters(path, list_path, line_no)
         _check_relative(path, list_path, line_no)
-        if path in first_line_of:
-            raise ImageListError(
-                f"{list_path}:{line_no}: duplicate path {path!r} (first on line "
-                f"{first_line_of[path]}); remove the repeated line"
-            )
         # "./a.jpg" names the same file as "a.jpg" under a different id, so the image would
         # become its own positive in retrieval
         normalised = posixpath.normpath(path)
         if normalised in first_line_of_normalised:
             other_line, other_path = first_line_of_normalised[normalised]
+            if other_path == path:
+                raise ImageListError(
+                    f"{list_path}:{line_no}: duplicate path {path!r} (first on line {other_line}); "
+                    "remove the repeated line"
+                )
             raise ImageListError(
                 f"{list_path}:{line_no}: path {path!r} names the same file as {other_path!r} on line "
                 f"{other_line}; keep one of the two lines"
@@ -194,7 +193,6 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
                 f"{list_path}:{line_no}: path {path!r} has the same HDF5 id {image_id!r} as {other_path!r} "
                 f"on line {other_line}; keep one of the two lines"
             )
-        first_line_of[path] = line_no
         first_line_of_normalised[normalised] = (line_no, path)
         first_line_of_id[image_id] = (line_no, path)
         entries.append(ListEntry(path, label, domain, line_no))
