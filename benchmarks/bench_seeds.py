@@ -22,10 +22,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_train import stored_inputs  # noqa: E402
-from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
+from benchmarks.cli import emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.reference_step import train_reference  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
+from linear_adaptation.arg_checks import HelpFormatter  # noqa: E402
 from linear_adaptation.lin_adapt import LinearAdapter  # noqa: E402
 from linear_adaptation.trainer import LabelledEmbeddings, evaluate_retrieval, train_linear_adapter  # noqa: E402
 

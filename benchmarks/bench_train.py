@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.cli import HelpFormatter, emit_summary  # noqa: E402
+from benchmarks.cli import emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
+    HelpFormatter,
     check_finite,
     check_input_file,
     check_not_an_input,

@@ -1,16 +1,6 @@
-"""Command-line pieces shared by the benchmark scripts: help formatting and the summary output."""
-import argparse
+"""The summary output shared by the benchmark scripts."""
 import json
 from pathlib import Path
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Append the default to each flag's help, except for flags whose default is None (their help states it)."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def emit_summary(summary: dict, json_path: str | None) -> None:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the trainer, the evaluator and the training benchmark.
+"""Argument checks and help formatting shared by the trainer, the evaluator and the benchmarks.
 
 Each check calls `parser.error` (exit status 2) with a message that names the flag, the
 value and the fix, so that bad paths and values fail before any data is read.
@@ -11,6 +11,15 @@ from pathlib import Path
 
 # torch.manual_seed, torch.Generator and numpy.random.default_rng all accept this range
 MAX_SEED = 2**63 - 1
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append the default to each flag's help, except for required flags and flags whose default is None."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_input_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, canonical_id, read_image_list  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
+    HelpFormatter,
     check_input_file,
     check_not_an_input,
     check_output_file,
@@ -260,19 +261,10 @@ def evaluate_query_database(
     )
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults in the help, except for flags without a default (their help states what happens then)."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="kNN retrieval mAP@k, recall@1 and mMP@5 of embeddings, without and with a linear adaptation layer.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     labelled = parser.add_argument_group("mode 1: one labelled set, every image queries all the others")
     labelled.add_argument("--features_path", metavar="HDF5", help="embeddings of the labelled set (ILIAS layout)")

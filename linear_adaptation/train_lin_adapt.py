@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
+    HelpFormatter,
     check_finite,
     check_input_file,
     check_not_an_input,
@@ -89,20 +90,11 @@ DEVICES = ("auto", "cpu", "cuda")
 _INPUT_FLAGS = ("uned_features_path", "uned_info_path", "val_features_path", "val_info_path")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults in the help, except for required flags and flags without a default."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """Build the command-line parser; flag names and defaults follow the older ILIAS trainer."""
     parser = argparse.ArgumentParser(
         description="Train a linear adaptation layer on HDF5 embeddings with a cosine-classifier loss.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--uned_features_path", metavar="HDF5", required=True,
