@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_logger = logging.getLogger(__name__)
+from feature_extraction.interrupts import STOP_SIGNALS
 
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_logger = logging.getLogger(__name__)
 
 
 class OutputError(OSError):
@@ -186,7 +186,7 @@ def _deferred_signals():
         return
 
     # an ignored signal (SIGHUP under nohup) stays ignored
-    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED_SIGNALS
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     for signum in previous:
         signal.signal(signum, lambda number, frame: received.append(number))
@@ -202,7 +202,7 @@ def write_files_atomically(contents: Mapping[Path, bytes]) -> int | None:
 
     Temporary files are removed if anything fails before the renames. A SIGINT, SIGTERM or
     SIGHUP that arrives during the renames is held back and its number returned, so the
-    caller can stop after the complete write; otherwise returns None.
+    caller can stop after the complete write. Without such a signal it returns None.
     """
     staged: list[tuple[str, Path]] = []
     try:
