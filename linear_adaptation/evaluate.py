@@ -71,7 +71,12 @@ from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
-from linear_adaptation.metrics import class_ids, labelled_set_metrics, positive_set_metrics  # noqa: E402
+from linear_adaptation.metrics import (  # noqa: E402
+    class_ids,
+    labelled_set_metrics,
+    positive_set_metrics,
+    search_depth,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -117,13 +122,12 @@ def _search_depth(k: int, available: int, candidates: str) -> int:
 
     `candidates` names what a query ranks, for the log line.
     """
-    if k <= available:
-        return k
-    _logger.info(
-        "k = %d exceeds the %d %s, so each query ranks all of them; mAP@%d is the same as for a list padded to k",
-        k, available, candidates, k,
-    )
-    return max(available, 1)
+    if k > available:
+        _logger.info(
+            "k = %d exceeds the %d %s, so each query ranks all of them; mAP@%d is the same as for a list padded to k",
+            k, available, candidates, k,
+        )
+    return search_depth(k, available)
 
 
 def _warn_if_no_positives(labels: np.ndarray, domains: np.ndarray, source: str) -> None:

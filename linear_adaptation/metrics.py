@@ -20,6 +20,11 @@ import numpy as np
 METRIC_NAMES = ("map", "recall@1", "mmp@5")
 
 
+def search_depth(k: int, available: int) -> int:
+    """Return the ranked-list length to search: k cut to the `available` candidates, and at least 1."""
+    return max(1, min(k, available))
+
+
 def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray, k: int | None = None) -> dict[str, np.ndarray]:
     """Compute AP@k, recall@1 and MP@5 for each query.
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from feature_extraction.interrupts import raise_wrapped_interrupt
 from linear_adaptation.knn import knn_search
 from linear_adaptation.lin_adapt import LinearAdapter
-from linear_adaptation.metrics import labelled_set_metrics
+from linear_adaptation.metrics import labelled_set_metrics, search_depth
 from linear_adaptation.model import LOSS_TYPES, CosineClassifier, cosine_margin_loss
 
 _logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def evaluate_retrieval(
         adapter.train(was_training)
 
     # a query ranks at most the other images, and mAP@k is the same for every k above that
-    search_k = max(1, min(k, data.num_images - 1))
+    search_k = search_depth(k, data.num_images - 1)
     _, ranked = knn_search(embeddings, [embeddings], k=search_k, device=features.device, exclude_self=True)
     return labelled_set_metrics(ranked, data.labels, data.domains, k)
 
