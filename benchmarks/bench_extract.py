@@ -53,8 +53,8 @@ from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
 from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # noqa: E402
-from linear_adaptation.arg_checks import HelpFormatter  # noqa: E402
 from feature_extraction.transforms import InferenceTransform, TransformName, multiple_padding  # noqa: E402
+from linear_adaptation.arg_checks import HelpFormatter  # noqa: E402
 from linear_adaptation.features_io import load_hdf5_features  # noqa: E402
 from linear_adaptation.knn import knn_search  # noqa: E402
 from linear_adaptation.metrics import labelled_set_metrics  # noqa: E402

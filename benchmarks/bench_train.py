@@ -36,7 +36,7 @@ from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
     check_finite,
-    check_input_file,
+    check_input_files,
     check_not_an_input,
     check_output_file,
     check_seed,
@@ -238,8 +238,7 @@ def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namesp
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject stored inputs that do not exist and a --json path that cannot be written or is an input."""
     inputs = {f"--{name}": [getattr(args, name)] for name in STORED_FLAGS if getattr(args, name) is not None}
-    for flag, (path,) in inputs.items():
-        check_input_file(parser, flag, path)
+    check_input_files(parser, inputs)
     if args.json is not None:
         check_output_file(parser, "--json", args.json)
         check_not_an_input(parser, "--json", args.json, inputs)

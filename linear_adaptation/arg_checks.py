@@ -31,6 +31,13 @@ def check_input_file(parser: argparse.ArgumentParser, flag: str, path: str | os.
     parser.error(f"{flag} {str(path)!r} does not exist; check the path")
 
 
+def check_input_files(parser: argparse.ArgumentParser, inputs: Mapping[str, list]) -> None:
+    """Reject every input path of `inputs` (flag -> paths) that does not exist or is not a file."""
+    for flag, paths in inputs.items():
+        for path in paths:
+            check_input_file(parser, flag, path)
+
+
 def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
     """Reject an output path that is a folder, or whose folder cannot be created or written."""
     path = Path(path)

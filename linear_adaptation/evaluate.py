@@ -53,7 +53,7 @@ from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, canonical_id, read_image_list  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
-    check_input_file,
+    check_input_files,
     check_not_an_input,
     check_output_file,
     same_file,
@@ -389,9 +389,7 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         except DataError as e:
             parser.error(f"--db_hdf5: {e}")
     inputs = {f"--{name}": paths for name, paths in _input_files(args).items()}
-    for flag, paths in inputs.items():
-        for path in paths:
-            check_input_file(parser, flag, path)
+    check_input_files(parser, inputs)
 
     outputs = {flag: path for flag, path in (("--save_json", args.save_json), ("--save_ranks", args.save_ranks))
                if path is not None}

@@ -54,7 +54,7 @@ from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
     check_finite,
-    check_input_file,
+    check_input_files,
     check_not_an_input,
     check_seed,
 )
@@ -249,8 +249,7 @@ def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject input files that do not exist and outputs that would overwrite an input."""
     inputs = {f"--{name}": [getattr(args, name)] for name in _INPUT_FLAGS if getattr(args, name) is not None}
-    for flag, (path,) in inputs.items():
-        check_input_file(parser, flag, path)
+    check_input_files(parser, inputs)
     pth_path = Path(args.save_dir)
     for output in (pth_path, *sidecar_paths(pth_path)):
         check_not_an_input(parser, "--save_dir", output, inputs)
