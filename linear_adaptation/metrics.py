@@ -110,8 +110,8 @@ def labelled_set_metrics(
         mask = domains == domain
         per_domain[int(domain)] = summarise({n: v[mask] for n, v in per_query.items()}, num_positives[mask])
 
-    # a domain whose queries all lack positives stays out of the macro average, but a domain
-    # with queries and an n/a metric (mMP@5 with k < 5) makes that macro average n/a too
+    # A domain whose queries all lack positives stays out of the macro average. A domain with
+    # queries and an n/a metric (mMP@5 with k < 5) makes that macro average n/a.
     scored_domains = [d for d in per_domain.values() if d["num_queries"] > 0]
     result = {}
     for name in METRIC_NAMES:
