@@ -46,6 +46,28 @@ class Interrupted(_SignalStop, Exception):
 # set while the main thread is inside `interrupts_deferred()`
 _deferral = {"active": False, "pending": None}
 
+# The exception the last stop-signal handler raised, kept until the block that installed the handler
+# ends. Python prints an exception raised inside a `__del__` method or a weakref callback as
+# "Exception ignored" and goes on, so a handler that runs there would not stop the run.
+_raised: dict[str, BaseException | None] = {"exception": None}
+
+
+def _raise_from_handler(exception: BaseException) -> None:
+    _raised["exception"] = exception
+    raise exception
+
+
+def raise_if_signal_lost() -> None:
+    """Raise again the exception that a stop-signal handler raised in the current block, if any.
+
+    Normally that exception has already ended the block, so it is still recorded here only
+    when a finalizer dropped it. The three commands call this once per batch or step and
+    before they write their outputs.
+    """
+    exception = _raised["exception"]
+    if exception is not None:
+        raise exception
+
 
 @contextlib.contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
@@ -59,16 +81,18 @@ def signals_raise_interrupted() -> Iterator[None]:
         if _deferral["active"]:
             _deferral["pending"] = signal_number
             return
-        raise Interrupted(signal_number)
+        _raise_from_handler(Interrupted(signal_number))
 
     for sig in previous:
         signal.signal(sig, handler)
+    _raised["exception"] = None
     try:
         yield
     finally:
         for sig, action in previous.items():
             signal.signal(sig, action)
         _deferral["pending"] = None
+        _raised["exception"] = None
 
 
 @contextlib.contextmanager
@@ -118,18 +142,31 @@ TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_termination(signal_number, frame):
-    raise TerminationRequested(signal_number)
+    _raise_from_handler(TerminationRequested(signal_number))
+
+
+def _raise_keyboard_interrupt(signal_number, frame):
+    _raise_from_handler(KeyboardInterrupt())
 
 
 @contextlib.contextmanager
 def termination_raises() -> Iterator[None]:
-    """Raise TerminationRequested in the main thread on SIGTERM or SIGHUP while the block runs."""
+    """Raise TerminationRequested in the main thread on SIGTERM or SIGHUP, and KeyboardInterrupt on SIGINT, while the block runs.
+
+    SIGINT keeps Python's meaning. It gets its own handler, which records the exception
+    for `raise_if_signal_lost`.
+    """
     previous = {sig: signal.signal(sig, _raise_termination) for sig in handled_signals(TERMINATION_SIGNALS)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    _raised["exception"] = None
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed from C, which Python cannot put back
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _raised["exception"] = None
 
 
 def _exit_for_signal(signal_number, frame):

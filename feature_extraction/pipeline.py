@@ -49,6 +49,7 @@ from feature_extraction.images import DecodeOptions
 from feature_extraction.interrupts import (
     Interrupted,
     interrupts_deferred,
+    raise_if_signal_lost,
     raise_wrapped_interrupt,
     signals_raise_interrupted,
 )
@@ -242,6 +243,7 @@ def _embed_windows(
             # a signal stops the run between records, never while one is being received
             with interrupts_deferred():
                 record = next(iterator, None)
+            raise_if_signal_lost()
             if record is None:
                 break
             if isinstance(record, ImageBatch):
@@ -370,6 +372,7 @@ def _assemble_output(
             f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
             f"all are listed in {report}); check --dataset_dir and the list paths"
         )
+    raise_if_signal_lost()
     publish(temporary, output)
     store.remove()
     return num_embedded, failures

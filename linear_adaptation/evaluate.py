@@ -38,6 +38,7 @@ from feature_extraction.interrupts import (  # noqa: E402
     EXIT_SIGINT,
     TerminationRequested,
     exit_quietly_on_signals,
+    raise_if_signal_lost,
     restore_default_signals,
     termination_raises,
 )
@@ -470,6 +471,7 @@ def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
 
     status = 0
     for path, write in writers.items():
+        raise_if_signal_lost()
         try:
             write()
         except OSError as e:

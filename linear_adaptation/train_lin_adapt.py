@@ -39,6 +39,7 @@ from feature_extraction.interrupts import (  # noqa: E402
     TerminationRequested,
     exit_quietly_on_signals,
     exit_status,
+    raise_if_signal_lost,
     raise_wrapped_interrupt,
     restore_default_signals,
     termination_raises,
@@ -348,6 +349,7 @@ def main(args: argparse.Namespace) -> int:
             output_paths={"pth": pth_path, "json": json_path, "png": png_path},
             wall_seconds=time.perf_counter() - wall_start,
         )
+        raise_if_signal_lost()
         if pth_path.exists():
             _logger.warning("replacing the existing %s", pth_path)
         late_signal = write_files_atomically({

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from feature_extraction.interrupts import raise_wrapped_interrupt
+from feature_extraction.interrupts import raise_if_signal_lost, raise_wrapped_interrupt
 from linear_adaptation.knn import knn_search
 from linear_adaptation.lin_adapt import LinearAdapter
 from linear_adaptation.metrics import labelled_set_metrics, search_depth
@@ -274,6 +274,7 @@ class _StepRunner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.features.device)
         current_lr = self.lr
         for i in range(num_steps):
+            raise_if_signal_lost()
             batch_slice = slice(i * self.batch_size, (i + 1) * self.batch_size)
             batch = self.features[epoch_rows[batch_slice]].float()  # (B, D)
             targets = epoch_classes[batch_slice]  # (B,)

@@ -31,7 +31,8 @@ FLOAT16_TOLERANCE = 2e-3
 SUBPROCESS_TIMEOUT = 300
 
 # Wrapper script. Its arguments are the repository, the script, the fault point ("none" for
-# no signal), the call count at which the process signals itself, and the signal name.
+# no signal), the call count at which the process signals itself, and the signal name, to
+# which ":finalizer" adds that the signal is sent from inside a __del__ method.
 # The rest goes to the script. The environment variable
 # FAULT_DELAY_MS="write_window=60,read_window=30" slows these PartStore methods down, so
 # that signals sent from outside land in a known stage.
@@ -42,10 +43,18 @@ sys.path.insert(0, repo)
 count = int(count)
 calls = {"n": 0}
 
+class SignalsWhenDropped:
+    def __del__(self):
+        os.kill(os.getpid(), getattr(signal, signal_name.split(":")[0]))
+        time.sleep(0.05)  # the handler runs here, and Python prints its exception as "Exception ignored"
+
 def reached():
     calls["n"] += 1
     if calls["n"] == count:
-        os.kill(os.getpid(), getattr(signal, signal_name))
+        if signal_name.endswith(":finalizer"):
+            SignalsWhenDropped()
+        else:
+            os.kill(os.getpid(), getattr(signal, signal_name))
 
 def wrap(owner, name, before=False):
     original = getattr(owner, name)
@@ -69,6 +78,16 @@ if script.endswith("extract.py"):
         setattr(store.PartStore, method, slowed)
     if point == "none":
         pass
+    elif point == "decode":
+        # inside load_image's error handling, as a signal during a decode with --num_workers 0 lands
+        import feature_extraction.images as images
+        wrap(images, "_to_rgb", before=True)
+    elif point == "exif":
+        import PIL.Image
+        wrap(PIL.Image.Image, "getexif", before=True)
+    elif point == "embed":
+        import feature_extraction.embedding as embedding
+        wrap(embedding.Embedder, "embed")
     elif point == "before_publish":
         wrap(pipeline, "publish", before=True)
     elif point == "after_publish":
@@ -94,7 +113,14 @@ if script.endswith("extract.py"):
         raise SystemExit(f"unknown fault point {point}")
 else:
     import linear_adaptation.outputs as outputs
-    if point == "output_rename":
+    if point == "knn_search":
+        # patched where evaluate.py imports it from, because runpy runs the script as a new module
+        import linear_adaptation.knn as knn
+        wrap(knn, "knn_search")
+    elif point == "training_step":
+        import linear_adaptation.trainer as trainer
+        wrap(trainer, "cosine_margin_loss")
+    elif point == "output_rename":
         wrap(outputs.os, "replace")
     elif point == "output_fsync":
         wrap(outputs.os, "fsync")

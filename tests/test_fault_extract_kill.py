@@ -280,3 +280,33 @@ def test_sigkill_releases_parts_lock_at_once(images, tmp_path):
     store.open(manifest["fingerprint"], manifest["info"])
     store.close()
     process.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("point, signal_name, exit_status", [("decode", "SIGINT", 130), ("exif", "SIGTERM", 143)])
+def test_signal_while_decoding_in_main_process_stops(point, signal_name, exit_status, images, reference, tmp_path):
+    # With --num_workers 0 the images are decoded in the main process, inside load_image's
+    # catch-all error handling. A signal there must stop the run, not mark the image unreadable.
+    out_dir = tmp_path / "out"
+    args = _args(images, out_dir, "--num_workers", "0")
+    result = run(hooked_command(EXTRACT, args, point, 20, signal_name))
+    _assert_stopped(result.returncode, result.stderr, signal_name, exit_status)
+    _assert_nothing_final(out_dir)
+    assert signal_name not in "".join(p.read_text() for p in out_dir.rglob("*.txt"))
+
+    result = run(command(EXTRACT, args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_final_files(out_dir, reference)
+
+
+def test_dropped_signal_stops_extraction(images, reference, tmp_path):
+    # Regression: a signal whose handler ran inside a __del__ method was printed as
+    # "Exception ignored", and the extraction went on to the end.
+    out_dir = tmp_path / "out"
+    result = run(hooked_command(EXTRACT, _args(images, out_dir), "embed", 3, "SIGTERM:finalizer"))
+    assert "Exception ignored" in result.stderr
+    _assert_stopped(result.returncode, result.stderr.replace("Traceback", ""), "SIGTERM", 143)
+    _assert_nothing_final(out_dir)
+
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_final_files(out_dir, reference)

@@ -152,3 +152,15 @@ def test_sighup_under_nohup_does_not_stop_training(data, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert all(path.exists() for path in _outputs(save))
+
+
+@pytest.mark.parametrize("signal_name, exit_status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_dropped_signal_stops_training(signal_name, exit_status, data, tmp_path):
+    # Regression: a signal whose handler ran inside a __del__ method was printed as
+    # "Exception ignored", and the run went on to write its outputs with exit status 0.
+    save = tmp_path / "out" / "layer.pth"
+    result = run(hooked_command(TRAIN, _args(data, save), "training_step", 5, f"{signal_name}:finalizer"))
+    assert result.returncode == exit_status, result.stderr[-3000:]
+    assert "Exception ignored" in result.stderr
+    assert "no output written" in result.stderr
+    assert not any(path.exists() for path in _outputs(save))
