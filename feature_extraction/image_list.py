@@ -84,14 +84,18 @@ def _check_relative(path: str, list_path: str, line_no: int) -> None:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+# ASCII digits only: int() also reads "1_0", and "10" in Arabic-Indic or full-width digits,
+# as 10, which would silently put such a label into class 10
+_DECIMAL_INT = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
+    if not _DECIMAL_INT.fullmatch(value.strip()):
         raise ImageListError(
-            f"{list_path}:{line_no}: {field} {value!r} is not an integer; "
+            f"{list_path}:{line_no}: {field} {value!r} is not an integer in ASCII digits (such as 12 or -3); "
             "each line must be 'path,label,domain' with integer label and domain"
-        ) from None
+        )
+    number = int(value)
     # labels and domains are stored as int64 arrays
     if not _INT64_MIN <= number <= _INT64_MAX:
         raise ImageListError(

@@ -106,11 +106,21 @@ def test_read_list_rejects_empty_list(tmp_path):
 
 def test_read_list_int64_bounds(tmp_path):
     list_path = tmp_path / "list.txt"
-    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg,1_0,0\nc.jpg,{2**63},0\n")
+    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg,10,0\nc.jpg,{2**63},0\n")
     with pytest.raises(ImageListError, match=f"list.txt:3: label '{2**63}' does not fit in a 64-bit integer"):
         read_image_list(list_path)
-    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg,1_0,0\n")
-    assert [(e.label, e.domain) for e in read_image_list(list_path)] == [(2**63 - 1, -(2**63)), (10, 0)]
+    list_path.write_text(f"a.jpg,{2**63 - 1},{-(2**63)}\nb.jpg, +007 ,-0\n")
+    assert [(e.label, e.domain) for e in read_image_list(list_path)] == [(2**63 - 1, -(2**63)), (7, 0)]
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0661\u0660", "\uff11\uff10", "1e1", "0x10", ""])
+def test_read_list_label_spellings_rejected(tmp_path, value):
+    # Regression: Python's int() read "1_0" and "10" in Arabic-Indic or full-width digits
+    # as 10, so such labels silently joined class 10
+    list_path = tmp_path / "list.txt"
+    list_path.write_text(f"a.jpg,10,0\nb.jpg,{value},0\n", encoding="utf-8")
+    with pytest.raises(ImageListError, match=rf"list.txt:2: label {value!r} is not an integer in ASCII digits \(such as 12 or -3\); "):
+        read_image_list(list_path)
 
 
 @pytest.mark.parametrize("kind", ["missing", "folder"])
