@@ -145,7 +145,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                     "(decompression-bomb guard) (default: %(default)s)")
     preprocessing.add_argument("--jpeg_draft", metavar="BOOL", type=bool_flag,
                                help="decode large JPEGs at a reduced scale (at least 2x the resized size) "
-                                    "for speed (default: %(default)s)")
+                                    "for speed. This changes the pixels of JPEGs at least 4x the resized size, and "
+                                    "false gives the ILIAS extractor's pixels (default: %(default)s)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", metavar="NAME", choices=("auto", "cpu", "cuda"),
