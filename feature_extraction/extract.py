@@ -206,7 +206,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
         parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
     # An unset shell variable in a job script gives an empty value. An empty tag means the default
-    # tag, but an empty model name or checkpoint path has no meaning.
+    # tag, but an empty model name or path has no meaning, and an empty folder would name the current one.
+    for name, fix in (("dataset_dir", "pass the folder that the list paths are relative to"),
+                      ("hdf5_dir", "pass the folder for the output file"),
+                      ("hdf5_name", "omit it for the default stem 'features'"),
+                      ("selected_ids", "omit it to extract every image under --dataset_dir, or pass the list")):
+        if getattr(args, name) == "":
+            parser.error(f"--{name} is empty; {fix}")
+    if "/" in args.hdf5_name or os.sep in args.hdf5_name:
+        parser.error(f"--hdf5_name {args.hdf5_name!r} contains a '/', but it is a file name stem; "
+                     "give the folder with --hdf5_dir")
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):
