@@ -286,6 +286,7 @@ def test_train_bench_even_repeats_true_median(capsys):
         (["--target_map", "101"], "--target_map is 101.0"),
         (["--threads", "100000"], "--threads is 100000 but this process may use"),
         (["--train_features", "nope.hdf5", "--train_list", "nope.txt"], "--train_features 'nope.hdf5' does not exist"),
+        (["--json", ""], "--json is empty; give the path of the file to write"),
     ],
 )
 def test_train_bench_rejects_bad_values(capsys, extra, message):
