@@ -45,6 +45,10 @@ _logger = logging.getLogger("feature_extraction.extract")
 
 PARTITIONS = ("uned", "image_queries", "positives")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# errors of run_extraction that mean invalid arguments (exit status 2) or a failed run (1)
+USAGE_ERRORS = (BackboneError, DeviceError, SettingsMismatchError)
+RUN_ERRORS = (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError)
+EXTRACTION_ERRORS = USAGE_ERRORS + RUN_ERRORS
 
 EPILOG = """\
 exit status:
@@ -232,6 +236,12 @@ def setup_logging() -> None:
     )
 
 
+def log_extraction_error(error: Exception) -> int:
+    """Log an error that run_extraction raised and return its exit status: 2 for invalid arguments, else 1."""
+    _logger.error("%s", error)
+    return EXIT_USAGE if isinstance(error, USAGE_ERRORS) else EXIT_ERROR
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the extraction for parsed arguments; return the exit status."""
     _logger.info("configuration:\n%s", "\n".join(f"  {key}: {value}" for key, value in sorted(vars(args).items())))
@@ -267,12 +277,8 @@ def main(args: argparse.Namespace) -> int:
         )
     except Interrupted as e:
         return e.exit_code
-    except (BackboneError, DeviceError, SettingsMismatchError) as e:
-        _logger.error("%s", e)
-        return EXIT_USAGE
-    except (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError) as e:
-        _logger.error("%s", e)
-        return EXIT_ERROR
+    except EXTRACTION_ERRORS as e:
+        return log_extraction_error(e)
     except OSError as e:
         _logger.error("extraction failed: %s", e)
         return EXIT_ERROR
