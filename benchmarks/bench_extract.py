@@ -48,13 +48,18 @@ from feature_extraction.dataset import (  # noqa: E402
     split_windows,
 )
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
-from feature_extraction.extract import setup_logging  # noqa: E402
+from feature_extraction.extract import EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
 from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # noqa: E402
 from feature_extraction.transforms import InferenceTransform, TransformName, multiple_padding  # noqa: E402
-from linear_adaptation.arg_checks import HelpFormatter  # noqa: E402
+from linear_adaptation.arg_checks import (  # noqa: E402
+    HelpFormatter,
+    check_input_files,
+    check_not_an_input,
+    check_output_file,
+)
 from linear_adaptation.features_io import load_hdf5_features  # noqa: E402
 from linear_adaptation.knn import knn_search  # noqa: E402
 from linear_adaptation.metrics import labelled_set_metrics  # noqa: E402
@@ -135,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--val_k", metavar="K", type=int, help="ranking depth of the mAP@k in --compare_precision")
     run.add_argument("--profile_batches", metavar="N", type=int,
                      help="profile N forward-only batches with torch.profiler and print the operators that "
-                          "take the most time (default: 0, no profile)")
+                          "take the most time; 0 means no profile")
     run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
     run.add_argument("--work_dir", metavar="DIR",
                      help="folder for the list and HDF5 outputs, kept after the run (default: a temporary "
@@ -169,6 +174,21 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given but torch finds no CUDA device; use --device cpu or auto")
+    if args.model == "":
+        parser.error("--model is empty; pass a timm or open_clip model name")
+    check_paths(parser, args)
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject missing inputs, a --work_dir that is a file, and a --json path that cannot be written or is an input."""
+    inputs = {f"--{name}": [getattr(args, name)] for name in ("selected_ids", "checkpoint")
+              if getattr(args, name) is not None}
+    check_input_files(parser, inputs)
+    if args.work_dir is not None and os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        parser.error(f"--work_dir {args.work_dir!r} is a file; give a folder for the list and HDF5 outputs")
+    if args.json is not None:
+        check_output_file(parser, "--json", args.json)
+        check_not_an_input(parser, "--json", args.json, inputs)
 
 
 def select_entries(dataset_dir: str, selected_ids: str | None, num_images: int) -> list[ListEntry]:
@@ -467,12 +487,19 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse and check the arguments, set up logging and run main."""
+    """Parse and check the arguments, set up logging and run main.
+
+    Returns extract.py's exit statuses: 2 for invalid arguments such as an unknown model,
+    1 for a failed extraction.
+    """
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     setup_logging()
-    return main(args)
+    try:
+        return main(args)
+    except EXTRACTION_ERRORS as e:
+        return log_extraction_error(e)
 
 
 if __name__ == "__main__":

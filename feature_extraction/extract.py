@@ -45,6 +45,10 @@ _logger = logging.getLogger("feature_extraction.extract")
 
 PARTITIONS = ("uned", "image_queries", "positives")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# errors of run_extraction that mean invalid arguments (exit status 2) or a failed run (1)
+USAGE_ERRORS = (BackboneError, DeviceError, SettingsMismatchError)
+RUN_ERRORS = (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError)
+EXTRACTION_ERRORS = USAGE_ERRORS + RUN_ERRORS
 
 EPILOG = """\
 exit status:
@@ -207,7 +211,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.min_size and args.transforms != TransformName.RESIZE_LARGE.value:
         parser.error(f"--min_size applies to RESIZE_LARGE only, not to --transforms {args.transforms}")
     # An unset shell variable in a job script gives an empty value. An empty tag means the default
-    # tag, but an empty model name or checkpoint path has no meaning.
+    # tag, but an empty model name or path has no meaning, and an empty folder would name the current one.
+    for name, fix in (("dataset_dir", "pass the folder that the list paths are relative to"),
+                      ("hdf5_dir", "pass the folder for the output file"),
+                      ("hdf5_name", "omit it for the default stem 'features'"),
+                      ("selected_ids", "omit it to extract every image under --dataset_dir, or pass the list")):
+        if getattr(args, name) == "":
+            parser.error(f"--{name} is empty; {fix}")
+    if "/" in args.hdf5_name or os.sep in args.hdf5_name:
+        parser.error(f"--hdf5_name {args.hdf5_name!r} contains a '/', but it is a file name stem; "
+                     "give the folder with --hdf5_dir")
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):
@@ -222,6 +235,12 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+
+
+def log_extraction_error(error: Exception) -> int:
+    """Log an error that run_extraction raised and return its exit status: 2 for invalid arguments, else 1."""
+    _logger.error("%s", error)
+    return EXIT_USAGE if isinstance(error, USAGE_ERRORS) else EXIT_ERROR
 
 
 def main(args: argparse.Namespace) -> int:
@@ -259,12 +278,8 @@ def main(args: argparse.Namespace) -> int:
         )
     except Interrupted as e:
         return e.exit_code
-    except (BackboneError, DeviceError, SettingsMismatchError) as e:
-        _logger.error("%s", e)
-        return EXIT_USAGE
-    except (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError) as e:
-        _logger.error("%s", e)
-        return EXIT_ERROR
+    except EXTRACTION_ERRORS as e:
+        return log_extraction_error(e)
     except OSError as e:
         _logger.error("extraction failed: %s", e)
         return EXIT_ERROR

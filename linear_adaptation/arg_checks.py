@@ -39,7 +39,10 @@ def check_input_files(parser: argparse.ArgumentParser, inputs: Mapping[str, list
 
 
 def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
-    """Reject an output path that is a folder, or whose folder cannot be created or written."""
+    """Reject an empty output path, a folder, or a path whose folder cannot be created or written."""
+    if str(path) == "":
+        # Path("") is the current folder, which the message would name as "."
+        parser.error(f"{flag} is empty; give the path of the file to write")
     path = Path(path)
     if path.is_dir():
         parser.error(f"{flag} {str(path)!r} is a folder; give the path of the file to write")

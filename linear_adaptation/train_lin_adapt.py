@@ -221,6 +221,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.keep == "best" and not has_val_file and args.val_fraction is None:
         parser.error("--keep best needs validation: give --val_features_path/--val_info_path or --val_fraction")
 
+    if args.save_dir == "":
+        parser.error("--save_dir is empty; give the path of the .pth file to write")
     if Path(args.save_dir).is_dir():
         parser.error(f"--save_dir {args.save_dir!r} is a folder; give the path of the .pth file to write")
     check_paths(parser, args)

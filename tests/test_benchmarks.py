@@ -242,6 +242,37 @@ def test_extract_bench_rejects_missing_folder(capsys, tmp_path):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    # Regression: each of these ended in a traceback, --json only after the whole benchmark.
+    ("--json", ".", "--json '.' is a folder"),
+    ("--selected_ids", "absent.txt", "--selected_ids 'absent.txt' does not exist"),
+    ("--checkpoint", "absent.pth", "--checkpoint 'absent.pth' does not exist"),
+    ("--work_dir", "file.txt", "--work_dir 'file.txt' is a file"),
+    ("--model", "", "--model is empty"),
+])
+def test_extract_bench_rejects_bad_flags(capsys, tmp_path, monkeypatch, sample_dataset, flag, value, message):
+    dataset_dir, _, _ = sample_dataset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_extract.run([*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_extract_bench_unknown_model_exit_2(caplog, sample_dataset):
+    # Regression: an unknown model ended in a BackboneError traceback with exit status 1.
+    dataset_dir, _, _ = sample_dataset
+    assert bench_extract.run([*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--model", "no_such_model"]) == 2
+    assert "--model 'no_such_model' is not a timm model" in caplog.text
+
+
+def test_extract_bench_profile_help_states_default_once():
+    help_text = " ".join(bench_extract.get_args_parser().format_help().split())
+    assert "0 means no profile (default: 0)" in help_text
+    assert help_text.count("(default: 0, no profile)") == 0
+
+
 def test_train_bench_runs_requested_steps_across_epochs(capsys, monkeypatch):
     # Regression: --profile_steps 50 and --untimed_steps 100 ran only the 9 steps of one epoch,
     # and the profile header still printed 50.
@@ -286,6 +317,7 @@ def test_train_bench_even_repeats_true_median(capsys):
         (["--target_map", "101"], "--target_map is 101.0"),
         (["--threads", "100000"], "--threads is 100000 but this process may use"),
         (["--train_features", "nope.hdf5", "--train_list", "nope.txt"], "--train_features 'nope.hdf5' does not exist"),
+        (["--json", ""], "--json is empty; give the path of the file to write"),
     ],
 )
 def test_train_bench_rejects_bad_values(capsys, extra, message):

@@ -539,6 +539,13 @@ def test_output_naming_input_exit_2(labelled_set, tmp_path, capsys, flag, victim
     assert target.read_bytes() == before
 
 
+def test_empty_output_path_exit_2(labelled_set, capsys):
+    # Regression: an empty --save_json was reported as the folder '.'.
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", ""), capsys)
+    assert code == 2
+    assert "--save_json is empty; give the path of the file to write" in error
+
+
 def test_output_naming_input_through_link_exit_2(labelled_set, tmp_path, capsys):
     (tmp_path / "link.txt").symlink_to(labelled_set["list"])
     code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", tmp_path / "link.txt"), capsys)

@@ -617,3 +617,29 @@ def test_missing_dataset_dir_names_fix(sample_dataset, tmp_path, caplog):
                        "--hdf5_dir", tmp_path / "out", *TINY)
     assert code == 1
     assert "is not a folder; pass the folder that the list paths are relative to" in caplog.text
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    # Regression: an empty --dataset_dir or --hdf5_dir meant the current folder, so an unset
+    # shell variable extracted into it or listed every image as missing there.
+    ("--dataset_dir", "", "--dataset_dir is empty"),
+    ("--hdf5_dir", "", "--hdf5_dir is empty"),
+    ("--hdf5_name", "", "--hdf5_name is empty"),
+    ("--selected_ids", "", "--selected_ids is empty"),
+    # Regression: a stem with a '/' wrote the output into another folder than --hdf5_dir.
+    ("--hdf5_name", "sub/features", "--hdf5_name 'sub/features' contains a '/'"),
+    ("--hdf5_name", "../features", "--hdf5_name '../features' contains a '/'"),
+])
+def test_empty_or_nested_path_flags_exit_two(sample_dataset, tmp_path, monkeypatch, capsys, flag, value, message):
+    root, list_path, _ = sample_dataset
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    monkeypatch.chdir(work_dir)
+    argv = {"--dataset_dir": root, "--selected_ids": list_path, "--hdf5_dir": tmp_path / "out"}
+    argv[flag] = value
+    with pytest.raises(SystemExit) as info:
+        run_cli(*[item for pair in argv.items() for item in pair], *TINY)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(work_dir.iterdir()) == []
+    assert not (tmp_path / "out").exists()

@@ -280,6 +280,8 @@ def test_cli_failure_keeps_existing_folder(data_dir, tmp_path):
         (["--seed", "-1"], "--seed is -1; it must lie between 0 and 2**63 - 1"),
         (["--seed", str(10**23)], f"--seed is {10**23}; it must lie between 0"),
         (["--seed", "-1", "--val_fraction", "0.3"], "--seed is -1"),
+        # Regression: an empty path was reported as the folder ''.
+        (["--save_dir", ""], "--save_dir is empty; give the path of the .pth file to write"),
     ],
 )
 def test_cli_bad_arguments_exit_2(data_dir, tmp_path, capsys, extra, message):
