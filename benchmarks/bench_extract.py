@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--cpu_bf16", metavar="BOOL", type=bool_flag,
                          help="CPU only: bfloat16 autocast where the CPU supports it (true/false)")
     compute.add_argument("--comp_fp16", metavar="BOOL", type=bool_flag,
-                         help="CUDA only: autocast with --amp_dtype (true/false)")
+                         help="CUDA only: autocast with --amp_dtype, as extract.py does by default (true/false)")
     compute.add_argument("--amp_dtype", metavar="DTYPE", choices=tuple(AMP_DTYPES), help="autocast dtype on CUDA")
     compute.add_argument("--store_fp16", metavar="BOOL", type=bool_flag,
                          help="store the embeddings as float16, as extract.py does by default (true/false)")
@@ -150,7 +150,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(
         dataset_dir=None, selected_ids=None, num_images=1024, framework="timm", model="tf_efficientnet_lite0",
         checkpoint=None, pooling="head", resolution=256, transforms=TransformName.RESIZE_LARGE.value,
-        device="auto", batch_size=None, num_workers=2, window_size=None, worker_priority="auto", fold_batchnorm=True, cpu_bf16=False, comp_fp16=False,
+        device="auto", batch_size=None, num_workers=2, window_size=None, worker_priority="auto", fold_batchnorm=True, cpu_bf16=False, comp_fp16=True,
         amp_dtype="float16", store_fp16=True, forward_passes=1, rounds=1, compare_precision=False, val_k=100,
         profile_batches=0, profile_rows=15, work_dir=None, json=None,
     )
