@@ -9,6 +9,12 @@ Neither faiss nor `torch.topk` guarantees which of several equal scores survives
 cut to k (faiss 1.15 may evict row 0 of five tied rows when a better row arrives), so
 each chunk is searched a little deeper than needed. A query whose score at the cut still equals the deepest score fetched is
 searched again with twice the depth, until the cut is strict or the chunk is exhausted.
+
+Equal means equal as computed. faiss gives a database row the same score in any chunk and
+for any number of queries, so copies of one embedding tie. A torch matmul can round one
+row's score differently in products of other shapes (on CPU, chunks of 2 or 3 rows did), so
+on the torch backend copies in chunks of different sizes may not tie and their order is
+then set by rounding. This is not checked on a GPU.
 """
 import logging
 from collections.abc import Callable, Iterable, Iterator

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from feature_extraction.interrupts import raise_if_signal_lost, raise_wrapped_interrupt
 from linear_adaptation.knn import knn_search
-from linear_adaptation.lin_adapt import LinearAdapter
+from linear_adaptation.lin_adapt import LinearAdapter, adapt_rows
 from linear_adaptation.metrics import labelled_set_metrics, search_depth
 from linear_adaptation.model import LOSS_TYPES, CosineClassifier, cosine_margin_loss
 
@@ -174,13 +174,14 @@ def embed_rows(
     """Return L2-normalised float32 embeddings (M, D') of the given rows, adapted when `adapter` is set.
 
     The raw embeddings are normalised too, so they are compared by cosine like the adapted ones.
+    The layer goes through `adapt_rows`, as in evaluate.py, so both get the same vectors.
     """
     device = features.device
     rows_t = torch.from_numpy(rows).to(device)
     chunks = []
     for start in range(0, rows_t.shape[0], chunk_rows):
         batch = features[rows_t[start : start + chunk_rows]].float()
-        out = adapter(batch) if adapter is not None else torch.nn.functional.normalize(batch, dim=-1)
+        out = adapt_rows(adapter, batch) if adapter is not None else torch.nn.functional.normalize(batch, dim=-1)
         chunks.append(out.float().cpu().numpy())
     return np.concatenate(chunks, axis=0)
 

@@ -708,3 +708,38 @@ def test_help_text_states_defaults():
     assert "(default: None)" not in help_text
     assert "(default: 100 in mode 1, 1000 in mode 2)" in help_text
     assert help_text.count("the flag alone means true") == 2
+
+
+def test_copies_tie_whatever_chunk_rows(tmp_path):
+    # Regression: the layer ran on blocks of --chunk_rows rows, and BLAS rounded a copy in a
+    # file's short last block differently, so copies of one image stopped tying and their order,
+    # and the metrics when only some copies are positives, changed with --chunk_rows.
+    rng = np.random.default_rng(5)
+    dim = 64
+    image = rng.standard_normal(dim)
+    query = _normalise([image + 0.3 * rng.standard_normal(dim)]).astype(np.float16)
+    database = _normalise(rng.standard_normal((23, dim))).astype(np.float16)
+    copies = [2, 9, 10, 16, 22]
+    database[copies] = _normalise([image]).astype(np.float16)
+    database_ids = [f"db/{i}.jpg" for i in range(23)]
+    for name, rows in (("a", slice(0, 10)), ("b", slice(10, 11)), ("c", slice(11, 23))):
+        _write_hdf5(tmp_path / f"db_{name}.hdf5", database_ids[rows], database[rows])
+    _write_hdf5(tmp_path / "q.hdf5", ["q.jpg"], query)
+    (tmp_path / "gt.json").write_text(json.dumps({"q.jpg": ["db/10.jpg", "db/22.jpg", "db/5.jpg"]}))
+    weight = rng.standard_normal((32, dim)).astype(np.float32)
+    _save_layer(tmp_path / "layer.pth", weight, rng.standard_normal(32).astype(np.float32))
+
+    outcomes = []
+    for chunk_rows in (1, 3, 4, 64):
+        ranks_path, json_path = tmp_path / f"ranks_{chunk_rows}.npz", tmp_path / f"m_{chunk_rows}.json"
+        assert _run(["--query_hdf5", tmp_path / "q.hdf5", "--db_hdf5", *(tmp_path / f"db_{n}.hdf5" for n in "abc"),
+                     "--gt_path", tmp_path / "gt.json", "--k", 8, "--chunk_rows", chunk_rows, "--device", "cpu",
+                     "--lin_adapt_path", tmp_path / "layer.pth", "--save_ranks", ranks_path,
+                     "--save_json", json_path, "--hash_inputs", "false"]) == 0
+        with np.load(ranks_path) as f:
+            rows, scores = f["rows_with_layer"][0], f["scores_with_layer"][0]
+        assert rows[:5].tolist() == copies, chunk_rows  # the copies tie and keep row order
+        assert len(set(scores[:5].tolist())) == 1
+        metrics = json.loads(json_path.read_text())["metrics"]["with_layer"]
+        outcomes.append((rows.tolist(), scores.tolist(), metrics["map"], metrics["mmp@5"]))
+    assert all(outcome == outcomes[0] for outcome in outcomes)

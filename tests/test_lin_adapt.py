@@ -143,3 +143,25 @@ def test_apply_layer_matches_module():
 def test_apply_layer_rejects_dimension():
     with pytest.raises(ValueError, match=r"the layer expects \(N, 5\)"):
         apply_layer(LinearAdapter(5, 3), np.zeros((2, 4), dtype=np.float32))
+
+
+def test_apply_layer_adapts_copies_identically():
+    # Regression: the layer ran on blocks of --chunk_rows rows, and BLAS rounds a row differently
+    # with the number of rows in the product, so copies of one image in blocks of other sizes
+    # (a file's last block, another --chunk_rows) got vectors a few ulps apart and stopped tying.
+    torch.manual_seed(0)
+    adapter = LinearAdapter(256, 128).eval()
+    torch.nn.init.normal_(adapter.layer.bias)
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((1500, 256)).astype(np.float16)
+    copies = [0, 1, 2, 511, 1023, 1024, 1100, 1499]
+    embeddings[copies] = embeddings[0]
+
+    reference = apply_layer(adapter, embeddings[:1])[0]
+    for batch_rows in (1, 2, 3, 7, 100, 1024, 65536):
+        adapted = apply_layer(adapter, embeddings, batch_rows=batch_rows)
+        for row in copies:
+            assert adapted[row].tobytes() == reference.tobytes(), (batch_rows, row)
+    np.testing.assert_allclose(
+        adapted, adapter(torch.from_numpy(embeddings.astype(np.float32))).detach().numpy(), rtol=1e-5, atol=1e-6
+    )
