@@ -1,5 +1,6 @@
 """Shared fixtures: small generated images, image lists and the mini_uned location."""
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,15 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The signal tests check how the commands stop on SIGHUP and SIGINT. A suite started under nohup
+# (SIGHUP ignored) or in the background of a script (SIGINT ignored) would pass the ignored signal
+# on to the commands it runs, and they keep it ignored on purpose. So the suite restores the
+# default actions before any test module imports the toolkit. Tests of the nohup case set SIG_IGN
+# in their own child processes.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mini_uned_dir() -> Path:
