@@ -19,6 +19,17 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def raise_wrapped_signal(exception: BaseException) -> None:
+    """Raise `exception` wrapped in a RuntimeError, as Python 3.11 wraps one raised inside __set_name__.
+
+    A signal handler that raises during a lazy import can hit a class body's __set_name__ call.
+    """
+    try:
+        raise exception
+    except BaseException as e:
+        raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+
+
 def mini_uned_dir() -> Path:
     """Return the mini_uned folder: $MINI_UNED_DIR, else shared/data/mini_uned beside the repository."""
     return Path(os.environ.get("MINI_UNED_DIR", REPO_ROOT.parent / "shared" / "data" / "mini_uned"))

@@ -12,6 +12,8 @@ import torch
 from feature_extraction.extract import bool_flag, check_args, get_args_parser, main
 from feature_extraction.image_list import escape_id
 
+from conftest import raise_wrapped_signal
+
 TINY = ["--framework", "timm", "--model", "resnet10t", "--pretrained", "none", "--resolution", "32",
         "--num_workers", "0", "--batch_size", "3", "--window_size", "4"]
 
@@ -398,10 +400,7 @@ def test_interrupt_in_model_build_exits_quietly(extract, monkeypatch, extra):
     import timm
 
     def create_interrupted(name, pretrained=False, **kwargs):
-        try:
-            raise SystemExit(143)
-        except SystemExit as e:
-            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+        raise_wrapped_signal(SystemExit(143))
 
     monkeypatch.setattr(timm, "create_model", create_interrupted)
     with pytest.raises(SystemExit) as info:
@@ -415,10 +414,7 @@ def test_interrupt_wrapped_in_model_error_stops_run(extract, monkeypatch, caplog
     from feature_extraction.interrupts import Interrupted
 
     def embed_interrupted(self, images):
-        try:
-            raise Interrupted(signal.SIGTERM)
-        except Interrupted as e:
-            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+        raise_wrapped_signal(Interrupted(signal.SIGTERM))
 
     monkeypatch.setattr(Embedder, "embed", embed_interrupted)
     with caplog.at_level(logging.WARNING):

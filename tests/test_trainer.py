@@ -18,6 +18,8 @@ from linear_adaptation.trainer import (
     train_linear_adapter,
 )
 
+from conftest import raise_wrapped_signal
+
 # small enough to train in well under a second per run on two cores
 DATA_ARGS = dict(
     num_train_images=2000,
@@ -278,10 +280,7 @@ def test_make_adam_keeps_interrupt_wrapped_in_error(monkeypatch, interrupt):
     # A signal handler that raises during the optimizer's first, lazy imports can come out wrapped in
     # a RuntimeError ("Error calling __set_name__ ..."), which must not read as "fused Adam unavailable".
     def adam_interrupted(params, **kwargs):
-        try:
-            raise interrupt()
-        except BaseException as e:
-            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'field'") from e
+        raise_wrapped_signal(interrupt())
 
     monkeypatch.setattr(torch.optim, "Adam", adam_interrupted)
     with pytest.raises(interrupt):
