@@ -210,3 +210,44 @@ def test_fused_loss_bf16_close_to_float32():
     assert low.item() == pytest.approx(full.item(), rel=1e-2)
     cosine = F.cosine_similarity(w_low.grad.flatten(), w_full.grad.flatten(), dim=0)
     assert cosine > 0.99
+
+
+@pytest.mark.parametrize("loss_type,margin", [("normface", 0.0), ("cosface", 0.35), ("arcface", 0.5)])
+def test_fused_loss_gradients_match_finite_differences(loss_type, margin):
+    # gradcheck cannot run here because it calls backward several times on one output
+    features, weight, targets = random_head(num_classes=4, dim=3, batch=5, seed=7)
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    cosine_margin_loss(f, w, targets, loss_type, margin, 16.0).backward()
+
+    eps = 1e-6
+    for tensor, analytic in ((features, f.grad), (weight, w.grad)):
+        numeric = torch.zeros_like(tensor)
+        for i in range(tensor.numel()):
+            values = []
+            for step in (eps, -eps):
+                moved = tensor.clone()
+                moved.view(-1)[i] += step
+                inputs = (moved, weight) if tensor is features else (features, moved)
+                values.append(cosine_margin_loss(*inputs, targets, loss_type, margin, 16.0).item())
+            numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
+        assert torch.allclose(analytic, numeric, atol=1e-7)
+
+
+def test_fused_loss_zero_weight_and_clamped_target():
+    # rows 0 and 1 point exactly along and against their target weights, so arcface clamps them,
+    # and class 4 has a zero weight, where F.normalize's eps sets the gradient
+    _, weight, _ = random_head(num_classes=5, dim=6, batch=1, seed=8)
+    weight[4] = 0.0
+    targets = torch.tensor([0, 1, 2])
+    features = F.normalize(weight[targets], dim=1) * torch.tensor([[1.0], [-1.0], [1.0]], dtype=torch.float64)
+    features[2] = F.normalize(torch.arange(1.0, 7.0, dtype=torch.float64), dim=0)
+    for loss_type, margin in (("cosface", 0.35), ("arcface", 0.5)):
+        f1, w1 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        f2, w2 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = cosine_margin_loss(f1, w1, targets, loss_type, margin, 16.0)
+        expected = reference_loss(f2 @ F.normalize(w2, dim=1).T, targets, loss_type, margin, 16.0)
+        loss.backward()
+        expected.backward()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+        assert torch.allclose(f1.grad, f2.grad, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(w1.grad, w2.grad, rtol=1e-12, atol=1e-12)
