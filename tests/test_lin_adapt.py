@@ -165,3 +165,19 @@ def test_apply_layer_adapts_copies_identically():
     np.testing.assert_allclose(
         adapted, adapter(torch.from_numpy(embeddings.astype(np.float32))).detach().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_module_accepts_float16_embeddings(tmp_path):
+    # The extractor stores float16 by default, so a caller's first try is the layer on those rows.
+    torch.manual_seed(0)
+    adapter = LinearAdapter(6, 4)
+    torch.nn.init.normal_(adapter.layer.bias)
+    path = tmp_path / "lin_adapt.pth"
+    torch.save(adapter.state_dict(), path)
+    layer = load_lin_adapt_layer(path)
+
+    embeddings = F.normalize(torch.randn(5, 6), dim=1).half()
+    adapted = layer(embeddings)
+
+    assert adapted.dtype == torch.float32
+    torch.testing.assert_close(adapted, layer(embeddings.float()), rtol=0, atol=0)
