@@ -22,12 +22,18 @@ class _RunsCodeWhenUnpickled:
         return (_create_marker, (self.marker,))
 
 
-def test_loads_trainer_state_dict(tmp_path):
+def _save_random_layer(tmp_path, in_features: int, out_features: int):
+    """Save a seeded layer with a nonzero bias as the trainer does, and return it with its path."""
     torch.manual_seed(0)
-    adapter = LinearAdapter(8, 4)
+    adapter = LinearAdapter(in_features, out_features)
     torch.nn.init.normal_(adapter.layer.bias)
     path = tmp_path / "lin_adapt.pth"
     torch.save(adapter.state_dict(), path)
+    return adapter, path
+
+
+def test_loads_trainer_state_dict(tmp_path):
+    adapter, path = _save_random_layer(tmp_path, 8, 4)
 
     loaded = load_lin_adapt_layer(path, expected_in_features=8)
     assert not loaded.training
@@ -169,11 +175,7 @@ def test_apply_layer_adapts_copies_identically():
 
 def test_module_accepts_float16_embeddings(tmp_path):
     # The extractor stores float16 by default, so a caller's first try is the layer on those rows.
-    torch.manual_seed(0)
-    adapter = LinearAdapter(6, 4)
-    torch.nn.init.normal_(adapter.layer.bias)
-    path = tmp_path / "lin_adapt.pth"
-    torch.save(adapter.state_dict(), path)
+    _, path = _save_random_layer(tmp_path, 6, 4)
     layer = load_lin_adapt_layer(path)
 
     embeddings = F.normalize(torch.randn(5, 6), dim=1).half()
