@@ -41,6 +41,8 @@ class LinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 1:
             x = x.unsqueeze(0)
+        # HDF5 embeddings are float16 by default, and nn.Linear rejects inputs of another dtype
+        x = x.to(self.layer.weight.dtype)
         return F.normalize(self.layer(x), p=2, dim=-1)
 
 

@@ -546,6 +546,15 @@ def test_empty_output_path_exit_2(labelled_set, capsys):
     assert "--save_json is empty; give the path of the file to write" in error
 
 
+def test_save_json_trailing_slash_exit_2(labelled_set, tmp_path, capsys):
+    # Path() drops a trailing slash, so 'out/' was written as a file named 'out'.
+    output = f"{tmp_path / 'out'}{os.sep}"
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", output), capsys)
+    assert code == 2
+    assert f"--save_json {output!r} ends with a path separator" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_naming_input_through_link_exit_2(labelled_set, tmp_path, capsys):
     (tmp_path / "link.txt").symlink_to(labelled_set["list"])
     code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", tmp_path / "link.txt"), capsys)

@@ -22,12 +22,18 @@ class _RunsCodeWhenUnpickled:
         return (_create_marker, (self.marker,))
 
 
-def test_loads_trainer_state_dict(tmp_path):
+def _save_random_layer(tmp_path, in_features: int, out_features: int):
+    """Save a seeded layer with a nonzero bias as the trainer does, and return it with its path."""
     torch.manual_seed(0)
-    adapter = LinearAdapter(8, 4)
+    adapter = LinearAdapter(in_features, out_features)
     torch.nn.init.normal_(adapter.layer.bias)
     path = tmp_path / "lin_adapt.pth"
     torch.save(adapter.state_dict(), path)
+    return adapter, path
+
+
+def test_loads_trainer_state_dict(tmp_path):
+    adapter, path = _save_random_layer(tmp_path, 8, 4)
 
     loaded = load_lin_adapt_layer(path, expected_in_features=8)
     assert not loaded.training
@@ -165,3 +171,15 @@ def test_apply_layer_adapts_copies_identically():
     np.testing.assert_allclose(
         adapted, adapter(torch.from_numpy(embeddings.astype(np.float32))).detach().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_module_accepts_float16_embeddings(tmp_path):
+    # The extractor stores float16 by default, so a caller's first try is the layer on those rows.
+    _, path = _save_random_layer(tmp_path, 6, 4)
+    layer = load_lin_adapt_layer(path)
+
+    embeddings = F.normalize(torch.randn(5, 6), dim=1).half()
+    adapted = layer(embeddings)
+
+    assert adapted.dtype == torch.float32
+    torch.testing.assert_close(adapted, layer(embeddings.float()), rtol=0, atol=0)

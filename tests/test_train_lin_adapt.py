@@ -299,6 +299,16 @@ def test_cli_save_dir_folder_exit_2(data_dir, tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_cli_save_dir_trailing_slash_exit_2(data_dir, tmp_path, capsys):
+    # Path() drops a trailing slash, so 'out/' was written as a file named 'out' beside 'out.json'.
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, f"{tmp_path / 'out'}{os.sep}", with_val=False))
+    assert exit_info.value.code == 2
+    assert "ends with a path separator" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cli_cuda_without_gpu_exit_2(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
