@@ -53,7 +53,7 @@ from feature_extraction.interrupts import (
     raise_wrapped_interrupt,
     signals_raise_interrupted,
 )
-from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, parts_dir_for
+from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, list_change_note, parts_dir_for
 from feature_extraction.transforms import InferenceTransform, TransformName
 
 _logger = logging.getLogger(__name__)
@@ -157,15 +157,13 @@ def _check_existing_output(output: Path, fingerprint: dict) -> None:
     if "model" in stored:
         stored["model"] = str(stored["model"]).partition(".")[0]
 
-    differences = [
-        f"{key}: {_plain(stored[key])!r} in the file, {value!r} now"
-        for key, value in sorted(requested.items())
-        if key in stored and _plain(stored[key]) != value
-    ]
-    if differences:
+    differing = [key for key, value in sorted(requested.items()) if key in stored and _plain(stored[key]) != value]
+    if differing:
+        differences = [f"{key}: {_plain(stored[key])!r} in the file, {requested[key]!r} now" for key in differing]
         raise SettingsMismatchError(
-            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "). Pass "
-            "--overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name to keep it"
+            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
+            + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
+            "--hdf5_dir or --hdf5_name to keep it"
         )
     unchecked = sorted(key for key in requested if key not in stored)
     if unchecked:

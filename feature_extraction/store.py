@@ -39,6 +39,14 @@ class SettingsMismatchError(Exception):
     """The parts folder belongs to a run with other settings; the message names them and the fix."""
 
 
+def list_change_note(differing_keys: list[str]) -> str:
+    """Return a sentence on what a changed list_sha256 means, or "" when it did not change."""
+    if "list_sha256" not in differing_keys:
+        return ""
+    return (" The list_sha256 is the hash of the --selected_ids file or, without that flag, of the image "
+            "files found under --dataset_dir, so a list was edited or images were added, removed or renamed.")
+
+
 class StoreError(Exception):
     """A parts folder or part file that cannot be used; the message names the fix."""
 
@@ -144,16 +152,15 @@ class PartStore:
                     f"and this version of extract.py resumes format {fingerprint.get('format_version')!r} only. "
                     "Pass --overwrite true to discard it and extract again"
                 )
-            differences = [
-                f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now"
-                for key in sorted(set(previous) | set(fingerprint))
-                if previous.get(key) != fingerprint.get(key)
-            ]
-            if differences:
+            differing = [key for key in sorted(set(previous) | set(fingerprint))
+                         if previous.get(key) != fingerprint.get(key)]
+            if differing:
+                differences = [f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now" for key in differing]
                 raise SettingsMismatchError(
                     f"{self.directory} contains a partial run with other settings ("
                     + "; ".join(differences)
-                    + "). Rerun with the same flags and list to resume it, or pass --overwrite true to discard it"
+                    + ")." + list_change_note(differing)
+                    + " Rerun with the same flags and list to resume it, or pass --overwrite true to discard it"
                 )
             for key in sorted(set(previous_info) & set(info)):
                 if previous_info[key] != info[key]:

@@ -12,7 +12,7 @@ import torch
 from feature_extraction.extract import bool_flag, check_args, get_args_parser, main
 from feature_extraction.image_list import escape_id
 
-from conftest import raise_wrapped_signal
+from conftest import raise_wrapped_signal, write_image
 
 TINY = ["--framework", "timm", "--model", "resnet10t", "--pretrained", "none", "--resolution", "32",
         "--num_workers", "0", "--batch_size", "3", "--window_size", "4"]
@@ -639,3 +639,17 @@ def test_empty_or_nested_path_flags_exit_two(sample_dataset, tmp_path, monkeypat
     assert message in capsys.readouterr().err
     assert list(work_dir.iterdir()) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):
+    # Without --selected_ids the list is the image files found under --dataset_dir. A rerun after
+    # an image was added exited 2 naming only list_sha256, which did not say what had changed.
+    root, _, _ = sample_dataset
+    out_dir = tmp_path / "out"
+    assert run_cli("--dataset_dir", root, "--hdf5_dir", out_dir, *TINY) == 0
+    write_image(root / "added" / "new.jpg", (40, 30), seed=99)
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", root, "--hdf5_dir", out_dir, *TINY)
+    assert code == 2
+    assert "list_sha256" in caplog.text
+    assert "image files found under --dataset_dir" in caplog.text

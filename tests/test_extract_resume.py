@@ -131,6 +131,7 @@ def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_datase
     assert code == 2
     assert "list_sha256" in caplog.text
     assert "num_rows: 10 before, 11 now" in caplog.text
+    assert "image files found under --dataset_dir" in caplog.text
 
 
 def test_changed_tag_with_checkpoint_rejected(extract, monkeypatch, tmp_path, caplog):
