@@ -38,25 +38,24 @@ def check_input_files(parser: argparse.ArgumentParser, inputs: Mapping[str, list
             check_input_file(parser, flag, path)
 
 
-def check_no_trailing_separator(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike, what: str) -> None:
-    """Reject an output path that ends with a path separator.
-
-    Path() drops the trailing separator, so 'out/' would otherwise become a file named 'out'.
-    """
+def check_output_path(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike,
+                      description: str = "the file to write") -> None:
+    """Reject an output path that is empty, ends with a path separator or names an existing folder."""
+    if str(path) == "":
+        # Path("") is the current folder, which the message would name as "."
+        parser.error(f"{flag} is empty; give the path of {description}")
+    # Path() drops a trailing separator, so 'out/' would otherwise become a file named 'out'
     separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
     if str(path).endswith(separators):
-        parser.error(f"{flag} {str(path)!r} ends with a path separator, so it names a folder; give the path of {what}")
+        parser.error(f"{flag} {str(path)!r} ends with a path separator, so it names a folder; give the path of {description}")
+    if Path(path).is_dir():
+        parser.error(f"{flag} {str(path)!r} is a folder; give the path of {description}")
 
 
 def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
     """Reject an empty output path, a folder, or a path whose folder cannot be created or written."""
-    if str(path) == "":
-        # Path("") is the current folder, which the message would name as "."
-        parser.error(f"{flag} is empty; give the path of the file to write")
-    check_no_trailing_separator(parser, flag, path, "the file to write")
+    check_output_path(parser, flag, path)
     path = Path(path)
-    if path.is_dir():
-        parser.error(f"{flag} {str(path)!r} is a folder; give the path of the file to write")
     folder = Path(os.path.abspath(path)).parent
     existing = next(p for p in [folder, *folder.parents] if p.exists())
     if not existing.is_dir():

@@ -57,7 +57,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_finite,
     check_input_files,
     check_not_an_input,
-    check_no_trailing_separator,
+    check_output_path,
     check_seed,
 )
 from linear_adaptation.features_io import DataError  # noqa: E402
@@ -222,11 +222,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.keep == "best" and not has_val_file and args.val_fraction is None:
         parser.error("--keep best needs validation: give --val_features_path/--val_info_path or --val_fraction")
 
-    if args.save_dir == "":
-        parser.error("--save_dir is empty; give the path of the .pth file to write")
-    check_no_trailing_separator(parser, "--save_dir", args.save_dir, "the .pth file to write")
-    if Path(args.save_dir).is_dir():
-        parser.error(f"--save_dir {args.save_dir!r} is a folder; give the path of the .pth file to write")
+    check_output_path(parser, "--save_dir", args.save_dir, "the .pth file to write")
     check_paths(parser, args)
 
 
