@@ -161,8 +161,8 @@ def adapt_rows(adapter: LinearAdapter, embeddings: torch.Tensor) -> torch.Tensor
     number of rows in the product (one row becomes a matrix-vector product, for instance),
     so copies of one image adapted in blocks of different sizes (a file's last block, another
     --chunk_rows) would come out a few ulps apart and be ranked by rounding instead of tying.
-    With one shape every copy gets the same vector wherever it is (checked on CPU with MKL,
-    1 to 16 threads; not checked on a GPU). Computing in float64 only makes that rarer.
+    With one shape, every copy gets the same vector wherever it is. This was checked on CPU
+    with MKL and 1 to 16 threads, not on a GPU. Computing in float64 only makes that rarer.
     """
     num_rows = embeddings.shape[0]
     out = torch.empty((num_rows, adapter.out_features), dtype=torch.float32, device=embeddings.device)

@@ -721,8 +721,8 @@ def test_help_text_states_defaults():
 
 def test_copies_tie_whatever_chunk_rows(tmp_path):
     # Regression: the layer ran on blocks of --chunk_rows rows, and BLAS rounded a copy in a
-    # file's short last block differently, so copies of one image stopped tying and their order,
-    # and the metrics when only some copies are positives, changed with --chunk_rows.
+    # file's short last block differently. Copies of one image stopped tying, so their order
+    # changed with --chunk_rows, and so did the metrics when only some copies are positives.
     rng = np.random.default_rng(5)
     dim = 64
     image = rng.standard_normal(dim)

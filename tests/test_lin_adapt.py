@@ -153,8 +153,8 @@ def test_apply_layer_rejects_dimension():
 
 def test_apply_layer_adapts_copies_identically():
     # Regression: the layer ran on blocks of --chunk_rows rows, and BLAS rounds a row differently
-    # with the number of rows in the product, so copies of one image in blocks of other sizes
-    # (a file's last block, another --chunk_rows) got vectors a few ulps apart and stopped tying.
+    # with the number of rows in the product. Copies of one image in blocks of other sizes (a
+    # file's last block, another --chunk_rows) got vectors a few ulps apart and stopped tying.
     torch.manual_seed(0)
     adapter = LinearAdapter(256, 128).eval()
     torch.nn.init.normal_(adapter.layer.bias)
