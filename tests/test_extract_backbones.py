@@ -168,6 +168,25 @@ def test_open_clip_takes_non_square_inputs(model, dim, open_clip_vit):
     assert torch.allclose(landscape.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("model", [CNN, "ViT-S-32"])
+def test_autocast_embeddings_close_to_float32(model, dtype, open_clip_vit):
+    # float16 autocast is the CUDA default (--comp_fp16). CPU autocast runs the same Embedder code,
+    # although torch's lists of ops cast to the lower precision differ between CPU and CUDA.
+    torch.manual_seed(0)
+    backbone = open_clip_vit if model == "ViT-S-32" else build_backbone("timm", model, "none", None, "gem")
+    transform = InferenceTransform(TransformName.RESIZE_LARGE, 64)
+    pixels = torch.randint(0, 256, (4, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    full = Embedder(backbone, transform, torch.device("cpu")).embed(pixels)
+    low = Embedder(backbone, transform, torch.device("cpu"), autocast_dtype=dtype).embed(pixels)
+
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, full)  # the products did run in the lower precision
+    assert (low * full).sum(dim=1).min() > 0.999
+    torch.testing.assert_close(low.norm(dim=1), torch.ones(4))
+
+
 def test_open_clip_native_size_unchanged_by_dynamic_positions(open_clip_vit):
     # the same weights in a plain open_clip tower, which only takes its native 224 px input
     import open_clip

@@ -91,6 +91,42 @@ def test_changed_settings_rejected_while_partial(extract, monkeypatch, caplog):
     assert not output.exists()
 
 
+def test_out_of_memory_resumes_with_smaller_batch(extract, monkeypatch, caplog):
+    # torch.cuda.OutOfMemoryError is an ordinary exception class, so the CUDA failure can be raised on CPU
+    from feature_extraction.embedding import Embedder
+
+    _, reference = extract(name="reference")
+    original = Embedder.embed
+    calls = {"n": 0}
+
+    def embed_until_out_of_memory(self, images):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second batch of the second window
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images)
+
+    monkeypatch.setattr(Embedder, "embed", embed_until_out_of_memory)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert "out of memory on a batch of (" in caplog.text
+    assert "lower --batch_size or --resolution" in caplog.text
+    parts = output.with_name(output.name + ".parts")
+    assert (parts / "window_000000.npz").exists()
+    assert not output.exists()
+
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--batch_size", "2")
+    features, ids, _ = read_output(output)
+    reference_features, reference_ids, _ = read_output(reference)
+    assert code == 0
+    assert "resuming: 1 of 3 windows (4 rows)" in caplog.text
+    assert ids == reference_ids
+    np.testing.assert_allclose(features.astype(np.float32), reference_features.astype(np.float32), atol=2e-3)
+
+
 def test_resume_ignores_folding_and_priority(extract, monkeypatch, caplog):
     # folding changes the embeddings within rounding only, so the saved windows stay valid
     _, reference = extract("--fold_batchnorm", "false", name="reference")

@@ -145,6 +145,64 @@ def test_fp16_rejected_on_cpu(synthetic):
         train_linear_adapter(as_labelled(synthetic.train), amp="fp16", **TRAIN_ARGS)
 
 
+class _RecordingScaler(torch.amp.GradScaler):
+    """GradScaler that records its scale after every update."""
+
+    scales: list[float] = []
+
+    def update(self, new_scale=None):
+        super().update(new_scale)
+        _RecordingScaler.scales.append(self.get_scale())
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Run the CUDA-only fp16 recipe (float16 autocast, GradScaler, fused Adam) on CPU tensors.
+
+    The trainer rejects fp16 on the CPU, where it is slow, so the guard is bypassed here.
+    """
+    from linear_adaptation import trainer
+
+    original = trainer.resolve_amp_dtype
+    monkeypatch.setattr(
+        trainer, "resolve_amp_dtype", lambda amp, device: torch.float16 if amp == "fp16" else original(amp, device)
+    )
+    monkeypatch.setattr(torch.amp, "GradScaler", _RecordingScaler)
+    _RecordingScaler.scales = []
+    return _RecordingScaler.scales
+
+
+def test_fp16_loss_scaling_trains_like_float32(synthetic, fp16_on_cpu):
+    heldout = as_labelled(synthetic.heldout)
+    half = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, amp="fp16", **TRAIN_ARGS)
+    full = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, **TRAIN_ARGS)
+
+    # 5 epochs of 31 steps; at the default scale no float16 gradient overflows, so no step is skipped
+    assert len(fp16_on_cpu) == 155
+    assert set(fp16_on_cpu) == {65536.0}
+    assert half.amp == "fp16"
+    for low, high in zip(half.history[1:], full.history[1:]):
+        assert low.loss == pytest.approx(high.loss, rel=1e-3)
+        assert abs(low.val["map"] - high.val["map"]) < 0.3
+    assert half.state_dict["layer.weight"].dtype == torch.float32
+
+
+def test_fp16_overflow_skips_steps(synthetic, fp16_on_cpu):
+    # At logit scale 200 the scaled float16 gradients of the first steps overflow. GradScaler
+    # must skip those steps and halve its scale, so that no Inf reaches the weights.
+    heldout = as_labelled(synthetic.heldout)
+    args = {**TRAIN_ARGS, "scale": 200.0}
+    half = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, amp="fp16", **args)
+    full = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, **args)
+
+    assert fp16_on_cpu[0] == 32768.0
+    assert min(fp16_on_cpu) < 65536.0 / 4
+    for name, tensor in half.state_dict.items():
+        assert torch.isfinite(tensor).all(), name
+    assert all(math.isfinite(record.loss) for record in half.history[1:])
+    assert abs(half.history[-1].val["map"] - full.history[-1].val["map"]) < 0.5
+
+
 @pytest.mark.parametrize("loss_type,margin", [("normface", 0.0), ("cosface", 0.2), ("arcface", 0.2)])
 def test_margin_losses_train(synthetic, loss_type, margin):
     result = train_linear_adapter(
