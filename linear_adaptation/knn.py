@@ -12,9 +12,9 @@ searched again with twice the depth, until the cut is strict or the chunk is exh
 
 Equal means equal as computed. faiss gives a database row the same score in any chunk and
 for any number of queries, so copies of one embedding tie. A torch matmul can round one
-row's score differently in products of other shapes (on CPU, chunks of 2 or 3 rows did), so
-on the torch backend copies in chunks of different sizes may not tie and their order is
-then set by rounding. This is not checked on a GPU.
+row's score differently in products of other shapes, so the torch backend pads every
+product to one shape. Tests check both backends on CPU. Whether cuBLAS then scores copies
+alike was not checked on a GPU.
 """
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +29,6 @@ _logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 65536
 
 _MIN_EXTRA_DEPTH = 16  # rows fetched beyond the cut per chunk, so that ties at the cut are seen
-_TORCH_BLOCK_ELEMENTS = 1 << 28  # query block x chunk rows per score matrix on the torch backend (1 GiB)
 _RESEARCH_BLOCK_ELEMENTS = 1 << 24  # queries x depth per deeper search of tied queries
 _NO_ROW = np.iinfo(np.int64).max  # sorts after every real row
 
@@ -48,23 +47,46 @@ class _FaissBackend:
 
 
 class _TorchBackend:
-    """Exact search of one chunk with a torch matmul and top-k, in query blocks of bounded size.
+    """Exact search of one chunk with torch matmuls of one fixed shape and a top-k per row block.
 
+    BLAS and cuBLAS pick kernels by matrix shape, and a row scored in products of other shapes
+    can round differently (on CPU, chunks of 2 or 3 rows did). So every score comes from a
+    (query_block, D) x (D, row_block) product, with zero rows padding the queries and the chunk,
+    whatever the chunk size or the number of queries.
     NOTE: the tests run this backend on CPU tensors only; no CUDA device was available to run it on a GPU.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, query_block: int = 1024, row_block: int = 8192):
         self.device = device
+        self.query_block = query_block
+        self.row_block = row_block
 
-    def prepare(self, chunk: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(chunk).to(self.device)
+    def prepare(self, chunk: np.ndarray) -> tuple[torch.Tensor, int]:
+        num_rows = chunk.shape[0]
+        padded = -(-num_rows // self.row_block) * self.row_block
+        rows = torch.zeros((padded, chunk.shape[1]), dtype=torch.float32, device=self.device)
+        rows[:num_rows] = torch.from_numpy(chunk).to(self.device)
+        return rows, num_rows
 
-    def search(self, chunk: torch.Tensor, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        block = max(1, _TORCH_BLOCK_ELEMENTS // chunk.shape[0])
+    def search(self, prepared: tuple[torch.Tensor, int], queries: np.ndarray, depth: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        chunk, num_rows = prepared
         all_scores, all_rows = [], []
-        for start in range(0, queries.shape[0], block):
-            q = torch.from_numpy(queries[start : start + block]).to(self.device)
-            scores, rows = torch.topk(q @ chunk.T, depth, dim=1)  # (B, depth)
+        block = torch.zeros((self.query_block, queries.shape[1]), dtype=torch.float32, device=self.device)
+        for start in range(0, queries.shape[0], self.query_block):
+            count = min(self.query_block, queries.shape[0] - start)
+            block.zero_()
+            block[:count] = torch.from_numpy(queries[start : start + count]).to(self.device)
+            # the top `depth` of each row block, then of their union: the same scores as one top-k
+            candidate_scores, candidate_rows = [], []
+            for first in range(0, num_rows, self.row_block):
+                valid = min(self.row_block, num_rows - first)
+                scores = (block @ chunk[first : first + self.row_block].T)[:count, :valid]  # (count, valid)
+                top_scores, top_rows = torch.topk(scores, min(depth, valid), dim=1)
+                candidate_scores.append(top_scores)
+                candidate_rows.append(top_rows + first)
+            scores, picked = torch.topk(torch.cat(candidate_scores, dim=1), depth, dim=1)  # (count, depth)
+            rows = torch.cat(candidate_rows, dim=1).gather(1, picked)
             all_scores.append(scores.cpu().numpy())
             all_rows.append(rows.cpu().numpy())
         return np.concatenate(all_scores), np.concatenate(all_rows).astype(np.int64)

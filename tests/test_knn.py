@@ -122,3 +122,34 @@ def test_iterate_chunks_transform_and_sizes():
     chunks = list(iterate_chunks(array, chunk_rows=2, transform=lambda block: block * 2))
     assert [c.shape[0] for c in chunks] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(chunks), array * 2)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_copies_tie_in_chunks_of_any_size(backend, monkeypatch):
+    # BLAS picks kernels by matrix shape, so a product of other sizes can round one row's score
+    # differently. Copies of one embedding must still tie and keep their row order.
+    from linear_adaptation import knn
+
+    if backend == "torch":
+        # blocks smaller than the defaults keep the padded products quick on a CPU
+        small = lambda: _TorchBackend(torch.device("cpu"), query_block=16, row_block=32)  # noqa: E731
+        monkeypatch.setattr(knn, "_FaissBackend", small)
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        dim = int(rng.choice([64, 512, 768]))
+        num_rows, num_queries = int(rng.integers(20, 200)), int(rng.integers(1, 40))
+        database = rng.standard_normal((num_rows, dim)).astype(np.float32)
+        database /= np.linalg.norm(database, axis=1, keepdims=True)
+        copies = np.sort(rng.choice(num_rows, 6, replace=False))
+        database[copies] = database[copies[0]]
+        queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
+        queries[0] = database[copies[0]] + 0.05 * queries[0]
+
+        outcomes = []
+        for chunk_rows in (1, 2, 3, 64, 1000):
+            for subset in (num_queries, 1):
+                scores, rows = knn_search(queries[:subset], iterate_chunks(database, chunk_rows), k=10)
+                assert rows[0, :6].tolist() == copies.tolist(), (trial, chunk_rows, subset)
+                assert len(set(scores[0, :6].tolist())) == 1, (trial, chunk_rows, subset)
+                outcomes.append(scores[0].tolist())
+        assert all(outcome == outcomes[0] for outcome in outcomes), trial
