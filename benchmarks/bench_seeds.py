@@ -10,9 +10,12 @@ standard deviation, minimum and maximum of each.
         --val_features heldout.hdf5 --val_list heldout_paths.txt --seeds 30
 
 Results go to stdout; one `summary: {...}` JSON line ends them (also saved with --json).
+Exit status: 0 on success, 1 for unusable stored embeddings or a diverged run, 2 for
+invalid arguments.
 """
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -25,11 +28,26 @@ from benchmarks.bench_train import stored_inputs  # noqa: E402
 from benchmarks.cli import emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.reference_step import train_reference  # noqa: E402
+from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
-from linear_adaptation.arg_checks import HelpFormatter  # noqa: E402
+from linear_adaptation.arg_checks import (  # noqa: E402
+    MAX_SEED,
+    HelpFormatter,
+    check_input_files,
+    check_not_an_input,
+    check_output_file,
+    check_seed,
+)
+from linear_adaptation.features_io import DataError  # noqa: E402
 from linear_adaptation.lin_adapt import LinearAdapter  # noqa: E402
-from linear_adaptation.trainer import LabelledEmbeddings, evaluate_retrieval, train_linear_adapter  # noqa: E402
+from linear_adaptation.trainer import (  # noqa: E402
+    LabelledEmbeddings,
+    TrainingError,
+    evaluate_retrieval,
+    train_linear_adapter,
+)
 
+_logger = logging.getLogger("bench_seeds")
 _DEFAULTS = train_lin_adapt.get_args_parser()
 RUNS = ("trainer", "reference")
 
@@ -44,17 +62,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_features", metavar="HDF5", required=True, help="held-out embeddings")
     parser.add_argument("--val_list", metavar="LIST", required=True, help="held-out 'path,label,domain' list")
     parser.add_argument("--seeds", metavar="N", type=int, default=10, help="number of seeds")
-    parser.add_argument("--first_seed", metavar="N", type=int, default=0, help="the seeds are first_seed .. first_seed+N-1")
+    parser.add_argument("--first_seed", metavar="N", type=int, default=0, help="the seeds are first_seed .. first_seed+N-1, all within 0 to 2**63 - 1")
     parser.add_argument("--epochs", metavar="N", type=int, default=_DEFAULTS.get_default("num_epochs"),
                         help="passes over the training images")
     parser.add_argument("--val_k", metavar="K", type=int, default=_DEFAULTS.get_default("val_k"),
                         help="ranking depth of the held-out mAP@k")
     parser.add_argument("--threshold", metavar="MAP", type=float, default=None,
-                        help="also count the seeds whose all-queries mAP@k reaches MAP (default: none)")
+                        help="also count the seeds whose all-queries mAP@k reaches MAP (percent, 0 to 100) "
+                             "(default: none)")
     parser.add_argument("--threads", metavar="N", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the summary to this JSON file (default: none)")
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject invalid counts, seeds and threshold, missing inputs and an unusable --json path with parser.error."""
+    for name in ("seeds", "epochs", "val_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads is {args.threads}; it must be at least 1")
+    check_seed(parser, "--first_seed", args.first_seed)
+    last_seed = args.first_seed + args.seeds - 1
+    if last_seed > MAX_SEED:
+        parser.error(f"--first_seed {args.first_seed} with --seeds {args.seeds}: the last seed is {last_seed}, "
+                     f"above 2**63 - 1; lower --first_seed or --seeds")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0 <= args.threshold <= 100):
+        parser.error(f"--threshold is {args.threshold}; it must be a percentage from 0 to 100")
+
+    input_flags = ("train_features", "train_list", "val_features", "val_list")
+    inputs = {f"--{name}": [getattr(args, name)] for name in input_flags}
+    check_input_files(parser, inputs)
+    if args.json is not None:
+        check_output_file(parser, "--json", args.json)
+        check_not_an_input(parser, "--json", args.json, inputs)
 
 
 def score(state_dict: dict, validation: LabelledEmbeddings, val_k: int) -> tuple[float, float]:
@@ -118,12 +160,14 @@ def main(args: argparse.Namespace) -> int:
 def run(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs", "val_k"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    check_args(parser, args)
     train_lin_adapt.setup_logging()
     logging.getLogger("linear_adaptation").setLevel(logging.WARNING)  # one line per seed is enough
-    return main(args)
+    try:
+        return main(args)
+    except (DataError, ImageListError, TrainingError) as e:
+        _logger.error("%s", e)
+        return 1
 
 
 if __name__ == "__main__":

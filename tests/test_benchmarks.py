@@ -367,3 +367,51 @@ def test_train_bench_profile_help_states_default_once():
     help_text = " ".join(bench_train.get_args_parser().format_help().split())
     assert "0 means no profile (default: 0)" in help_text
     assert help_text.count("(default: 0, no profile)") == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    # Regression: each of these ended in a traceback, and --json only after every seed had run.
+    (["--json", "."], "--json '.' is a folder"),
+    (["--json", "base.txt/x.json"], "--json 'base.txt/x.json': "),
+    (["--train_features", "absent.hdf5"], "--train_features 'absent.hdf5' does not exist"),
+    (["--threads", "0"], "--threads is 0; it must be at least 1"),
+    (["--first_seed", str(2**64)], f"--first_seed is {2**64}; it must lie between 0 and 2**63 - 1"),
+    (["--first_seed", str(2**63 - 1), "--seeds", "2"], f"the last seed is {2**63}"),
+    (["--first_seed", "-1"], "--first_seed is -1; it must lie between 0 and 2**63 - 1"),
+    (["--threshold", "nan"], "--threshold is nan; it must be a percentage from 0 to 100"),
+    (["--threshold", "101"], "--threshold is 101.0"),
+])
+def test_seed_bench_rejects_bad_flags(capsys, tmp_path, monkeypatch, extra, message):
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.txt").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_seed_bench_json_keeps_input_list(capsys, tmp_path):
+    # Regression: --json naming the training list overwrote the list with the summary.
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    list_text = (tmp_path / "train.txt").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--json", str(tmp_path / "train.txt")])
+    assert exit_info.value.code == 2
+    assert "which is the --train_list input" in capsys.readouterr().err
+    assert (tmp_path / "train.txt").read_text() == list_text
+
+
+def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
+    # Regression: a list that did not match its HDF5 ended in a DataError traceback.
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("train/extra/not_extracted.jpg,0,0\n")
+    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1"]) == 1
+    assert "1 list paths missing from the HDF5 index" in caplog.text
