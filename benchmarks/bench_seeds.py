@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_train import stored_inputs  # noqa: E402
 from benchmarks.cli import emit_summary  # noqa: E402
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.reference_step import train_reference  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
     raw = evaluate_retrieval(None, validation, torch.from_numpy(validation.features), args.val_k)
     print(f"raw embeddings: all-queries mAP@{args.val_k} {raw['all_queries']['map']:.2f}, macro {raw['map']:.2f}")
 
+    load_before = load_average()
     scores = {name: {"all_queries": [], "macro": []} for name in RUNS}
     print(f"{'seed':>4}  {'trainer all':>11}  {'macro':>6}  {'reference all':>13}  {'macro':>6}")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -143,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
               f"{scores['reference']['all_queries'][-1]:>13.2f}  {scores['reference']['macro'][-1]:>6.2f}", flush=True)
 
     summary = {"seeds": [args.first_seed, args.first_seed + args.seeds - 1], "epochs": args.epochs, "k": args.val_k,
-               "raw": {"all_queries": raw["all_queries"]["map"], "macro": raw["map"]}, "machine": describe_machine()}
+               "raw": {"all_queries": raw["all_queries"]["map"], "macro": raw["map"]},
+               "load_average_before": load_before, "load_average_after": load_average(), "machine": describe_machine()}
     for name in RUNS:
         summary[name] = {metric: describe(values, args.threshold if metric == "all_queries" else None)
                          for metric, values in scores[name].items()}

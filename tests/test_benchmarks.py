@@ -107,6 +107,9 @@ def test_seed_bench_compares_both_runs(capsys, tmp_path):
         assert summary[name]["macro"]["sd"] >= 0
     assert json.loads((tmp_path / "s.json").read_text())["trainer"] == summary["trainer"]
     assert "3 of 3 seeds reach 0 over all queries" in output
+    # the README promises the load average before and after the run in every summary
+    assert len(summary["load_average_before"]) == 3
+    assert len(summary["load_average_after"]) == 3
 
 
 def test_train_bench_reports_median_of_repeats(capsys):
