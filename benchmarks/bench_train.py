@@ -343,7 +343,10 @@ def summarise(result: TrainResult, *, args: argparse.Namespace, data: dict, memo
               gpu_peak: dict | None, load_before: list[float]) -> dict:
     """Collect the measured numbers into one JSON-ready dict."""
     epochs = result.history[1:]
-    full_epochs = [record for record in epochs if record.steps == epochs[0].steps]
+    # A full epoch has num_images // batch_size steps because the trainer drops the last partial
+    # batch. --max_steps can end any epoch early, the first one included.
+    steps_per_epoch = data["num_images"] // args.batch_size
+    full_epochs = [record for record in epochs if record.steps == steps_per_epoch]
     seconds = [record.seconds for record in full_epochs]
     total_steps = sum(record.steps for record in epochs)
     total_epoch_seconds = sum(record.seconds for record in epochs)

@@ -418,3 +418,14 @@ def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
         f.write("train/extra/not_extracted.jpg,0,0\n")
     assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1"]) == 1
     assert "1 list paths missing from the HDF5 index" in caplog.text
+
+
+def test_train_bench_partial_epoch_no_epoch_time(capsys):
+    # Regression: with --max_steps below one epoch (9 steps here), seconds_per_epoch was the time of the 4 steps run.
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--max_steps", "4"]) == 0
+    summary = printed_summary(capsys.readouterr().out)
+
+    assert summary["recipe"]["steps"] == 4
+    assert summary["seconds_per_epoch"] is None
+    assert summary["seconds_per_epoch_min"] is None
+    assert summary["steps_per_second"] > 0
