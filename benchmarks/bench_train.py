@@ -109,8 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
                              "train_lin_adapt.py does (true/false; the flag alone means true)")
 
+    # --num_epochs and --adaptation_layer_dim are train_lin_adapt.py's names, which the trainer's
+    # warnings and errors give as advice
     recipe = parser.add_argument_group("recipe (defaults: train_lin_adapt.py's)")
-    recipe.add_argument("--epochs", metavar="N", type=int, help="passes over the training images")
+    recipe.add_argument("--epochs", "--num_epochs", dest="epochs", metavar="N", type=int,
+                        help="passes over the training images")
     recipe.add_argument("--max_steps", metavar="N", type=int,
                         help="stop after N optimisation steps; the schedule spans them (default: none)")
     recipe.add_argument("--batch_size", metavar="N", type=int, help="images per step")
@@ -119,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="constant, or cosine decay that would reach 0 one step after the last step")
     recipe.add_argument("--warmup_steps", metavar="N", type=int, help="steps of linear learning-rate warmup")
     recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
-    recipe.add_argument("--out_dim", metavar="N", type=int, help="output dimension of the layer")
+    recipe.add_argument("--out_dim", "--adaptation_layer_dim", dest="out_dim", metavar="N", type=int,
+                        help="output dimension of the layer")
     recipe.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
                         help="class weights at the start: random or class_mean")
     recipe.add_argument("--amp", metavar="MODE", choices=AMP_MODES,

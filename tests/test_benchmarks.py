@@ -429,3 +429,11 @@ def test_train_bench_partial_epoch_no_epoch_time(capsys):
     assert summary["seconds_per_epoch"] is None
     assert summary["seconds_per_epoch_min"] is None
     assert summary["steps_per_second"] > 0
+
+
+def test_train_bench_accepts_trainer_flag_names():
+    # Regression: the trainer's advice "raise --num_epochs" and "lower --adaptation_layer_dim"
+    # named flags that bench_train.py rejected as unrecognized.
+    args = bench_train.get_args_parser().parse_args(["--num_epochs", "3", "--adaptation_layer_dim", "64"])
+    assert args.epochs == 3
+    assert args.out_dim == 64
