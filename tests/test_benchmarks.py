@@ -437,3 +437,20 @@ def test_train_bench_accepts_trainer_flag_names():
     args = bench_train.get_args_parser().parse_args(["--num_epochs", "3", "--adaptation_layer_dim", "64"])
     assert args.epochs == 3
     assert args.out_dim == 64
+
+
+@pytest.mark.parametrize("flag, name", [("--selected_ids", "list.txt"), ("--json", "features_uned.hdf5")])
+def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, flag, name):
+    # Regression: --selected_ids work_dir/list.txt was replaced by the benchmark's selection of it.
+    # sample_dataset writes its list as tmp_path/list.txt, so that case needs no file of its own.
+    dataset_dir, _, _ = sample_dataset
+    path = tmp_path / name
+    if not path.exists():
+        path.write_text("kept\n")
+    text = path.read_text()
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--work_dir", str(tmp_path), flag, str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_extract.run(argv)
+    assert exit_info.value.code == 2
+    assert f"{flag} {str(path)!r} is the {name} that the benchmark writes in --work_dir" in capsys.readouterr().err
+    assert path.read_text() == text
