@@ -28,6 +28,7 @@ from benchmarks.bench_train import stored_inputs  # noqa: E402
 from benchmarks.cli import emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.reference_step import train_reference  # noqa: E402
+from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
@@ -61,10 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_list", metavar="LIST", required=True, help="training 'path,label,domain' list")
     parser.add_argument("--val_features", metavar="HDF5", required=True, help="held-out embeddings")
     parser.add_argument("--val_list", metavar="LIST", required=True, help="held-out 'path,label,domain' list")
+    parser.add_argument("--allow_missing", metavar="BOOL", type=bool_flag, nargs="?", const=True, default=False,
+                        help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
+                             "train_lin_adapt.py does (true/false; the flag alone means true)")
     parser.add_argument("--seeds", metavar="N", type=int, default=10, help="number of seeds")
     parser.add_argument("--first_seed", metavar="N", type=int, default=0, help="the seeds are first_seed .. first_seed+N-1, all within 0 to 2**63 - 1")
     parser.add_argument("--epochs", metavar="N", type=int, default=_DEFAULTS.get_default("num_epochs"),
                         help="passes over the training images")
+    parser.add_argument("--batch_size", metavar="N", type=int, default=_DEFAULTS.get_default("batch_size"),
+                        help="images per step, in both runs")
     parser.add_argument("--val_k", metavar="K", type=int, default=_DEFAULTS.get_default("val_k"),
                         help="ranking depth of the held-out mAP@k")
     parser.add_argument("--threshold", metavar="MAP", type=float, default=None,
@@ -78,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject invalid counts, seeds and threshold, missing inputs and an unusable --json path with parser.error."""
-    for name in ("seeds", "epochs", "val_k"):
+    for name in ("seeds", "epochs", "batch_size", "val_k"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
     if args.threads is not None and args.threads < 1:
@@ -123,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     train, validation = stored_inputs(
         train_features=args.train_features, train_list=args.train_list, val_features=args.val_features,
-        val_list=args.val_list, batch_size=_DEFAULTS.get_default("batch_size"), val_k=args.val_k, seed=0,
+        val_list=args.val_list, batch_size=args.batch_size, val_k=args.val_k, seed=0,
+        allow_missing=args.allow_missing,
     )
     raw = evaluate_retrieval(None, validation, torch.from_numpy(validation.features), args.val_k)
     print(f"raw embeddings: all-queries mAP@{args.val_k} {raw['all_queries']['map']:.2f}, macro {raw['map']:.2f}")
@@ -133,8 +140,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'seed':>4}  {'trainer all':>11}  {'macro':>6}  {'reference all':>13}  {'macro':>6}")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         layers = {
-            "trainer": train_linear_adapter(train, num_epochs=args.epochs, seed=seed, show_progress=False).state_dict,
-            "reference": train_reference(train, num_epochs=args.epochs, seed=seed, order="sampler"),
+            "trainer": train_linear_adapter(train, num_epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                                            show_progress=False).state_dict,
+            "reference": train_reference(train, num_epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                                         order="sampler"),
         }
         for name in RUNS:
             all_queries, macro = score(layers[name], validation, args.val_k)
@@ -143,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{seed:>4}  {scores['trainer']['all_queries'][-1]:>11.2f}  {scores['trainer']['macro'][-1]:>6.2f}  "
               f"{scores['reference']['all_queries'][-1]:>13.2f}  {scores['reference']['macro'][-1]:>6.2f}", flush=True)
 
-    summary = {"seeds": [args.first_seed, args.first_seed + args.seeds - 1], "epochs": args.epochs, "k": args.val_k,
+    summary = {"seeds": [args.first_seed, args.first_seed + args.seeds - 1], "epochs": args.epochs,
+               "batch_size": args.batch_size, "k": args.val_k,
                "raw": {"all_queries": raw["all_queries"]["map"], "macro": raw["map"]},
                "load_average_before": load_before, "load_average_after": load_average(), "machine": describe_machine()}
     for name in RUNS:

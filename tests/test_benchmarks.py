@@ -418,6 +418,19 @@ def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
         f.write("train/extra/not_extracted.jpg,0,0\n")
     assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1"]) == 1
     assert "1 list paths missing from the HDF5 index" in caplog.text
+    # the message advises --allow_missing, so the seed benchmark must accept it
+    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--allow_missing"]) == 0
+
+
+def test_seed_bench_small_set_batch_size(caplog, tmp_path):
+    # Regression: a set smaller than one batch of 128 got the advice "lower --batch_size",
+    # a flag bench_seeds.py did not have.
+    data = make_synthetic_dataset(num_train_images=100, num_train_classes=10, num_heldout_images=30,
+                                  num_heldout_classes=5, dim=24, seed=3)
+    argv = [*stored_split_args(data, tmp_path), "--seeds", "1", "--epochs", "1"]
+    assert bench_seeds.run(argv) == 1
+    assert "lower --batch_size" in caplog.text
+    assert bench_seeds.run([*argv, "--batch_size", "32"]) == 0
 
 
 def test_train_bench_partial_epoch_no_epoch_time(capsys):
