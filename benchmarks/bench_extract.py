@@ -59,6 +59,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_input_files,
     check_not_an_input,
     check_output_file,
+    same_file,
 )
 from linear_adaptation.features_io import load_hdf5_features  # noqa: E402
 from linear_adaptation.knn import knn_search  # noqa: E402
@@ -67,6 +68,11 @@ from linear_adaptation.metrics import labelled_set_metrics  # noqa: E402
 _logger = logging.getLogger("bench_extract")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# the files main() and compare_precision() write in the work folder, replacing any file of that name
+LIST_NAME = "list.txt"
+FEATURES_NAME = "features_uned.hdf5"
+WORK_DIR_FILES = (LIST_NAME, FEATURES_NAME, "precision_float32.hdf5", "precision_autocast.hdf5")
 
 
 def default_dataset_dir() -> Path:
@@ -143,8 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "take the most time; 0 means no profile")
     run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
     run.add_argument("--work_dir", metavar="DIR",
-                     help="folder for the list and HDF5 outputs, kept after the run (default: a temporary "
-                          "folder, deleted)")
+                     help="folder for the list and HDF5 outputs (list.txt, features_uned.hdf5 and, with "
+                          "--compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept after "
+                          "the run (default: a temporary folder, deleted)")
     run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
 
     parser.set_defaults(
@@ -189,6 +196,20 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.json is not None:
         check_output_file(parser, "--json", args.json)
         check_not_an_input(parser, "--json", args.json, inputs)
+    if args.work_dir is not None:
+        check_not_a_work_dir_file(parser, args)
+
+
+def check_not_a_work_dir_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject an input or --json path that is one of the files the benchmark writes in --work_dir."""
+    for flag in ("--selected_ids", "--checkpoint", "--json"):
+        path = getattr(args, flag.removeprefix("--"))
+        if path is None:
+            continue
+        for name in WORK_DIR_FILES:
+            if same_file(path, os.path.join(args.work_dir, name)):
+                parser.error(f"{flag} {path!r} is the {name} that the benchmark writes in --work_dir "
+                             f"{args.work_dir!r}; choose another --work_dir")
 
 
 def select_entries(dataset_dir: str, selected_ids: str | None, num_images: int) -> list[ListEntry]:
@@ -414,7 +435,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             work_dir = Path(args.work_dir)
             work_dir.mkdir(parents=True, exist_ok=True)
-        list_path = work_dir / "list.txt"
+        list_path = work_dir / LIST_NAME
         write_list(entries, list_path)
 
         # end to end (with the memory of this process and its decode workers), then forward only
@@ -423,7 +444,7 @@ def main(args: argparse.Namespace) -> int:
         rounds = []
         for round_index in range(args.rounds):
             with PeakMemorySampler() as memory:
-                extraction = extract(settings, list_path, work_dir / "features_uned.hdf5", cpu_bf16=args.cpu_bf16,
+                extraction = extract(settings, list_path, work_dir / FEATURES_NAME, cpu_bf16=args.cpu_bf16,
                                      comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
             if round_index == 0:
                 first_memory = memory

@@ -109,8 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
                              "train_lin_adapt.py does (true/false; the flag alone means true)")
 
+    # --num_epochs and --adaptation_layer_dim are train_lin_adapt.py's names, which the trainer's
+    # warnings and errors give as advice
     recipe = parser.add_argument_group("recipe (defaults: train_lin_adapt.py's)")
-    recipe.add_argument("--epochs", metavar="N", type=int, help="passes over the training images")
+    recipe.add_argument("--epochs", "--num_epochs", dest="epochs", metavar="N", type=int,
+                        help="passes over the training images")
     recipe.add_argument("--max_steps", metavar="N", type=int,
                         help="stop after N optimisation steps; the schedule spans them (default: none)")
     recipe.add_argument("--batch_size", metavar="N", type=int, help="images per step")
@@ -119,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="constant, or cosine decay that would reach 0 one step after the last step")
     recipe.add_argument("--warmup_steps", metavar="N", type=int, help="steps of linear learning-rate warmup")
     recipe.add_argument("--weight_decay", metavar="WD", type=float, help="Adam L2 weight decay (finite, >= 0)")
-    recipe.add_argument("--out_dim", metavar="N", type=int, help="output dimension of the layer")
+    recipe.add_argument("--out_dim", "--adaptation_layer_dim", dest="out_dim", metavar="N", type=int,
+                        help="output dimension of the layer")
     recipe.add_argument("--classifier_init", metavar="HOW", choices=CLASSIFIER_INITS,
                         help="class weights at the start: random or class_mean")
     recipe.add_argument("--amp", metavar="MODE", choices=AMP_MODES,
@@ -343,7 +347,10 @@ def summarise(result: TrainResult, *, args: argparse.Namespace, data: dict, memo
               gpu_peak: dict | None, load_before: list[float]) -> dict:
     """Collect the measured numbers into one JSON-ready dict."""
     epochs = result.history[1:]
-    full_epochs = [record for record in epochs if record.steps == epochs[0].steps]
+    # A full epoch has num_images // batch_size steps because the trainer drops the last partial
+    # batch. --max_steps can end any epoch early, the first one included.
+    steps_per_epoch = data["num_images"] // args.batch_size
+    full_epochs = [record for record in epochs if record.steps == steps_per_epoch]
     seconds = [record.seconds for record in full_epochs]
     total_steps = sum(record.steps for record in epochs)
     total_epoch_seconds = sum(record.seconds for record in epochs)

@@ -107,6 +107,9 @@ def test_seed_bench_compares_both_runs(capsys, tmp_path):
         assert summary[name]["macro"]["sd"] >= 0
     assert json.loads((tmp_path / "s.json").read_text())["trainer"] == summary["trainer"]
     assert "3 of 3 seeds reach 0 over all queries" in output
+    # the README promises the load average before and after the run in every summary
+    assert len(summary["load_average_before"]) == 3
+    assert len(summary["load_average_after"]) == 3
 
 
 def test_train_bench_reports_median_of_repeats(capsys):
@@ -367,3 +370,100 @@ def test_train_bench_profile_help_states_default_once():
     help_text = " ".join(bench_train.get_args_parser().format_help().split())
     assert "0 means no profile (default: 0)" in help_text
     assert help_text.count("(default: 0, no profile)") == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    # Regression: each of these ended in a traceback, and --json only after every seed had run.
+    (["--json", "."], "--json '.' is a folder"),
+    (["--json", "base.txt/x.json"], "--json 'base.txt/x.json': "),
+    (["--train_features", "absent.hdf5"], "--train_features 'absent.hdf5' does not exist"),
+    (["--threads", "0"], "--threads is 0; it must be at least 1"),
+    (["--first_seed", str(2**64)], f"--first_seed is {2**64}; it must lie between 0 and 2**63 - 1"),
+    (["--first_seed", str(2**63 - 1), "--seeds", "2"], f"the last seed is {2**63}"),
+    (["--first_seed", "-1"], "--first_seed is -1; it must lie between 0 and 2**63 - 1"),
+    (["--threshold", "nan"], "--threshold is nan; it must be a percentage from 0 to 100"),
+    (["--threshold", "101"], "--threshold is 101.0"),
+])
+def test_seed_bench_rejects_bad_flags(capsys, tmp_path, monkeypatch, extra, message):
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.txt").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_seed_bench_json_keeps_input_list(capsys, tmp_path):
+    # Regression: --json naming the training list overwrote the list with the summary.
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    list_text = (tmp_path / "train.txt").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--json", str(tmp_path / "train.txt")])
+    assert exit_info.value.code == 2
+    assert "which is the --train_list input" in capsys.readouterr().err
+    assert (tmp_path / "train.txt").read_text() == list_text
+
+
+def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
+    # Regression: a list that did not match its HDF5 ended in a DataError traceback.
+    data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
+                                  num_heldout_classes=6, dim=24, seed=3)
+    argv = stored_split_args(data, tmp_path)
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write("train/extra/not_extracted.jpg,0,0\n")
+    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1"]) == 1
+    assert "1 list paths missing from the HDF5 index" in caplog.text
+    # the message advises --allow_missing, so the seed benchmark must accept it
+    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--allow_missing"]) == 0
+
+
+def test_seed_bench_small_set_batch_size(caplog, tmp_path):
+    # Regression: a set smaller than one batch of 128 got the advice "lower --batch_size",
+    # a flag bench_seeds.py did not have.
+    data = make_synthetic_dataset(num_train_images=100, num_train_classes=10, num_heldout_images=30,
+                                  num_heldout_classes=5, dim=24, seed=3)
+    argv = [*stored_split_args(data, tmp_path), "--seeds", "1", "--epochs", "1"]
+    assert bench_seeds.run(argv) == 1
+    assert "lower --batch_size" in caplog.text
+    assert bench_seeds.run([*argv, "--batch_size", "32"]) == 0
+
+
+def test_train_bench_partial_epoch_no_epoch_time(capsys):
+    # Regression: with --max_steps below one epoch (9 steps here), seconds_per_epoch was the time of the 4 steps run.
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--max_steps", "4"]) == 0
+    summary = printed_summary(capsys.readouterr().out)
+
+    assert summary["recipe"]["steps"] == 4
+    assert summary["seconds_per_epoch"] is None
+    assert summary["seconds_per_epoch_min"] is None
+    assert summary["steps_per_second"] > 0
+
+
+def test_train_bench_accepts_trainer_flag_names():
+    # Regression: the trainer's advice "raise --num_epochs" and "lower --adaptation_layer_dim"
+    # named flags that bench_train.py rejected as unrecognized.
+    args = bench_train.get_args_parser().parse_args(["--num_epochs", "3", "--adaptation_layer_dim", "64"])
+    assert args.epochs == 3
+    assert args.out_dim == 64
+
+
+@pytest.mark.parametrize("flag, name", [("--selected_ids", "list.txt"), ("--json", "features_uned.hdf5")])
+def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, flag, name):
+    # Regression: --selected_ids work_dir/list.txt was replaced by the benchmark's selection of it.
+    # sample_dataset writes its list as tmp_path/list.txt, so that case needs no file of its own.
+    dataset_dir, _, _ = sample_dataset
+    path = tmp_path / name
+    if not path.exists():
+        path.write_text("kept\n")
+    text = path.read_text()
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--work_dir", str(tmp_path), flag, str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_extract.run(argv)
+    assert exit_info.value.code == 2
+    assert f"{flag} {str(path)!r} is the {name} that the benchmark writes in --work_dir" in capsys.readouterr().err
+    assert path.read_text() == text
