@@ -1,0 +1,132 @@
+"""`misc/run_demo.sh`, run with a stand-in interpreter instead of torch.
+
+The stand-in records each step's arguments and the signals it receives, so these tests check
+how the shell passes paths and signals on, in about a second each.
+"""
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+FAKE_STEP = """\
+import json, os, signal, sys, time
+
+def record(event):
+    with open(os.environ["FAKE_STEP_LOG"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "event": event, "argv": sys.argv[1:]}) + "\\n")
+
+def stop(signal_number, frame):
+    record(signal.Signals(signal_number).name)
+    time.sleep(0.5)  # a real step first finishes its batch, so a second signal would arrive meanwhile
+    sys.exit(128 + signal_number)
+
+for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signal_number, stop)
+record("start")
+time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0")))
+record("end")
+"""
+
+
+def _write_executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def _fake_python(path: Path) -> Path:
+    """Write an interpreter stand-in that runs FAKE_STEP whatever script it is given."""
+    step = path.parent / "fake_step.py"
+    step.parent.mkdir(parents=True, exist_ok=True)
+    step.write_text(FAKE_STEP)
+    return _write_executable(path, f'#!/bin/sh\nexec "{sys.executable}" "{step}" "$@"\n')
+
+
+def _dataset(folder: Path) -> Path:
+    """Make a dataset folder that passes the demo's checks. The stand-in never reads it."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "train_paths.txt").write_text("a.jpg,0,0\n")
+    (folder / "heldout_paths.txt").write_text("b.jpg,0,0\n")
+    return folder
+
+
+def _records(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _wait_for_start(log: Path, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        starts = [r for r in _records(log) if r["event"] == "start"]
+        if starts:
+            return starts[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no step started within {timeout} s")
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "signal_name, whole_group",
+    [
+        ("SIGTERM", False),  # kill PID
+        ("SIGINT", False),
+        ("SIGHUP", False),
+        ("SIGTERM", True),  # timeout(1) and kill -- -PGID
+        ("SIGINT", True),  # Ctrl-C in a terminal
+    ],
+)
+def test_run_demo_signal_stops_step(tmp_path, signal_name, whole_group):
+    log = tmp_path / "steps.jsonl"
+    env = {
+        **os.environ,
+        "PYTHON": str(_fake_python(tmp_path / "bin" / "python")),
+        "DATA": str(_dataset(tmp_path / "data")),
+        "OUT": str(tmp_path / "out"),
+        "FAKE_STEP_LOG": str(log),
+        "FAKE_STEP_SECONDS": "20",
+    }
+    signal_number = getattr(signal, signal_name)
+    process = subprocess.Popen(
+        ["bash", "misc/run_demo.sh"], cwd=REPO_ROOT, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        step = _wait_for_start(log)
+        if whole_group:
+            os.killpg(process.pid, signal_number)
+        else:
+            process.send_signal(signal_number)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for record in _records(log):
+            if _is_running(record["pid"]):
+                os.kill(record["pid"], signal.SIGKILL)
+
+    records = _records(log)
+    received = [r["event"] for r in records if r["event"].startswith("SIG")]
+    assert process.returncode == 128 + signal_number, output
+    assert received == [signal_name], output
+    assert not _is_running(step["pid"])
+    assert [r["argv"][0] for r in records if r["event"] == "start"] == ["misc/convert_efficientnet_lite0.py"]
