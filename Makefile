@@ -20,8 +20,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV_PYTHON) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+# GNU make (4.3) sends its SIGTERM to the recipe's /bin/sh, which does not pass it on, so exec
+# replaces that shell with the demo, which stops its running step.
 demo: $(STAMP)
-	PYTHON=$(VENV_PYTHON) DATA=$(DATA) OUT=$(OUT) bash misc/run_demo.sh
+	exec env PYTHON=$(VENV_PYTHON) DATA=$(DATA) OUT=$(OUT) bash misc/run_demo.sh
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q

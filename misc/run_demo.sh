@@ -23,8 +23,8 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 # Each step runs in its own process group, and this shell passes SIGINT, SIGTERM and SIGHUP on to it.
-# So a signal sent to this shell alone (kill PID) stops the step too, and a Ctrl-C or a signal to
-# this shell's whole group reaches the step once, not twice.
+# So a signal sent to this shell alone (kill PID, or make passing on its SIGTERM) stops the step too,
+# and a Ctrl-C or a signal to this shell's whole group reaches the step once, not twice.
 # NOTE: a signal sent to every process at once (a batch scheduler cancelling a whole job) reaches the
 # step twice, and the second one ends it at once, without the message on how to resume.
 step_pid=

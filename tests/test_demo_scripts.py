@@ -1,8 +1,9 @@
-"""`misc/run_demo.sh`, run with a stand-in interpreter instead of torch.
+"""`misc/run_demo.sh` and the Makefile targets, run with a stand-in interpreter instead of torch.
 
 The stand-in records each step's arguments and the signals it receives, so these tests check
 how the shell passes paths and signals on, in about a second each.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -87,7 +88,7 @@ def _is_running(pid: int) -> bool:
 @pytest.mark.parametrize(
     "signal_name, whole_group",
     [
-        ("SIGTERM", False),  # kill PID
+        ("SIGTERM", False),  # kill PID, or make passing on its own SIGTERM
         ("SIGINT", False),
         ("SIGHUP", False),
         ("SIGTERM", True),  # timeout(1) and kill -- -PGID
@@ -130,3 +131,37 @@ def test_run_demo_signal_stops_step(tmp_path, signal_name, whole_group):
     assert received == [signal_name], output
     assert not _is_running(step["pid"])
     assert [r["argv"][0] for r in records if r["event"] == "start"] == ["misc/convert_efficientnet_lite0.py"]
+
+
+def test_make_demo_sigterm_stops_step(tmp_path):
+    venv = tmp_path / "venv"
+    _fake_python(venv / "bin" / "python")
+    (venv / ".installed").touch()
+    log = tmp_path / "steps.jsonl"
+    env = {**os.environ, "FAKE_STEP_LOG": str(log), "FAKE_STEP_SECONDS": "20"}
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    process = subprocess.Popen(
+        ["make", "-C", str(REPO_ROOT), "demo", f"VENV={venv}", f"DATA={_dataset(tmp_path / 'data')}",
+         f"OUT={tmp_path / 'out'}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        step = _wait_for_start(log)
+        process.send_signal(signal.SIGTERM)  # to make alone, as kill PID sends it
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _is_running(step["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped = not _is_running(step["pid"])
+    finally:
+        # make's process group contains the shell that runs the demo, and each step has its own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        for record in _records(log):
+            if _is_running(record["pid"]):
+                os.kill(record["pid"], signal.SIGKILL)
+
+    assert stopped
+    assert [r["event"] for r in _records(log) if r["event"].startswith("SIG")] == ["SIGTERM"]
