@@ -9,6 +9,9 @@ OUT ?= outputs/demo
 VENV_PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# Recipes read DATA and OUT from the environment ("$$OUT"), so paths with spaces or quotes stay one word.
+export DATA OUT
+
 .PHONY: demo test venv clean-demo
 
 venv: $(STAMP)
@@ -23,10 +26,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 # GNU make (4.3) sends its SIGTERM to the recipe's /bin/sh, which does not pass it on, so exec
 # replaces that shell with the demo, which stops its running step.
 demo: $(STAMP)
-	exec env PYTHON=$(VENV_PYTHON) DATA=$(DATA) OUT=$(OUT) bash misc/run_demo.sh
+	exec env PYTHON=$(VENV_PYTHON) bash misc/run_demo.sh
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q
 
 clean-demo:
-	rm -rf $(OUT)
+	rm -rf -- "$$OUT"

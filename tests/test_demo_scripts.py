@@ -133,6 +133,49 @@ def test_run_demo_signal_stops_step(tmp_path, signal_name, whole_group):
     assert [r["argv"][0] for r in records if r["event"] == "start"] == ["misc/convert_efficientnet_lite0.py"]
 
 
+def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    return subprocess.run(
+        ["make", "-C", str(REPO_ROOT), *args], env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_make_demo_paths_with_spaces(tmp_path):
+    venv = tmp_path / "venv"
+    _fake_python(venv / "bin" / "python")
+    (venv / ".installed").touch()  # newer than the requirements files, so make installs nothing
+    data = _dataset(tmp_path / "my data")
+    out = tmp_path / "demo output"
+    log = tmp_path / "steps.jsonl"
+
+    result = _make(
+        "demo", f"VENV={venv}", f"DATA={data}", f"OUT={out}",
+        env={**os.environ, "FAKE_STEP_LOG": str(log)},
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [r["argv"] for r in _records(log) if r["event"] == "start"]
+    assert len(steps) == 5, steps
+    assert steps[0] == ["misc/convert_efficientnet_lite0.py", "--output", f"{out}/tf_efficientnet_lite0.pth"]
+    assert f"{data}/images" in steps[1]
+    assert f"{out}/features" in steps[2]
+    assert out.is_dir()
+
+
+def test_make_clean_demo_path_with_space(tmp_path):
+    out = tmp_path / "demo output"
+    (out / "features").mkdir(parents=True)
+    sibling = tmp_path / "demo"  # the first word of OUT, which must survive
+    sibling.mkdir()
+
+    result = _make("clean-demo", f"OUT={out}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not out.exists()
+    assert sibling.is_dir()
+
+
 def test_make_demo_sigterm_stops_step(tmp_path):
     venv = tmp_path / "venv"
     _fake_python(venv / "bin" / "python")
