@@ -16,9 +16,11 @@ export DATA OUT
 
 venv: $(STAMP)
 
-# reinstall only when a requirements file changes
+# Reinstall only when a requirements file changes. A venv that `python3 -m venv` left without pip
+# (Debian's python3 lacks ensurepip until python3-venv is installed) gets venv run over it again,
+# which installs pip and keeps the installed packages.
 $(STAMP): requirements.txt requirements-dev.txt
-	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
 	$(VENV_PYTHON) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)

@@ -176,6 +176,30 @@ def test_make_clean_demo_path_with_space(tmp_path):
     assert sibling.is_dir()
 
 
+def test_make_venv_repairs_missing_pip(tmp_path):
+    # `python3 -m venv` without ensurepip (Debian's python3 without python3-venv) exits 1 and leaves
+    # bin/python without pip behind; the next make must run venv again, which installs pip.
+    calls = tmp_path / "calls.txt"
+    venv = tmp_path / "venv"
+    _write_executable(
+        venv / "bin" / "python",
+        f'#!/bin/sh\necho "venv-python $*" >> "{calls}"\n'
+        f'if [ "$1" = -m ] && [ "$2" = pip ] && [ ! -e "{venv}/pip-installed" ]; then\n'
+        '    echo "No module named pip" >&2\n    exit 1\nfi\n',
+    )
+    base_python = _write_executable(
+        tmp_path / "base-python",
+        f'#!/bin/sh\necho "base-python $*" >> "{calls}"\n'
+        f'if [ "$1" = -m ] && [ "$2" = venv ]; then touch "$3/pip-installed"; fi\n',
+    )
+
+    result = _make("venv", f"VENV={venv}", f"PYTHON={base_python}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"base-python -m venv {venv}" in calls.read_text().splitlines()
+    assert (venv / ".installed").exists()
+
+
 def test_make_demo_sigterm_stops_step(tmp_path):
     venv = tmp_path / "venv"
     _fake_python(venv / "bin" / "python")
