@@ -65,6 +65,10 @@ def save_atomic(state_dict: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name, suffix=".tmp")
     try:
+        # mkstemp creates the file with mode 0600, so it gets the mode open() gives under the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(state_dict, f)
             f.flush()

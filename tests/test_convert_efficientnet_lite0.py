@@ -1,3 +1,5 @@
+import os
+import stat
 from collections import OrderedDict
 
 import pytest
@@ -48,3 +50,14 @@ def test_packaged_weights_convert():
     converted = convert_state_dict(source)
     assert list(converted)[0] == "conv_stem.weight"
     assert converted["classifier.weight"].shape == (1000, 1280)
+
+
+def test_save_atomic_mode_follows_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.zeros(1)}, tmp_path / "lite0.pth")
+    finally:
+        os.umask(umask)
+
+    # readable by the group and others, as files that open() creates
+    assert stat.S_IMODE((tmp_path / "lite0.pth").stat().st_mode) == 0o644
