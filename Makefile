@@ -16,12 +16,14 @@ export DATA OUT
 
 venv: $(STAMP)
 
-# Reinstall only when a requirements file changes. A venv that `python3 -m venv` left without pip
-# (Debian's python3 lacks ensurepip until python3-venv is installed) gets venv run over it again,
-# which installs pip and keeps the installed packages.
+# Reinstall only when a requirements file changes. Offline, the pip upgrade fails but requirements
+# that are already installed still resolve, so only a missing package stops the install.
+# A venv that `python3 -m venv` left without pip (Debian's python3 lacks ensurepip until
+# python3-venv is installed) gets venv run over it again, which installs pip and keeps the
+# installed packages.
 $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV_PYTHON) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
+	$(VENV_PYTHON) -m pip install --quiet --upgrade pip || echo "could not upgrade pip (offline?); installing with the current pip"
 	$(VENV_PYTHON) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 

@@ -200,6 +200,25 @@ def test_make_venv_repairs_missing_pip(tmp_path):
     assert (venv / ".installed").exists()
 
 
+def test_make_venv_offline_keeps_pip(tmp_path):
+    # Offline, upgrading pip fails, but the requirements already installed still resolve from the
+    # environment. A touched requirements file must then not stop `make test` or `make demo`.
+    calls = tmp_path / "calls.txt"
+    venv = tmp_path / "venv"
+    _write_executable(
+        venv / "bin" / "python",
+        f'#!/bin/sh\necho "venv-python $*" >> "{calls}"\n'
+        'case "$*" in *"--upgrade pip"*) echo "ERROR: No matching distribution found for pip" >&2; exit 1;; esac\n',
+    )
+
+    result = _make("venv", f"VENV={venv}", "PYTHON=/bin/false")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any("-r requirements-dev.txt" in line for line in calls.read_text().splitlines())
+    assert "could not upgrade pip" in result.stdout + result.stderr
+    assert (venv / ".installed").exists()
+
+
 def test_make_demo_sigterm_stops_step(tmp_path):
     venv = tmp_path / "venv"
     _fake_python(venv / "bin" / "python")
