@@ -115,13 +115,20 @@ def score(state_dict: dict, validation: LabelledEmbeddings, val_k: int) -> tuple
 
 
 def describe(values: list[float], threshold: float | None) -> dict:
-    """Return the mean, sample standard deviation, minimum and maximum, and the count at the threshold when given."""
+    """Return the mean, sample standard deviation, minimum and maximum, and the count at the threshold when given.
+
+    The standard deviation of a single value is None, because the sample standard deviation needs two.
+    """
     array = np.asarray(values)
-    stats = {"mean": float(array.mean()), "sd": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+    stats = {"mean": float(array.mean()), "sd": float(array.std(ddof=1)) if array.size > 1 else None,
              "min": float(array.min()), "max": float(array.max())}
     if threshold is not None:
         stats["seeds_at_threshold"] = int((array >= threshold).sum())
     return stats
+
+
+def _format_sd(sd: float | None) -> str:
+    return "n/a" if sd is None else f"{sd:.2f}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -160,8 +167,9 @@ def main(args: argparse.Namespace) -> int:
         summary[name] = {metric: describe(values, args.threshold if metric == "all_queries" else None)
                          for metric, values in scores[name].items()}
         all_q, macro = summary[name]["all_queries"], summary[name]["macro"]
-        line = (f"{name}: all-queries mAP@{args.val_k} mean {all_q['mean']:.2f} (sd {all_q['sd']:.2f}, "
-                f"{all_q['min']:.2f}-{all_q['max']:.2f}), macro mean {macro['mean']:.2f} (sd {macro['sd']:.2f})")
+        line = (f"{name}: all-queries mAP@{args.val_k} mean {all_q['mean']:.2f} (sd {_format_sd(all_q['sd'])}, "
+                f"{all_q['min']:.2f}-{all_q['max']:.2f}), macro mean {macro['mean']:.2f} "
+                f"(sd {_format_sd(macro['sd'])})")
         if args.threshold is not None:
             line += f"; {all_q['seeds_at_threshold']} of {args.seeds} seeds reach {args.threshold:g} over all queries"
         print(line)

@@ -409,7 +409,7 @@ def test_seed_bench_json_keeps_input_list(capsys, tmp_path):
     assert (tmp_path / "train.txt").read_text() == list_text
 
 
-def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
+def test_seed_bench_list_mismatch_exit_1(caplog, capsys, tmp_path):
     # Regression: a list that did not match its HDF5 ended in a DataError traceback.
     data = make_synthetic_dataset(num_train_images=300, num_train_classes=30, num_heldout_images=60,
                                   num_heldout_classes=6, dim=24, seed=3)
@@ -419,7 +419,13 @@ def test_seed_bench_list_mismatch_exit_1(caplog, tmp_path):
     assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1"]) == 1
     assert "1 list paths missing from the HDF5 index" in caplog.text
     # the message advises --allow_missing, so the seed benchmark must accept it
-    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--allow_missing"]) == 0
+    assert bench_seeds.run([*argv, "--seeds", "1", "--epochs", "1", "--allow_missing",
+                            "--json", str(tmp_path / "one_seed.json")]) == 0
+    # the sample standard deviation of one seed is undefined, not 0
+    summary = json.loads((tmp_path / "one_seed.json").read_text())
+    assert summary["trainer"]["all_queries"]["sd"] is None
+    assert summary["reference"]["macro"]["sd"] is None
+    assert "(sd n/a," in capsys.readouterr().out
 
 
 def test_seed_bench_small_set_batch_size(caplog, tmp_path):
