@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from feature_extraction.interrupts import Interrupted, signals_raise_interrupted  # noqa: E402
+
 _logger = logging.getLogger("convert_efficientnet_lite0")
 
 TIMM_MODEL = "tf_efficientnet_lite0"
@@ -132,6 +135,16 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     source_path = Path(args.source) if args.source else packaged_weights_path()
 
+    try:
+        with signals_raise_interrupted():
+            return _convert_and_save(source_path, output)
+    except Interrupted as e:
+        # save_atomic removes its temporary file, so only a finished output is ever left
+        _logger.warning("stopped by %s; rerun the same command to convert the weights", e)
+        return e.exit_code
+
+
+def _convert_and_save(source_path: Path, output: Path) -> int:
     try:
         source = load_source(source_path)
     except ValueError as e:

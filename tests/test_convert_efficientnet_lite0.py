@@ -132,3 +132,36 @@ def test_cli_reports_unwritable_output(tmp_path, caplog):
     assert status == 1
     assert "cannot write --output" in caplog.text
     assert "taken" in caplog.text
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_cli_stop_signal_leaves_no_partial_file(tmp_path, signal_name, status):
+    # The signal arrives while the checkpoint is being written. The run must stop with the
+    # usual status and a message, and leave neither the output nor its temporary file.
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    source = tmp_path / "source.pth"
+    torch.save(_timm_shaped_source(), source)
+    output = tmp_path / "out" / "lite0.pth"
+    script = (
+        "import os, signal, sys, torch\n"
+        "import misc.convert_efficientnet_lite0 as convert\n"
+        "original = torch.save\n"
+        "def save_then_signal(obj, f):\n"
+        "    original(obj, f)\n"
+        f"    os.kill(os.getpid(), signal.{signal_name})\n"
+        "convert.torch.save = save_then_signal\n"
+        "sys.exit(convert.main(convert.get_args_parser().parse_args(sys.argv[1:])))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--source", str(source), "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == status, result.stderr
+    assert f"stopped by {signal_name}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(output.parent.iterdir()) == []
