@@ -303,9 +303,15 @@ def seconds_to_target(result: TrainResult, target_map: float) -> float | None:
 
 
 def recipe_for_steps(recipe: dict, num_images: int, steps: int) -> dict:
-    """Return the recipe changed to run exactly `steps` steps, over as many epochs as they need."""
+    """Return the recipe changed to run exactly `steps` steps, over as many epochs as they need.
+
+    The warmup is cut to fit: these runs warm caches or time steps, and their learning rate
+    changes neither.
+    """
     steps_per_epoch = num_images // recipe["batch_size"]
-    return {**recipe, "num_epochs": math.ceil(steps / steps_per_epoch), "max_steps": steps}
+    warmup_steps = min(recipe["warmup_steps"], steps - 1)
+    num_epochs = math.ceil(steps / steps_per_epoch)
+    return {**recipe, "num_epochs": num_epochs, "max_steps": steps, "warmup_steps": warmup_steps}
 
 
 def profile_steps(

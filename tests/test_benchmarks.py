@@ -130,6 +130,17 @@ def test_train_bench_profiles_steps(capsys):
     assert printed_summary(output)["untimed_steps"] == 2
 
 
+def test_train_bench_short_runs_keep_warmup_quiet(caplog):
+    # The untimed and profiled runs are shorter than the recipe's warmup. Their learning rate does
+    # not matter, so the trainer's "lower --warmup_steps" advice must come only from the timed run.
+    argv = [*TINY_TRAIN, "--epochs", "1", "--warmup_steps", "5", "--untimed_steps", "2", "--profile_steps", "3"]
+    assert bench_train.run(argv) == 0
+    assert "lower --warmup_steps" not in caplog.text
+
+    assert bench_train.run([*TINY_TRAIN, "--epochs", "1", "--warmup_steps", "9"]) == 0
+    assert "--warmup_steps 9 is not below the 9 training steps" in caplog.text
+
+
 def test_train_bench_rejects_zero_epochs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_train.run(["--epochs", "0"])
