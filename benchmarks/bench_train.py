@@ -176,8 +176,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    positive = ("num_images", "num_classes", "dim", "num_heldout_images", "num_heldout_classes", "epochs",
-                "batch_size", "out_dim", "val_k", "profile_rows", "repeats")
+    positive = ("epochs", "batch_size", "out_dim", "val_k", "profile_rows", "repeats")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
@@ -224,8 +223,15 @@ def check_recipe_numbers(parser: argparse.ArgumentParser, args: argparse.Namespa
                      f"give at most {usable_cores}")
 
 
+# checked only for synthetic data: with --train_features the help says they are ignored
+SYNTHETIC_SIZE_FLAGS = ("num_images", "num_classes", "dim", "num_heldout_images", "num_heldout_classes")
+
+
 def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject synthetic sizes that cannot give every class two images or one full batch."""
+    for name in SYNTHETIC_SIZE_FLAGS:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
     for images, classes in (("num_images", "num_classes"), ("num_heldout_images", "num_heldout_classes")):
         needed = _MIN_CLASS_SIZE * getattr(args, classes)
         if getattr(args, images) < needed:
