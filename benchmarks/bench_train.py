@@ -223,7 +223,7 @@ def check_recipe_numbers(parser: argparse.ArgumentParser, args: argparse.Namespa
                      f"give at most {usable_cores}")
 
 
-# checked only for synthetic data: with --train_features the help says they are ignored
+# checked only for synthetic data, because the help text states that --train_features ignores them
 SYNTHETIC_SIZE_FLAGS = ("num_images", "num_classes", "dim", "num_heldout_images", "num_heldout_classes")
 
 
@@ -311,8 +311,8 @@ def seconds_to_target(result: TrainResult, target_map: float) -> float | None:
 def recipe_for_steps(recipe: dict, num_images: int, steps: int) -> dict:
     """Return the recipe changed to run exactly `steps` steps, over as many epochs as they need.
 
-    The warmup is cut to fit: these runs warm caches or time steps, and their learning rate
-    changes neither.
+    The warmup is cut to fit. These runs only warm caches or time steps, and their learning
+    rate changes neither.
     """
     steps_per_epoch = num_images // recipe["batch_size"]
     warmup_steps = min(recipe["warmup_steps"], steps - 1)
