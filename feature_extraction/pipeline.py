@@ -559,6 +559,8 @@ def _extract_locked(
     summary.num_failed = len(failures)
     summary.seconds = time.monotonic() - start_time
     if failures:
+        # with rows left out, a reader that pairs row i with list line i gives later rows wrong labels
         _logger.warning("%d of %d images were skipped (unreadable, a shape the model rejects, or NaN or Inf embeddings); "
-                        "their paths and reasons are in %s", len(failures), len(entries), report)
+                        "their paths and reasons are in %s. The ILIAS trainer pairs rows with list lines by position, "
+                        "so give it the list without these paths", len(failures), len(entries), report)
     return summary

@@ -131,6 +131,21 @@ def test_failed_images_reported_rows_aligned(extract, sample_dataset, tmp_path):
     assert "not an image" in report[2]
 
 
+def test_skip_warns_positional_readers(extract, sample_dataset, tmp_path, caplog):
+    _, list_path, paths = sample_dataset
+    lines = list_path.read_text(encoding="utf-8").splitlines()
+    with_missing = tmp_path / "with_missing.txt"
+    with_missing.write_text("\n".join([lines[0], "absent.jpg,0,0", *lines[1:]]) + "\n", encoding="utf-8")
+
+    with caplog.at_level(logging.WARNING):
+        code, output = extract(name="missing", list_file=with_missing)
+    _, ids, _ = read_output(output)
+    assert code == 0
+    # a reader that pairs row i with list line i now gives row 1 the label of absent.jpg
+    assert ids[1] == escape_id(paths[1])
+    assert "pairs rows with list lines by position" in caplog.text
+
+
 def test_all_images_unreadable_fails(tmp_path):
     (tmp_path / "images").mkdir()
     list_path = tmp_path / "list.txt"

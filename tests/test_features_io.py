@@ -1,8 +1,23 @@
 """Joining HDF5 ids to list entries by id."""
+import h5py
+import numpy as np
 import pytest
 
 from feature_extraction.image_list import ListEntry
 from linear_adaptation.features_io import DataError, join_by_id
+from linear_adaptation.training_data import load_labelled_embeddings
+
+# one path per form of the ILIAS id encoding, plus spaces and single quotes that stay as they are
+ODD_PATHS = [
+    "rp2k/货架 1.jpg",
+    "caf\u00e9/a b.jpg",
+    "q/it's \"x\".jpg",
+    "q/it's.jpg",
+    "emoji/\U0001f600.jpg",
+    "back\\slash.jpg",
+    "nb\u00a0sp.png",
+    "plain/0.jpg",
+]
 
 
 def _entries(paths):
@@ -31,3 +46,26 @@ def test_join_every_id_duplicated():
     assert joined.rows.tolist() == list(range(500, 1000))
     assert joined.report.missing_in_hdf5 == []
     assert joined.report.duplicate_ids == paths[:500]
+
+
+def _ilias_escape(path: str) -> str:
+    # the ILIAS extractor's id expression, written out here so that the test does not use escape_id
+    return str(path.encode("unicode-escape")).replace("\\\\u", "#U").replace("\\\\x", "#U00")[2:-1]
+
+
+def test_ilias_file_rows_join_odd_ids(tmp_path):
+    # the ILIAS extractor's file: float16 rows, gzip level 0, ASCII ids, here in reverse list order
+    features = np.eye(len(ODD_PATHS), dtype=np.float16)  # row of path k is the unit vector k
+    hdf5_path = tmp_path / "ilias.hdf5"
+    with h5py.File(hdf5_path, "w") as f:
+        index = [_ilias_escape(p) for p in ODD_PATHS][::-1]
+        f.create_dataset("index", data=index, dtype=h5py.string_dtype(encoding="ascii"))
+        f.create_dataset("features", data=features[::-1], compression="gzip", compression_opts=0)
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("".join(f"{p},{k},{k % 2}\n" for k, p in enumerate(ODD_PATHS)), encoding="utf-8")
+
+    data, report = load_labelled_embeddings(hdf5_path, list_path, allow_missing=False, name="training")
+
+    assert report.ok
+    assert data.labels.tolist() == list(range(len(ODD_PATHS)))
+    assert data.features[data.rows].argmax(axis=1).tolist() == data.labels.tolist()

@@ -55,6 +55,21 @@ def test_loads_ilias_layout_by_hand(tmp_path):
     assert torch.linalg.norm(loaded(x), dim=1).allclose(torch.ones(4))
 
 
+def test_loads_gpu_saved_layer_on_cpu(tmp_path, monkeypatch):
+    # The ILIAS trainer (--use_gpu true by default) saves tensors with a cuda:0 location.
+    # Patching the location tag writes such a file on a machine without a GPU.
+    weight, bias = torch.randn(3, 6), torch.randn(3)
+    path = tmp_path / "gpu.pth"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"layer.weight": weight, "layer.bias": bias}, path)
+
+    loaded = load_lin_adapt_layer(path, expected_in_features=6)
+    assert loaded.layer.weight.device.type == "cpu"
+    torch.testing.assert_close(loaded.layer.weight, weight)
+    torch.testing.assert_close(loaded.layer.bias, bias)
+
+
 def test_half_precision_weights_become_float32(tmp_path):
     path = tmp_path / "half.pth"
     torch.save({"layer.weight": torch.randn(2, 3).half(), "layer.bias": torch.zeros(2).half()}, path)
