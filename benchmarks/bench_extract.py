@@ -56,6 +56,7 @@ from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # no
 from feature_extraction.transforms import InferenceTransform, TransformName, multiple_padding  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
+    check_at_least_one,
     check_input_files,
     check_not_an_input,
     check_output_file,
@@ -170,12 +171,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.dataset_dir = str(default_dataset_dir())
     if not Path(args.dataset_dir).is_dir():
         parser.error(f"--dataset_dir {args.dataset_dir!r} is not a folder; set MINI_UNED_DIR or pass --dataset_dir")
-    for name in ("resolution", "forward_passes", "rounds", "val_k", "profile_rows"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
-    for name in ("batch_size", "window_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    check_at_least_one(
+        parser, args, ("resolution", "forward_passes", "rounds", "val_k", "profile_rows", "batch_size", "window_size")
+    )
     for name in ("num_images", "num_workers", "profile_batches"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or more")

@@ -34,6 +34,7 @@ from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     MAX_SEED,
     HelpFormatter,
+    check_at_least_one,
     check_input_files,
     check_not_an_input,
     check_output_file,
@@ -84,11 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject invalid counts, seeds and threshold, missing inputs and an unusable --json path with parser.error."""
-    for name in ("seeds", "epochs", "batch_size", "val_k"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads is {args.threads}; it must be at least 1")
+    check_at_least_one(parser, args, ("seeds", "epochs", "batch_size", "val_k", "threads"))
     check_seed(parser, "--first_seed", args.first_seed)
     last_seed = args.first_seed + args.seeds - 1
     if last_seed > MAX_SEED:

@@ -35,6 +35,7 @@ from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
+    check_at_least_one,
     check_finite,
     check_input_files,
     check_not_an_input,
@@ -176,13 +177,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    positive = ("epochs", "batch_size", "out_dim", "val_k", "profile_rows", "repeats")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
-    for name in ("max_steps", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    check_at_least_one(
+        parser, args, ("epochs", "batch_size", "out_dim", "val_k", "profile_rows", "repeats", "max_steps", "threads")
+    )
     for name in ("profile_steps", "warmup_steps", "untimed_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} is {getattr(args, name)}; it must be 0 or positive")
@@ -229,9 +226,7 @@ SYNTHETIC_SIZE_FLAGS = ("num_images", "num_classes", "dim", "num_heldout_images"
 
 def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject synthetic sizes that cannot give every class two images or one full batch."""
-    for name in SYNTHETIC_SIZE_FLAGS:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    check_at_least_one(parser, args, SYNTHETIC_SIZE_FLAGS)
     for images, classes in (("num_images", "num_classes"), ("num_heldout_images", "num_heldout_classes")):
         needed = _MIN_CLASS_SIZE * getattr(args, classes)
         if getattr(args, images) < needed:

@@ -6,7 +6,7 @@ value and the fix, so that bad paths and values fail before any data is read.
 import argparse
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 # torch.manual_seed, torch.Generator and numpy.random.default_rng all accept this range
@@ -86,6 +86,14 @@ def check_not_an_input(
                     f"{flag} would write {str(output)!r}, which is the {input_flag} input {str(path)!r}; "
                     "choose another output path"
                 )
+
+
+def check_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """Reject a value below 1 for each named flag; an unset flag (None) takes its default later."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} is {value}; it must be at least 1")
 
 
 def check_seed(parser: argparse.ArgumentParser, flag: str, seed: int) -> None:

@@ -54,6 +54,7 @@ from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError, file_sha256  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
     HelpFormatter,
+    check_at_least_one,
     check_finite,
     check_input_files,
     check_not_an_input,
@@ -201,11 +202,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject invalid or conflicting flag values with parser.error (exit status 2)."""
-    for name in ("adaptation_layer_dim", "num_epochs", "batch_size", "val_k"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} is {getattr(args, name)}; it must be at least 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps is {args.max_steps}; it must be at least 1")
+    check_at_least_one(parser, args, ("adaptation_layer_dim", "num_epochs", "batch_size", "val_k", "max_steps"))
     check_seed(parser, "--seed", args.seed)
     check_loss_args(parser, args)
     if args.warmup_steps < 0:
