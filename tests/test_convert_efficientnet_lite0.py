@@ -88,25 +88,18 @@ def test_cli_rejects_truncated_source(tmp_path, caplog):
     assert not (tmp_path / "out.pth").exists()
 
 
-def test_cli_rejects_other_state_dict(tmp_path, caplog):
-    source = tmp_path / "layer.pth"
-    torch.save({"layer.weight": torch.zeros(4, 8), "layer.bias": torch.zeros(4)}, source)
+@pytest.mark.parametrize("content, message", [
+    ({"layer.weight": torch.zeros(4, 8), "layer.bias": torch.zeros(4)}, "source has 2 tensors"),
+    ([torch.zeros(2)] * 296, "does not contain a state dict"),
+], ids=["other state dict", "list of tensors"])
+def test_cli_rejects_unconvertible_source(tmp_path, caplog, content, message):
+    source = tmp_path / "source.pth"
+    torch.save(content, source)
 
     status = _convert("--source", str(source), "--output", str(tmp_path / "out.pth"))
 
     assert status == 1
-    assert "source has 2 tensors" in caplog.text
-    assert not (tmp_path / "out.pth").exists()
-
-
-def test_cli_rejects_source_without_state_dict(tmp_path, caplog):
-    source = tmp_path / "list.pth"
-    torch.save([torch.zeros(2)] * 296, source)
-
-    status = _convert("--source", str(source), "--output", str(tmp_path / "out.pth"))
-
-    assert status == 1
-    assert "state dict" in caplog.text
+    assert message in caplog.text
     assert not (tmp_path / "out.pth").exists()
 
 

@@ -45,6 +45,11 @@ def _write_executable(path: Path, text: str) -> Path:
     return path
 
 
+def _recording_shell_script(path: Path, name: str, calls: Path, body: str = "") -> Path:
+    """Write a shell stand-in that appends `name` and its arguments to `calls`, then runs `body`."""
+    return _write_executable(path, f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n{body}')
+
+
 def _fake_python(path: Path) -> Path:
     """Write an interpreter stand-in that runs FAKE_STEP whatever script it is given."""
     step = path.parent / "fake_step.py"
@@ -181,16 +186,14 @@ def test_make_venv_repairs_missing_pip(tmp_path):
     # bin/python without pip behind; the next make must run venv again, which installs pip.
     calls = tmp_path / "calls.txt"
     venv = tmp_path / "venv"
-    _write_executable(
-        venv / "bin" / "python",
-        f'#!/bin/sh\necho "venv-python $*" >> "{calls}"\n'
+    _recording_shell_script(
+        venv / "bin" / "python", "venv-python", calls,
         f'if [ "$1" = -m ] && [ "$2" = pip ] && [ ! -e "{venv}/pip-installed" ]; then\n'
         '    echo "No module named pip" >&2\n    exit 1\nfi\n',
     )
-    base_python = _write_executable(
-        tmp_path / "base-python",
-        f'#!/bin/sh\necho "base-python $*" >> "{calls}"\n'
-        f'if [ "$1" = -m ] && [ "$2" = venv ]; then touch "$3/pip-installed"; fi\n',
+    base_python = _recording_shell_script(
+        tmp_path / "base-python", "base-python", calls,
+        'if [ "$1" = -m ] && [ "$2" = venv ]; then touch "$3/pip-installed"; fi\n',
     )
 
     result = _make("venv", f"VENV={venv}", f"PYTHON={base_python}")
@@ -205,9 +208,8 @@ def test_make_venv_offline_keeps_pip(tmp_path):
     # environment. A touched requirements file must then not stop `make test` or `make demo`.
     calls = tmp_path / "calls.txt"
     venv = tmp_path / "venv"
-    _write_executable(
-        venv / "bin" / "python",
-        f'#!/bin/sh\necho "venv-python $*" >> "{calls}"\n'
+    _recording_shell_script(
+        venv / "bin" / "python", "venv-python", calls,
         'case "$*" in *"--upgrade pip"*) echo "ERROR: No matching distribution found for pip" >&2; exit 1;; esac\n',
     )
 
