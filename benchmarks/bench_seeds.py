@@ -67,7 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="use the ids present in both list and HDF5 instead of stopping when they differ, as "
                              "train_lin_adapt.py does (true/false; the flag alone means true)")
     parser.add_argument("--seeds", metavar="N", type=int, default=10, help="number of seeds")
-    parser.add_argument("--first_seed", metavar="N", type=int, default=0, help="the seeds are first_seed .. first_seed+N-1, all within 0 to 2**63 - 1")
+    parser.add_argument("--first_seed", metavar="N", type=int, default=0,
+                        help="the seeds are first_seed .. first_seed+N-1, all within 0 to 2**63 - 1")
     parser.add_argument("--epochs", metavar="N", type=int, default=_DEFAULTS.get_default("num_epochs"),
                         help="passes over the training images")
     parser.add_argument("--batch_size", metavar="N", type=int, default=_DEFAULTS.get_default("batch_size"),

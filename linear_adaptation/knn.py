@@ -77,7 +77,7 @@ class _TorchBackend:
             count = min(self.query_block, queries.shape[0] - start)
             block.zero_()
             block[:count] = torch.from_numpy(queries[start : start + count]).to(self.device)
-            # the top `depth` of each row block, then of their union: the same scores as one top-k
+            # the top `depth` of each row block, then of their union, gives the same scores as one top-k
             candidate_scores, candidate_rows = [], []
             for first in range(0, num_rows, self.row_block):
                 valid = min(self.row_block, num_rows - first)

@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
         with signals_raise_interrupted():
             return _convert_and_save(source_path, output)
     except Interrupted as e:
-        # save_atomic removes its temporary file, so only a finished output is ever left
+        # save_atomic removes its temporary file when interrupted, so a stopped run leaves no partial output
         _logger.warning("stopped by %s; rerun the same command to convert the weights", e)
         return e.exit_code
 

@@ -77,7 +77,7 @@ def test_train_bench_reads_stored_embeddings(capsys, tmp_path):
         *stored_split_args(data, tmp_path),
         "--out_dim", "8", "--batch_size", "32", "--epochs", "1", "--target_map", "0",
     ]
-    # the synthetic size flags are ignored with stored embeddings, as their help says
+    # the synthetic size flags are ignored with stored embeddings, as their help text states
     assert bench_train.run([*argv, "--num_images", "0", "--dim", "0"]) == 0
     summary = printed_summary(capsys.readouterr().out)
 

@@ -117,7 +117,7 @@ def test_cli_rejects_folder_output(tmp_path, caplog):
 def test_cli_reports_unwritable_output(tmp_path, caplog):
     source = tmp_path / "source.pth"
     torch.save(_timm_shaped_source(), source)
-    # a file where the output folder should be: a read-only folder does not stop root
+    # a file where the output folder should be, because a read-only folder does not stop root
     (tmp_path / "taken").write_text("")
 
     status = _convert("--source", str(source), "--output", str(tmp_path / "taken" / "lite0.pth"))

@@ -183,7 +183,7 @@ def test_make_clean_demo_path_with_space(tmp_path):
 
 def test_make_venv_repairs_missing_pip(tmp_path):
     # `python3 -m venv` without ensurepip (Debian's python3 without python3-venv) exits 1 and leaves
-    # bin/python without pip behind; the next make must run venv again, which installs pip.
+    # bin/python without pip behind. The next make must run venv again, which installs pip.
     calls = tmp_path / "calls.txt"
     venv = tmp_path / "venv"
     _recording_shell_script(

@@ -54,7 +54,7 @@ def _ilias_escape(path: str) -> str:
 
 
 def test_ilias_file_rows_join_odd_ids(tmp_path):
-    # the ILIAS extractor's file: float16 rows, gzip level 0, ASCII ids, here in reverse list order
+    # a file as the ILIAS extractor writes it (float16 rows, gzip level 0, ASCII ids), here in reverse list order
     features = np.eye(len(ODD_PATHS), dtype=np.float16)  # row of path k is the unit vector k
     hdf5_path = tmp_path / "ilias.hdf5"
     with h5py.File(hdf5_path, "w") as f:

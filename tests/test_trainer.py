@@ -177,7 +177,7 @@ def test_fp16_loss_scaling_trains_like_float32(synthetic, fp16_on_cpu):
     half = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, amp="fp16", **TRAIN_ARGS)
     full = train_linear_adapter(as_labelled(synthetic.train), validation=heldout, **TRAIN_ARGS)
 
-    # 5 epochs of 31 steps; at the default scale no float16 gradient overflows, so no step is skipped
+    # 5 epochs of 31 steps. At the default scale no float16 gradient overflows, so no step is skipped.
     assert len(fp16_on_cpu) == 155
     assert set(fp16_on_cpu) == {65536.0}
     assert half.amp == "fp16"
