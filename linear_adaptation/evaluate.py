@@ -68,7 +68,11 @@ from linear_adaptation.eval_report import (  # noqa: E402
     write_ranks,
 )
 from linear_adaptation.features_io import DataError, check_finite_rows, join_by_id, load_hdf5_features  # noqa: E402
-from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth  # noqa: E402
+from linear_adaptation.ground_truth import (  # noqa: E402
+    MISSING_POSITIVES_CHOICES,
+    match_ground_truth,
+    read_ground_truth,
+)
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
@@ -211,11 +215,14 @@ def evaluate_query_database(
     device: str = "cpu",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     lin_adapt_path: str | None = None,
+    missing_positives: str = "count",
 ) -> EvaluationResult:
     """Search a database with the queries that have ground truth, without and with a layer.
 
     The database files are read in blocks of `chunk_rows` rows, and the layer is applied
     block by block, so memory holds one block, the queries and the (Q, k) results.
+    Positive ids that the database lacks count as never retrieved with `missing_positives`
+    "count", as in the ILIAS evaluation, and are left out of P with "drop".
 
     Raises:
         DataError: Unusable embeddings, ground truth, or layer file.
@@ -228,7 +235,8 @@ def evaluate_query_database(
             f"{database.dim} ({', '.join(repr(path) for path in database.paths)}); embed both with the same backbone"
         )
 
-    matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids)
+    matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids, missing_positives)
+    num_positives = matched.listed_positives if missing_positives == "count" else None
     check_finite_rows(query_features, matched.query_rows, query_ids, query_path)
     queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)
     search_k = _search_depth(k, database.num_rows, "database rows")
@@ -253,7 +261,7 @@ def evaluate_query_database(
         scores, rows = knn_search(
             variant_queries, chunks, k=search_k, device=device, exclude_self=False, total_rows=database.num_rows
         )
-        metrics[variant] = positive_set_metrics(rows, matched.positives, k)
+        metrics[variant] = positive_set_metrics(rows, matched.positives, k, num_positives)
         ranks[variant] = (scores, rows)
 
     return EvaluationResult(
@@ -295,6 +303,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     query_db.add_argument(
         "--gt_path", metavar="JSON", help='ground truth {"query_id": ["db_id", ...], ...}; ids escaped or not'
+    )
+    query_db.add_argument(
+        "--missing_positives",
+        choices=MISSING_POSITIVES_CHOICES,
+        metavar="MODE",
+        help="positive ids that no database file holds: 'count' scores them as never retrieved, so they lower AP "
+        "as in the ILIAS evaluation; 'drop' leaves them out of their query's positives (default: count)",
     )
 
     common = parser.add_argument_group("search and outputs")
@@ -353,6 +368,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if any(v is not None for v in labelled):
         if None in labelled:
             parser.error("mode 1 needs both --features_path and --info_path")
+        if args.missing_positives is not None:
+            parser.error("--missing_positives applies to mode 2 only: in mode 1 every positive is a row of the set")
         args.mode = "labelled_set"
     elif any(v is not None for v in query_db):
         if None in query_db:
@@ -360,6 +377,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if args.allow_missing:
             parser.error("--allow_missing applies to mode 1 only")
         args.mode = "query_database"
+        if args.missing_positives is None:
+            args.missing_positives = "count"
     else:
         parser.error("give --features_path and --info_path (mode 1) or --query_hdf5, --db_hdf5 and --gt_path (mode 2)")
 
@@ -436,6 +455,7 @@ def main(args: argparse.Namespace) -> int:
                 device=args.device,
                 chunk_rows=args.chunk_rows,
                 lin_adapt_path=args.lin_adapt_path,
+                missing_positives=args.missing_positives,
             )
     except (DataError, ImageListError) as e:
         _logger.error("%s", e)

@@ -23,6 +23,9 @@ _logger = logging.getLogger(__name__)
 
 _MAX_EXAMPLES = 5
 
+# how a positive id that no database file holds is scored (see match_ground_truth)
+MISSING_POSITIVES_CHOICES = ("count", "drop")
+
 
 def _examples(values: list[str]) -> str:
     return ", ".join(repr(v) for v in values[:_MAX_EXAMPLES])
@@ -103,6 +106,7 @@ class MatchedGroundTruth:
 
     query_rows: np.ndarray  # (Q,) int64 rows of the query file that have ground truth, in file order
     positives: list[np.ndarray]  # per kept query, the int64 database rows of its positives
+    listed_positives: np.ndarray  # (Q,) int64 distinct positive ids of each kept query, in the database or not
     queries_without_ground_truth: list[str] = field(default_factory=list)  # query-file ids absent from the file
     ground_truth_queries_missing: list[str] = field(default_factory=list)  # ground-truth queries not in the query file
     positives_missing: list[str] = field(default_factory=list)  # distinct positive ids absent from the database
@@ -113,6 +117,7 @@ class MatchedGroundTruth:
             "queries_without_ground_truth": len(self.queries_without_ground_truth),
             "ground_truth_queries_missing": len(self.ground_truth_queries_missing),
             "positives_missing_from_database": len(self.positives_missing),
+            "queries_with_missing_positives": int((self.listed_positives > [len(p) for p in self.positives]).sum()),
         }
 
 
@@ -137,7 +142,7 @@ def _warn_about_queries_in_database(
 
 
 def match_ground_truth(
-    ground_truth: dict[str, list[str]], query_ids: list[str], database_ids: list[str]
+    ground_truth: dict[str, list[str]], query_ids: list[str], database_ids: list[str], missing_positives: str = "count"
 ) -> MatchedGroundTruth:
     """Map ground-truth ids to query and database rows, logging what does not match.
 
@@ -145,12 +150,16 @@ def match_ground_truth(
     canonicalised here.
 
     Query-file ids without ground truth are skipped. Positive ids absent from the
-    database are left out of the positives, so they do not lower AP, and are logged
-    as a warning since they usually mean a missing database shard.
+    database are logged as a warning, since they usually mean a missing database shard
+    or images that failed to extract. `missing_positives` only picks the warning's
+    wording: the caller scores them as never retrieved ("count", as the ILIAS evaluation
+    does) or leaves them out of P ("drop") with `listed_positives`.
 
     Raises:
         DataError: Query or database ids repeat, or no query of the ground truth is in the query file.
     """
+    if missing_positives not in MISSING_POSITIVES_CHOICES:
+        raise ValueError(f"missing_positives must be one of {MISSING_POSITIVES_CHOICES}, got {missing_positives!r}")
     query_ids = [canonical_id(i) for i in query_ids]
     for name, ids in (("query", query_ids), ("database", database_ids)):
         repeated = find_duplicates(ids)
@@ -173,7 +182,7 @@ def match_ground_truth(
     # map only the database ids that some query needs, since the database may hold millions
     wanted = {p for q in ground_truth for p in ground_truth[q]}
     row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in wanted}
-    missing_positives = sorted(wanted - row_of.keys())
+    absent_positives = sorted(wanted - row_of.keys())
     _warn_about_queries_in_database(ground_truth, [q for _, q in kept], database_ids)
 
     positives = [
@@ -182,9 +191,10 @@ def match_ground_truth(
     matched = MatchedGroundTruth(
         query_rows=np.array([row for row, _ in kept], dtype=np.int64),
         positives=positives,
+        listed_positives=np.array([len(ground_truth[q]) for _, q in kept], dtype=np.int64),
         queries_without_ground_truth=skipped,
         ground_truth_queries_missing=missing_queries,
-        positives_missing=missing_positives,
+        positives_missing=absent_positives,
     )
 
     if skipped:
@@ -195,11 +205,18 @@ def match_ground_truth(
         _logger.warning(
             "%d ground-truth queries are not in the query file (e.g. %s)", len(missing_queries), _examples(missing_queries)
         )
-    if missing_positives:
+    if absent_positives:
+        effect = (
+            "They count as positives that were never retrieved, which lowers AP as in the ILIAS evaluation, "
+            "unless --missing_positives drop is given"
+            if missing_positives == "count"
+            else "They are left out of their queries' positives, and --missing_positives count scores them as misses"
+        )
         _logger.warning(
-            "%d positive ids are not in the database and are not counted as positives (e.g. %s); "
-            "check that every database shard was given",
-            len(missing_positives),
-            _examples(missing_positives),
+            "%d positive ids are not in the database (e.g. %s). %s. Check that every database shard was given "
+            "and whether these images failed to extract",
+            len(absent_positives),
+            _examples(absent_positives),
+            effect,
         )
     return matched

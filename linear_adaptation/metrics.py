@@ -1,6 +1,6 @@
 """Retrieval metrics over ranked kNN lists: mAP@k, recall@1 and mMP@5.
 
-Definitions, per query with P positives in the database and a ranked list of k ids:
+Definitions, per query with P positives and a ranked list of k ids:
 - AP@k = sum over ranks r <= k of precision@r * rel(r), divided by min(k, P). A query
   with no positive in its top k scores 0.
 - recall@1 = 1 if the top-ranked id is a positive.
@@ -127,15 +127,26 @@ def labelled_set_metrics(
     return result
 
 
-def positive_set_metrics(ranked_indices: np.ndarray, positives: list[np.ndarray], k: int) -> dict:
+def positive_set_metrics(
+    ranked_indices: np.ndarray, positives: list[np.ndarray], k: int, num_positives: np.ndarray | None = None
+) -> dict:
     """Score queries against a database whose positives are listed per query.
 
     `ranked_indices` (Q, n) contains database rows, padded with -1, with n <= k. `positives[q]`
-    contains the distinct database rows that are positives of query q. Returns the summary of
-    `summarise` plus `k`.
+    contains the distinct database rows that are positives of query q. `num_positives` (Q,)
+    is each query's P when it has positives that the database lacks, which then count as never
+    retrieved; it defaults to len(positives[q]). Returns the summary of `summarise` plus `k`.
     """
     ranked_indices = _ranks_at_k(ranked_indices, k, len(positives))
-    num_positives = np.array([len(p) for p in positives], dtype=np.int64)
+    present = np.array([len(p) for p in positives], dtype=np.int64)
+    if num_positives is None:
+        num_positives = present
+    else:
+        num_positives = np.asarray(num_positives, dtype=np.int64)
+        if num_positives.shape != present.shape or (num_positives < present).any():
+            raise ValueError(
+                f"num_positives must give each of the {len(present)} queries at least its positives in the database"
+            )
 
     # (query, row) pairs packed into one int64 each, so that membership is one np.isin
     width = int(max(ranked_indices.max(initial=-1), max((int(p.max()) for p in positives if len(p)), default=-1))) + 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extraction.image_list import escape_id, file_sha256
+from feature_extraction.image_list import canonical_id, escape_id, file_sha256
 import linear_adaptation.evaluate as evaluate_module
 from linear_adaptation.evaluate import evaluate_query_database, get_args_parser, main
 from linear_adaptation.features_io import DataError
@@ -305,17 +305,23 @@ def query_database(tmp_path):
     }
 
 
-def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_params, capsys):
+@pytest.mark.parametrize("missing_positives", [None, "count", "drop"])
+def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_params, capsys, missing_positives):
     weight, bias = layer_params
     layer_path = tmp_path / "lin_adapt.pth"
     _save_layer(layer_path, weight, bias)
     save_json, save_ranks = tmp_path / "metrics.json", tmp_path / "ranks.json"
+    mode_flag = [] if missing_positives is None else ["--missing_positives", missing_positives]
     code = _run(
         ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path",
          query_database["gt"], "--k", 6, "--chunk_rows", 4, "--lin_adapt_path", layer_path, "--device", "cpu",
-         "--save_json", save_json, "--save_ranks", save_ranks]
+         "--save_json", save_json, "--save_ranks", save_ranks, *mode_flag]
     )
     assert code == 0
+    # by default, as in the ILIAS evaluation, the positive that no shard holds is one never retrieved
+    positives = [set(p) for p in query_database["positives"]]
+    if missing_positives != "drop":
+        positives[0].add("db/missing.jpg")
 
     queries, database = query_database["queries"][:3], query_database["database"]
     ids = query_database["database_ids"]
@@ -326,7 +332,7 @@ def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_pa
     report = json.loads(save_json.read_text())
     ranks = json.loads(save_ranks.read_text())
     for variant, ranked in expected.items():
-        reference = _reference_metrics(ranked, query_database["positives"], 6)
+        reference = _reference_metrics(ranked, positives, 6)
         for name, value in reference.items():
             assert report["metrics"][variant][name] == pytest.approx(value)
         assert report["metrics"][variant]["num_queries"] == 2
@@ -340,11 +346,44 @@ def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_pa
         "queries_without_ground_truth": 1,
         "ground_truth_queries_missing": 1,
         "positives_missing_from_database": 1,
+        "queries_with_missing_positives": 1,
     }
+    assert report["args"]["missing_positives"] == (missing_positives or "count")
     assert [Path(e["path"]).name for e in report["inputs"]["db_hdf5"]] == ["db_1.hdf5", "db_2.hdf5", "db_10.hdf5"]
     table = capsys.readouterr().out
     assert "all queries" in table
     assert "mAP@6" in table
+
+
+@pytest.mark.parametrize("missing_positives", ["count", "drop"])
+def test_query_whose_positives_are_all_missing(query_database, tmp_path, missing_positives):
+    # q/2.jpg lists only ids that no shard holds, as when its positives failed to extract
+    gt_path = tmp_path / "gt_missing.json"
+    gt_path.write_text(json.dumps({"q/0.jpg": ["db/1/3.jpg"], "q/2.jpg": ["db/gone_1.jpg", "db/gone_2.jpg"]}))
+    save_json = tmp_path / "metrics.json"
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path", gt_path,
+         "--k", 6, "--missing_positives", missing_positives, "--save_json", save_json]
+    )
+    assert code == 0
+
+    metrics = json.loads(save_json.read_text())["metrics"]["without_layer"]
+    ranked = _ranked_ids(query_database["queries"][:1], query_database["database"], query_database["database_ids"], 6)
+    ap_of_q0 = _reference_metrics(ranked, [{"db/1/3.jpg"}], 6)["map"]
+    if missing_positives == "count":
+        assert (metrics["num_queries"], metrics["queries_without_positives"]) == (2, 0)
+        assert metrics["map"] == pytest.approx(ap_of_q0 / 2)  # q/2.jpg scores AP 0
+    else:
+        assert (metrics["num_queries"], metrics["queries_without_positives"]) == (1, 1)
+        assert metrics["map"] == pytest.approx(ap_of_q0)
+
+
+def test_missing_positives_flag_is_for_mode_2_only(labelled_set, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(["--features_path", labelled_set["hdf5"], "--info_path", labelled_set["list"],
+              "--missing_positives", "drop"])
+    assert exit_info.value.code == 2
+    assert "--missing_positives applies to mode 2 only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extension", [".npz", ".hdf5"])
@@ -455,12 +494,27 @@ def test_ground_truth_matching(tmp_path):
     matched = match_ground_truth(read_ground_truth(path), ["x.jpg", "q#U00e9.jpg"], ["a.jpg", "b.jpg", "c.jpg"])
     assert matched.query_rows.tolist() == [1]
     assert matched.positives[0].tolist() == [1, 0]  # the repeated b.jpg counts once
+    assert matched.listed_positives.tolist() == [3]  # b.jpg, a.jpg and zz.jpg, which the database lacks
     assert matched.counts() == {
         "queries_scored": 1,
         "queries_without_ground_truth": 1,
         "ground_truth_queries_missing": 1,
         "positives_missing_from_database": 1,
+        "queries_with_missing_positives": 1,
     }
+
+
+def test_raw_backslash_positive_is_a_missing_positive(tmp_path, caplog):
+    # the database stores the escaped form of an ASCII id with a backslash; a raw one in the
+    # ground truth cannot be told apart from an escaped id, so it stays unmatched
+    raw = "db/a\\b.jpg"
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"q.jpg": [raw, "db/c.jpg"]}))
+    matched = match_ground_truth(read_ground_truth(path), ["q.jpg"], [canonical_id(escape_id(raw)), "db/c.jpg"])
+    assert matched.positives[0].tolist() == [1]
+    assert matched.listed_positives.tolist() == [2]
+    assert matched.positives_missing == [raw]
+    assert f"1 positive ids are not in the database (e.g. {raw!r}). They count as positives" in caplog.text
 
 
 def test_ground_truth_warns_query_in_database(tmp_path, caplog):

@@ -211,6 +211,19 @@ def test_positive_set_metrics_hand_example():
     assert result["queries_without_positives"] == 1
 
 
+def test_positive_set_metrics_count_positives_the_database_lacks():
+    ranked = np.array([[5, 2, 7], [0, 1, 2]])
+    positives = [np.array([2, 7]), np.array([], dtype=np.int64)]
+    # query 0 lists 4 positives, 2 of them absent; query 1 lists 1, absent, so it is scored as a miss
+    result = positive_set_metrics(ranked, positives, k=4, num_positives=np.array([4, 1]))
+    assert result["map"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 4 + 0.0) / 2)
+    assert result["mmp@5"] == pytest.approx(100 * (2 / 4 + 0.0) / 2)
+    assert result["num_queries"] == 2
+    assert result["queries_without_positives"] == 0
+    with pytest.raises(ValueError, match="at least its positives in the database"):
+        positive_set_metrics(ranked, positives, k=3, num_positives=np.array([1, 1]))
+
+
 def test_positive_set_rows_stay_per_query():
     # row 3 is a positive of query 1 only, so it must not count for query 0
     result = positive_set_metrics(np.array([[3], [3]]), [np.array([1]), np.array([3])], k=1)

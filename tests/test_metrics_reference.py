@@ -107,23 +107,32 @@ def test_positive_sets_match_reference(seed):
         positives = [
             np.unique(rng.integers(0, num_rows, int(rng.integers(0, num_rows + 1)))) for _ in range(len(queries))
         ]
+        # positives that the database lacks, as rows past its end that no search returns
+        absent = [int(n) for n in rng.integers(0, 3, len(queries))]
         k = int(rng.choice([1, 2, 4, 5, 6, 10, 100]))
 
         depth = min(k, num_rows)
         _, rows = knn_search(queries, iterate_chunks(database, int(rng.integers(1, num_rows + 1))), k=depth)
-        result = positive_set_metrics(rows, positives, k)
+        results = {
+            "drop": positive_set_metrics(rows, positives, k),
+            "count": positive_set_metrics(rows, positives, k, np.array([len(p) for p in positives]) + absent),
+        }
 
-        scored = []
+        scored = {"drop": [], "count": []}
         for q, query in enumerate(queries):
             ranked = _ranked(query, database, k)
             assert rows[q].tolist() == ranked[:depth]
-            scores = _query_scores(ranked, set(positives[q].tolist()), k)
-            if scores is not None:
-                scored.append(scores)
-        for i, name in enumerate(NAMES):
-            assert _close(result[name], _mean_percent([s[i] for s in scored]))
-        assert result["num_queries"] == len(scored)
-        assert result["queries_without_positives"] == len(queries) - len(scored)
+            present = set(positives[q].tolist())
+            listed = present | {num_rows + i for i in range(absent[q])}
+            for mode, positive_set in (("drop", present), ("count", listed)):
+                scores = _query_scores(ranked, positive_set, k)
+                if scores is not None:
+                    scored[mode].append(scores)
+        for mode, result in results.items():
+            for i, name in enumerate(NAMES):
+                assert _close(result[name], _mean_percent([s[i] for s in scored[mode]])), (mode, name)
+            assert result["num_queries"] == len(scored[mode])
+            assert result["queries_without_positives"] == len(queries) - len(scored[mode])
 
 
 def test_reference_hand_example():
