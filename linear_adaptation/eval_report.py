@@ -8,6 +8,10 @@ Ranked-list files (`--save_ranks`), chosen by extension:
   bytes, `k` (a file attribute in HDF5), and per variant `rows_<variant>` (Q, n) int64 database rows (-1 pads) and
   `scores_<variant>` (Q, n) float32 (-inf pads). Compressed, for large runs.
 `<variant>` is `without_layer` or `with_layer`. Ids are the escaped form of the HDF5 index.
+
+ILIAS similarity file (`--save_similarities`, `.json`): one variant's ranked lists in the
+layout that the ILIAS kNN search writes and the ILIAS evaluation reads,
+{query_id: {database_id: score, ...}, ...}, with each query's ids in rank order.
 The lists hold n = min(k, database rows) places, or min(k, images - 1) in a labelled set,
 because the search returns no more. Every file is written to a temporary name first,
 given the permissions a new file gets under the umask, and renamed when complete.
@@ -196,6 +200,24 @@ def write_ranks(
                     else:
                         f.create_dataset(name, data=array, compression="gzip")
                 f.attrs["tie_break"] = TIE_BREAK
+
+
+def write_ilias_similarities(
+    path: str, query_ids: list[str], database_ids: list[str], scores: np.ndarray, rows: np.ndarray
+) -> None:
+    """Write one variant's (Q, n) scores and database rows as an ILIAS similarity JSON (module docstring).
+
+    Each query is written as soon as it is formatted, so memory holds one query's list
+    rather than the whole mapping.
+    """
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("{")
+            for position, (query_id, score_list, row_list) in enumerate(zip(query_ids, scores.tolist(), rows.tolist())):
+                ranked = {database_ids[r]: score for score, r in zip(score_list, row_list) if r >= 0}
+                separator = ",\n" if position else "\n"
+                f.write(f"{separator}{json.dumps(query_id)}: {json.dumps(ranked, allow_nan=False)}")
+            f.write("\n}\n")
 
 
 def describe_inputs(paths: dict[str, list[str]], hash_files: bool) -> dict[str, list[dict]]:

@@ -25,6 +25,7 @@ written or would replace an input), 130 after SIGINT, 143 after SIGTERM and 129 
 SIGHUP.
 """
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -64,6 +65,7 @@ from linear_adaptation.eval_report import (  # noqa: E402
     TIE_BREAK,
     describe_inputs,
     format_metrics_table,
+    write_ilias_similarities,
     write_json,
     write_ranks,
 )
@@ -340,6 +342,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(default: not written)",
     )
     common.add_argument(
+        "--save_similarities",
+        metavar="PATH",
+        help="mode 2: write the ranked lists as the ILIAS kNN search does, a .json file "
+        "{query_id: {db_id: score, ...}} that the ILIAS evaluation reads; it holds the results with the layer when "
+        "--lin_adapt_path is given, and those of the raw embeddings otherwise (default: not written)",
+    )
+    common.add_argument(
         "--hash_inputs",
         type=bool_flag,
         nargs="?",
@@ -370,6 +379,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("mode 1 needs both --features_path and --info_path")
         if args.missing_positives is not None:
             parser.error("--missing_positives applies to mode 2 only: in mode 1 every positive is a row of the set")
+        if args.save_similarities is not None:
+            parser.error("--save_similarities applies to mode 2 only; use --save_ranks in mode 1")
         args.mode = "labelled_set"
     elif any(v is not None for v in query_db):
         if None in query_db:
@@ -390,6 +401,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--chunk_rows must be at least 1, got {args.chunk_rows}")
     if args.save_ranks is not None and os.path.splitext(args.save_ranks)[1].lower() not in RANK_EXTENSIONS:
         parser.error(f"--save_ranks {args.save_ranks!r} must end with one of {', '.join(RANK_EXTENSIONS)}")
+    if args.save_similarities is not None and not args.save_similarities.lower().endswith(".json"):
+        parser.error(f"--save_similarities {args.save_similarities!r} must end with .json, the ILIAS similarity format")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
     if args.device == "auto":
@@ -411,13 +424,15 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     inputs = {f"--{name}": paths for name, paths in _input_files(args).items()}
     check_input_files(parser, inputs)
 
-    outputs = {flag: path for flag, path in (("--save_json", args.save_json), ("--save_ranks", args.save_ranks))
-               if path is not None}
+    named = (("--save_json", args.save_json), ("--save_ranks", args.save_ranks),
+             ("--save_similarities", args.save_similarities))
+    outputs = {flag: path for flag, path in named if path is not None}
     for flag, path in outputs.items():
         check_output_file(parser, flag, path)
         check_not_an_input(parser, flag, path, inputs)
-    if len(outputs) == 2 and same_file(args.save_json, args.save_ranks):
-        parser.error(f"--save_json and --save_ranks both name {args.save_json!r}; give two different files")
+    for first, second in itertools.combinations(outputs, 2):
+        if same_file(outputs[first], outputs[second]):
+            parser.error(f"{first} and {second} both name {outputs[first]!r}; give two different files")
 
 
 def _input_files(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -468,7 +483,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
-    """Write --save_json and --save_ranks, each independently of a failure of the other; return the exit status."""
+    """Write each requested output file whether or not another one failed; return the exit status."""
     writers = {}
     if args.save_json is not None:
         writers[args.save_json] = lambda: write_json(
@@ -487,6 +502,12 @@ def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
     if args.save_ranks is not None:
         writers[args.save_ranks] = lambda: write_ranks(
             args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k
+        )
+    if args.save_similarities is not None:
+        # the ILIAS search applies the layer whenever it is given one, so the file holds that variant
+        variant = "with_layer" if "with_layer" in result.ranks else "without_layer"
+        writers[args.save_similarities] = lambda: write_ilias_similarities(
+            args.save_similarities, result.query_ids, result.database_ids, *result.ranks[variant]
         )
 
     status = 0

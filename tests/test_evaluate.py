@@ -386,6 +386,82 @@ def test_missing_positives_flag_is_for_mode_2_only(labelled_set, tmp_path, capsy
     assert "--missing_positives applies to mode 2 only" in capsys.readouterr().err
 
 
+def _ilias_style_map(similarities, ground_truth, k):
+    """mAP@k in percent as the ILIAS evaluation computes it from a similarity file, for distinct scores.
+
+    Each query's list is sorted by descending score and cut to k. AP is the mean precision at
+    the hits (average precision over the list) times hits / min(k, listed positives).
+    """
+    aps = []
+    for query_id, ranked in similarities.items():
+        order = sorted(ranked, key=lambda image_id: -ranked[image_id])[:k]
+        relevant = [image_id in ground_truth[query_id] for image_id in order]
+        hits = sum(relevant)
+        if hits == 0:
+            aps.append(0.0)
+            continue
+        precisions = [sum(relevant[: rank + 1]) / (rank + 1) for rank in range(len(order)) if relevant[rank]]
+        aps.append(sum(precisions) / hits * hits / min(k, len(ground_truth[query_id])))
+    return 100 * sum(aps) / len(aps)
+
+
+@pytest.mark.parametrize("with_layer", [True, False])
+def test_save_similarities_in_ilias_format(query_database, tmp_path, layer_params, with_layer):
+    weight, bias = layer_params
+    _save_layer(tmp_path / "layer.pth", weight, bias)
+    gt_path = tmp_path / "gt_listed.json"
+    ground_truth = {"q/0.jpg": ["db/1/3.jpg", "db/10/\u00f1_0.jpg", "db/2/7.jpg", "db/missing.jpg"],
+                    escape_id("q/\u00fcn\u00ef.jpg"): ["db/10/4.jpg"]}
+    gt_path.write_text(json.dumps(ground_truth))
+    similarities_path, save_json = tmp_path / "out" / "similarities.json", tmp_path / "metrics.json"
+    layer_flag = ["--lin_adapt_path", tmp_path / "layer.pth"] if with_layer else []
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path", gt_path,
+         "--k", 8, "--save_similarities", similarities_path, "--save_json", save_json, *layer_flag]
+    )
+    assert code == 0
+
+    similarities = json.loads(similarities_path.read_text(encoding="utf-8"))
+    assert list(similarities) == ["q/0.jpg", escape_id("q/\u00fcn\u00ef.jpg")]
+    queries, database = query_database["queries"][:2], query_database["database"]
+    if with_layer:
+        queries, database = _adapt(weight, bias, queries), _adapt(weight, bias, database)
+    expected = _ranked_ids(queries, database, query_database["database_ids"], 8)
+    expected_scores = np.sort(_normalise(queries) @ _normalise(database).T.astype(np.float64), axis=1)[:, ::-1][:, :8]
+    for position, ranked in enumerate(similarities.values()):
+        assert list(ranked) == [escape_id(i) for i in expected[position]]
+        assert np.allclose(list(ranked.values()), expected_scores[position], atol=1e-3)
+
+    variant = "with_layer" if with_layer else "without_layer"
+    report = json.loads(save_json.read_text())["metrics"][variant]
+    escaped_truth = {escape_id(q): {escape_id(p) for p in positives} for q, positives in ground_truth.items()}
+    assert report["map"] == pytest.approx(_ilias_style_map(similarities, escaped_truth, 8))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--save_similarities", "sims.pkl"], "--save_similarities 'sims.pkl' must end with .json"),
+        (["--save_similarities", "{out}", "--save_ranks", "{out}"], "--save_ranks and --save_similarities both name"),
+    ],
+    ids=["extension", "same_as_ranks"],
+)
+def test_save_similarities_bad_paths_exit_2(query_database, tmp_path, capsys, extra, message):
+    out = str(tmp_path / "out.json")
+    argv = ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", "--gt_path",
+            query_database["gt"], *[value.replace("{out}", out) for value in extra]]
+    code, error = _exit_status_and_error(argv, capsys)
+    assert code == 2
+    assert message in error
+
+
+def test_save_similarities_is_for_mode_2_only(labelled_set, tmp_path, capsys):
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_similarities", tmp_path / "s.json"), capsys)
+    assert code == 2
+    assert "--save_similarities applies to mode 2 only" in error
+    assert not (tmp_path / "s.json").exists()
+
+
 @pytest.mark.parametrize("extension", [".npz", ".hdf5"])
 def test_query_database_compact_ranks(query_database, tmp_path, extension):
     save_ranks = tmp_path / f"ranks{extension}"
