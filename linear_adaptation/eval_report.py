@@ -207,7 +207,7 @@ def write_ilias_similarities(
 ) -> None:
     """Write one variant's (Q, n) scores and database rows as an ILIAS similarity JSON (module docstring).
 
-    Each query is written as soon as it is formatted, so memory holds one query's list
+    Each query is written as soon as it is formatted, so memory contains one query's list
     rather than the whole mapping.
     """
     with _atomic_path(path) as tmp:

@@ -310,7 +310,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--missing_positives",
         choices=MISSING_POSITIVES_CHOICES,
         metavar="MODE",
-        help="positive ids that no database file holds: 'count' scores them as never retrieved, so they lower AP "
+        help="positive ids that no database file contains: 'count' scores them as never retrieved, so they lower AP "
         "as in the ILIAS evaluation; 'drop' leaves them out of their query's positives (default: count)",
     )
 
@@ -504,7 +504,7 @@ def _write_outputs(args: argparse.Namespace, result: EvaluationResult) -> int:
             args.save_ranks, result.query_ids, result.database_ids, result.ranks, result.k
         )
     if args.save_similarities is not None:
-        # the ILIAS search applies the layer whenever it is given one, so the file holds that variant
+        # the ILIAS search applies the layer whenever it is given one, so the file stores that variant
         variant = "with_layer" if "with_layer" in result.ranks else "without_layer"
         writers[args.save_similarities] = lambda: write_ilias_similarities(
             args.save_similarities, result.query_ids, result.database_ids, *result.ranks[variant]

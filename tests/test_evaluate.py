@@ -318,7 +318,7 @@ def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_pa
          "--save_json", save_json, "--save_ranks", save_ranks, *mode_flag]
     )
     assert code == 0
-    # by default, as in the ILIAS evaluation, the positive that no shard holds is one never retrieved
+    # by default, as in the ILIAS evaluation, the positive that no shard contains is one never retrieved
     positives = [set(p) for p in query_database["positives"]]
     if missing_positives != "drop":
         positives[0].add("db/missing.jpg")
@@ -357,7 +357,7 @@ def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_pa
 
 @pytest.mark.parametrize("missing_positives", ["count", "drop"])
 def test_query_whose_positives_are_all_missing(query_database, tmp_path, missing_positives):
-    # q/2.jpg lists only ids that no shard holds, as when its positives failed to extract
+    # q/2.jpg lists only ids that no shard contains, as when its positives failed to extract
     gt_path = tmp_path / "gt_missing.json"
     gt_path.write_text(json.dumps({"q/0.jpg": ["db/1/3.jpg"], "q/2.jpg": ["db/gone_1.jpg", "db/gone_2.jpg"]}))
     save_json = tmp_path / "metrics.json"
@@ -582,7 +582,7 @@ def test_ground_truth_matching(tmp_path):
 
 def test_raw_backslash_positive_is_a_missing_positive(tmp_path, caplog):
     # the database stores the escaped form of an ASCII id with a backslash; a raw one in the
-    # ground truth cannot be told apart from an escaped id, so it stays unmatched
+    # ground truth cannot be distinguished from an escaped id, so it stays unmatched
     raw = "db/a\\b.jpg"
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"q.jpg": [raw, "db/c.jpg"]}))
