@@ -311,7 +311,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=MISSING_POSITIVES_CHOICES,
         metavar="MODE",
         help="positive ids that no database file contains: 'count' scores them as never retrieved, so they lower AP "
-        "as in the ILIAS evaluation; 'drop' leaves them out of their query's positives (default: count)",
+        "as in the ILIAS evaluation, and 'drop' leaves them out of their query's positives (default: count)",
     )
 
     common = parser.add_argument_group("search and outputs")
@@ -345,8 +345,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--save_similarities",
         metavar="PATH",
         help="mode 2: write the ranked lists as the ILIAS kNN search does, a .json file "
-        "{query_id: {db_id: score, ...}} that the ILIAS evaluation reads; it holds the results with the layer when "
-        "--lin_adapt_path is given, and those of the raw embeddings otherwise (default: not written)",
+        "{query_id: {db_id: score, ...}} that the ILIAS evaluation reads. It contains the results with the layer "
+        "when --lin_adapt_path is given, and those of the raw embeddings otherwise (default: not written)",
     )
     common.add_argument(
         "--hash_inputs",
@@ -380,7 +380,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if args.missing_positives is not None:
             parser.error("--missing_positives applies to mode 2 only: in mode 1 every positive is a row of the set")
         if args.save_similarities is not None:
-            parser.error("--save_similarities applies to mode 2 only; use --save_ranks in mode 1")
+            parser.error("--save_similarities applies to mode 2 only. Use --save_ranks in mode 1")
         args.mode = "labelled_set"
     elif any(v is not None for v in query_db):
         if None in query_db:
