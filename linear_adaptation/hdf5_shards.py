@@ -22,6 +22,7 @@ _logger = logging.getLogger(__name__)
 
 SHARD_PLACEHOLDER = "{idx}"
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_REPEATED_SEPARATORS = re.compile(r"/{2,}")
 
 
 def _natural_key(path: str) -> list:
@@ -30,7 +31,8 @@ def _natural_key(path: str) -> list:
 
 
 def _expand_shard_pattern(pattern: str) -> list[str]:
-    prefix, suffix = pattern.split(SHARD_PLACEHOLDER, 1)
+    # glob returns the matches of "db//part_*" as "db/part_1", which a regex built from "db//" would not match
+    prefix, suffix = _REPEATED_SEPARATORS.sub("/", pattern).split(SHARD_PLACEHOLDER, 1)
     if SHARD_PLACEHOLDER in suffix:
         raise DataError(f"database pattern {pattern!r} contains {SHARD_PLACEHOLDER} more than once; use it once")
     matcher = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"\Z")

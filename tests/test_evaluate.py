@@ -521,6 +521,15 @@ def test_shard_pattern_numeric_order(tmp_path):
     assert [Path(p).name for p in paths] == ["part_1.h5", "part_2.h5", "part_10.h5", "part_x.h5"]
 
 
+def test_shard_pattern_with_doubled_separator(tmp_path):
+    # "$DIR/part_{idx}.h5" with DIR ending in "/" gives "//", which glob collapses in what it returns
+    for shard in (2, 1):
+        (tmp_path / f"part_{shard}.h5").touch()
+    paths = expand_database_paths([str(tmp_path) + "//part_{idx}.h5"])
+    assert [Path(p).name for p in paths] == ["part_1.h5", "part_2.h5"]
+    assert all(Path(p).parent == tmp_path for p in paths)
+
+
 def test_shard_pattern_errors(tmp_path):
     (tmp_path / "a.h5").touch()
     with pytest.raises(DataError, match="no file matches the database pattern"):
