@@ -109,7 +109,7 @@ class MatchedGroundTruth:
     listed_positives: np.ndarray  # (Q,) int64 distinct positive ids of each kept query, in the database or not
     queries_without_ground_truth: list[str] = field(default_factory=list)  # query-file ids absent from the file
     ground_truth_queries_missing: list[str] = field(default_factory=list)  # ground-truth queries not in the query file
-    positives_missing: list[str] = field(default_factory=list)  # distinct positive ids absent from the database
+    positives_missing: list[str] = field(default_factory=list)  # distinct positive ids of kept queries that the database lacks
 
     def counts(self) -> dict[str, int]:
         return {
@@ -179,8 +179,9 @@ def match_ground_truth(
             f"(e.g. {_examples(list(ground_truth))}); are the query file and --gt_path for the same set?"
         )
 
-    # map only the database ids that some query needs, since the database may hold millions
-    wanted = {p for q in ground_truth for p in ground_truth[q]}
+    # map only the database ids that a scored query needs, since the database may contain millions. Positives of
+    # ground-truth queries missing from the query file affect no score, so they are not reported as missing either.
+    wanted = {p for _, q in kept for p in ground_truth[q]}
     row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in wanted}
     absent_positives = sorted(wanted - row_of.keys())
     _warn_about_queries_in_database(ground_truth, [q for _, q in kept], database_ids)

@@ -589,6 +589,16 @@ def test_ground_truth_matching(tmp_path):
     }
 
 
+def test_missing_positives_of_unscored_queries_ignored(tmp_path, caplog):
+    # other.jpg is not in the query file, so its positive gone.jpg affects no score
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"q.jpg": ["a.jpg"], "other.jpg": ["gone.jpg"]}))
+    matched = match_ground_truth(read_ground_truth(path), ["q.jpg"], ["a.jpg", "b.jpg"])
+    assert matched.positives_missing == []
+    assert matched.counts()["positives_missing_from_database"] == 0
+    assert "not in the database" not in caplog.text
+
+
 def test_raw_backslash_positive_is_a_missing_positive(tmp_path, caplog):
     # the database stores the escaped form of an ASCII id with a backslash; a raw one in the
     # ground truth cannot be distinguished from an escaped id, so it stays unmatched
