@@ -7,7 +7,8 @@ database ids:
 
 Ids are those of the HDF5 `index` datasets, either escaped (`#Uxxxx`, as stored) or
 with the original Unicode characters; both forms are matched after `canonical_id`.
-A query with an empty list has no positive and is counted, not scored.
+A query with an empty list has no positive and is counted, not scored. The file is
+UTF-8, with or without a byte-order mark.
 """
 import json
 import logging
@@ -70,7 +71,8 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
     if not os.path.isfile(path):
         raise DataError(f"ground-truth file {path!r} not found; check --gt_path")
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig also reads the byte-order mark that some Windows editors write, which json.load rejects
+        with open(path, encoding="utf-8-sig") as f:
             raw = json.load(f, object_pairs_hook=_object_rejecting_repeated_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path!r} is not valid UTF-8 JSON ({e}); see the format in ground_truth.py") from e

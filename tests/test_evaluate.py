@@ -573,6 +573,13 @@ def test_ground_truth_format_errors(tmp_path, content, message):
         read_ground_truth(path)
 
 
+def test_ground_truth_with_byte_order_mark(tmp_path):
+    # editors on Windows often start a UTF-8 file with a byte-order mark
+    path = tmp_path / "gt.json"
+    path.write_text('{"q\u00e9.jpg": ["a.jpg"]}', encoding="utf-8-sig")
+    assert read_ground_truth(path) == {"q#U00e9.jpg": ["a.jpg"]}
+
+
 def test_ground_truth_matching(tmp_path):
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"q\u00e9.jpg": ["b.jpg", "a.jpg", "b.jpg", "zz.jpg"], "other.jpg": ["a.jpg"]}))
