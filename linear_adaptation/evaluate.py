@@ -326,7 +326,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help=f"ranked-list length k of mAP@k (default: {DEFAULT_K_LABELLED_SET} in mode 1, "
-        f"{DEFAULT_K_QUERY_DATABASE} in mode 2); below 5, mMP@5 is reported as n/a",
+        f"{DEFAULT_K_QUERY_DATABASE} in mode 2); below 5, mMP@5 is n/a when a query has more than k positives",
     )
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), metavar="DEVICE", help="auto, cpu or cuda")
     common.add_argument(

@@ -835,6 +835,16 @@ def test_k_below_5_reports_mmp5_unavailable(labelled_set, tmp_path, capsys):
     assert macro_row.split()[-1] == "n/a"
 
 
+def test_k_below_5_keeps_mmp5_when_positives_fit(labelled_set, tmp_path):
+    # every class has 4 images, so each query has 3 positives and MP@5 looks at the top 3 only
+    assert _run(_labelled_args(labelled_set, "--k", 3, "--save_json", tmp_path / "m.json")) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]["without_layer"]
+    reference, _ = _labelled_reference(labelled_set["entries"], labelled_set["features"], 3)
+    assert metrics["all_queries"]["mmp@5"] == pytest.approx(reference["all"]["mmp@5"])
+    help_text = " ".join(get_args_parser().format_help().split())
+    assert "below 5, mMP@5 is n/a when a query has more than k positives" in help_text
+
+
 def test_nan_row_outside_list_is_ignored(labelled_set, tmp_path):
     # Regression: a NaN row stopped the run although the list did not use it.
     with h5py.File(labelled_set["hdf5"], "r") as f:
