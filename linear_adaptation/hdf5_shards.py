@@ -47,10 +47,26 @@ def _expand_shard_pattern(pattern: str) -> list[str]:
         )
     found.sort()
     numbers = [number for number, _ in found]
-    gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
-    if gaps:
-        _logger.warning("database pattern %r: shard numbers %s are missing", pattern, gaps[:10])
+    missing, first_missing = _missing_numbers(numbers)
+    if missing:
+        _logger.warning(
+            "database pattern %r: %d shard numbers from %d to %d are missing (first: %s)",
+            pattern, missing, numbers[0], numbers[-1], first_missing,
+        )
     return [path for _, path in found]
+
+
+def _missing_numbers(numbers: list[int], max_listed: int = 10) -> tuple[int, list[int]]:
+    """Return how many integers between the smallest and the largest of `numbers` are absent, and the first of them.
+
+    Counts from the gaps between neighbours, so a stray file numbered like a timestamp costs no memory.
+    """
+    distinct = sorted(set(numbers))
+    count, listed = 0, []
+    for low, high in zip(distinct, distinct[1:]):
+        count += high - low - 1
+        listed.extend(range(low + 1, min(high, low + 1 + max_listed - len(listed))))
+    return count, listed
 
 
 def expand_database_paths(patterns: list[str]) -> list[str]:

@@ -530,6 +530,27 @@ def test_shard_pattern_with_doubled_separator(tmp_path):
     assert all(Path(p).parent == tmp_path for p in paths)
 
 
+def test_shard_pattern_gap_to_huge_number(tmp_path, caplog):
+    # a stray file numbered like a timestamp once made the gap check build a set of 10**12 numbers
+    for shard in (1, 3, 10**12):
+        (tmp_path / f"part_{shard}.h5").touch()
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+        "from linear_adaptation.hdf5_shards import expand_database_paths\n"
+        "print(len(expand_database_paths([sys.argv[1]])))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "part_{idx}.h5")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+    expand_database_paths([str(tmp_path / "part_{idx}.h5")])
+    assert f"{10**12 - 3} shard numbers from 1 to {10**12} are missing (first: [2, 4, 5, 6," in caplog.text
+
+
 def test_shard_pattern_errors(tmp_path):
     (tmp_path / "a.h5").touch()
     with pytest.raises(DataError, match="no file matches the database pattern"):
