@@ -105,7 +105,7 @@ def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
     return number
 
 
-def _read_list_text(list_path: str) -> str:
+def read_list_text(list_path: str) -> str:
     """Return the list file decoded as UTF-8 without a byte-order mark, or raise naming the bad line."""
     try:
         with open(list_path, "rb") as f:
@@ -147,7 +147,7 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
     first_line_of_normalised: dict[str, tuple[int, str]] = {}
 
     # the BOM is dropped on decoding; universal newlines turn \r\n and \r into \n
-    for line_no, raw in enumerate(io.StringIO(_read_list_text(list_path), newline=None), start=1):
+    for line_no, raw in enumerate(io.StringIO(read_list_text(list_path), newline=None), start=1):
         line = raw.strip()
         if not line:
             continue

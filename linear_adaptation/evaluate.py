@@ -69,6 +69,7 @@ from linear_adaptation.eval_report import (  # noqa: E402
     write_json,
     write_ranks,
 )
+from linear_adaptation.database_subset import make_row_filter, read_selected_ids  # noqa: E402
 from linear_adaptation.features_io import DataError, check_finite_rows, join_by_id, load_hdf5_features  # noqa: E402
 from linear_adaptation.ground_truth import (  # noqa: E402
     MISSING_POSITIVES_CHOICES,
@@ -218,26 +219,29 @@ def evaluate_query_database(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     lin_adapt_path: str | None = None,
     missing_positives: str = "count",
+    selected_ids_path: str | None = None,
 ) -> EvaluationResult:
     """Search a database with the queries that have ground truth, without and with a layer.
 
     The database files are read in blocks of `chunk_rows` rows, and the layer is applied
     block by block, so memory holds one block, the queries and the (Q, k) results.
     Positive ids that the database lacks count as never retrieved with `missing_positives`
-    "count", as in the ILIAS evaluation, and are left out of P with "drop".
+    "count", as in the ILIAS evaluation, and are left out of P with "drop". With
+    `selected_ids_path`, the database is the subset described in database_subset.py.
 
     Raises:
         DataError: Unusable embeddings, ground truth, or layer file.
     """
     query_features, query_ids = load_hdf5_features(query_path, check_finite=False)
-    database = HDF5Database(database_paths)
+    ground_truth = read_ground_truth(gt_path)
+    database = _open_database(database_paths, ground_truth, selected_ids_path)
     if database.dim != query_features.shape[1]:
         raise DataError(
             f"queries in {query_path!r} have {query_features.shape[1]} dimensions but the database has "
             f"{database.dim} ({', '.join(repr(path) for path in database.paths)}); embed both with the same backbone"
         )
 
-    matched = match_ground_truth(read_ground_truth(gt_path), query_ids, database.ids, missing_positives)
+    matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives)
     num_positives = matched.listed_positives if missing_positives == "count" else None
     check_finite_rows(query_features, matched.query_rows, query_ids, query_path)
     queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)
@@ -272,8 +276,37 @@ def evaluate_query_database(
         ranks=ranks,
         query_ids=[canonical_id(query_ids[r]) for r in matched.query_rows],
         database_ids=database.ids,
-        counts={"database_rows": database.num_rows, **matched.counts()},
+        counts={
+            "database_rows": database.num_rows,
+            "database_rows_left_out_by_selection": sum(database.stored_rows_per_file) - database.num_rows,
+            **matched.counts(),
+        },
     )
+
+
+def _open_database(
+    database_paths: list[str], ground_truth: dict[str, list[str]], selected_ids_path: str | None
+) -> HDF5Database:
+    """Open the database files, keeping only the selected rows and the positives when a selection file is given."""
+    if selected_ids_path is None:
+        return HDF5Database(database_paths)
+
+    selected = read_selected_ids(selected_ids_path)
+    positives = {p for listed in ground_truth.values() for p in listed}
+    database = HDF5Database(database_paths, keep_id=make_row_filter(selected, positives))
+    if database.num_rows == 0:
+        raise DataError(
+            f"no database row is selected by {selected_ids_path!r} or listed as a positive in the ground truth; "
+            "check that the selection file lists database ids or their second path component"
+        )
+    selected_rows = sum(1 for image_id in database.ids if image_id not in positives)
+    if selected_rows == 0:
+        _logger.warning(
+            "no database row other than the ground-truth positives matches the %d ids of %r, so the search has no "
+            "distractors; check that the file lists database ids or their second path component",
+            len(selected), selected_ids_path,
+        )
+    return database
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -305,6 +338,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     query_db.add_argument(
         "--gt_path", metavar="JSON", help='ground truth {"query_id": ["db_id", ...], ...}; ids escaped or not'
+    )
+    query_db.add_argument(
+        "--db_selected_ids",
+        metavar="FILE",
+        help="search only the database rows whose ids this file lists, one per line (or whose second path "
+        "component it lists, as the ILIAS search reads its mini-ILIAS list), plus every ground-truth positive "
+        "(default: every row)",
     )
     query_db.add_argument(
         "--missing_positives",
@@ -381,6 +421,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--missing_positives applies to mode 2 only: in mode 1 every positive is a row of the set")
         if args.save_similarities is not None:
             parser.error("--save_similarities applies to mode 2 only. Use --save_ranks in mode 1")
+        if args.db_selected_ids is not None:
+            parser.error("--db_selected_ids applies to mode 2 only. In mode 1, list the images to evaluate in --info_path")
         args.mode = "labelled_set"
     elif any(v is not None for v in query_db):
         if None in query_db:
@@ -440,6 +482,8 @@ def _input_files(args: argparse.Namespace) -> dict[str, list[str]]:
         files = {"features_path": [args.features_path], "info_path": [args.info_path]}
     else:
         files = {"query_hdf5": [args.query_hdf5], "db_hdf5": args.db_files, "gt_path": [args.gt_path]}
+        if args.db_selected_ids is not None:
+            files["db_selected_ids"] = [args.db_selected_ids]
     if args.lin_adapt_path is not None:
         files["lin_adapt_path"] = [args.lin_adapt_path]
     return files
@@ -471,6 +515,7 @@ def main(args: argparse.Namespace) -> int:
                 chunk_rows=args.chunk_rows,
                 lin_adapt_path=args.lin_adapt_path,
                 missing_positives=args.missing_positives,
+                selected_ids_path=args.db_selected_ids,
             )
     except (DataError, ImageListError) as e:
         _logger.error("%s", e)

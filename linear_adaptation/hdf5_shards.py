@@ -105,23 +105,36 @@ def expand_database_paths(patterns: list[str]) -> list[str]:
 class HDF5Database:
     """Database files checked for layout and dimension, with their ids loaded.
 
+    With `keep_id`, only the rows whose canonical id it accepts are database rows. They are
+    numbered consecutively in file order, and the other rows are never searched or checked.
+
     Attributes:
         paths: Files in row order.
-        rows_per_file: Rows of each file.
-        ids: Canonical ids of all rows, in row order.
+        rows_per_file: Database rows of each file.
+        stored_rows_per_file: Rows stored in each file, kept or not.
+        ids: Canonical ids of all database rows, in row order.
         dim: Embedding dimension, equal in all files.
     """
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], keep_id: Callable[[str], bool] | None = None):
         self.paths = list(paths)
         self.rows_per_file: list[int] = []
+        self.stored_rows_per_file: list[int] = []
         self.ids: list[str] = []
         self.dim: int | None = None
+        self._kept_rows: list[np.ndarray | None] = []  # per file, the stored rows kept, or None for all
+        self._keep_id = keep_id
         for path in self.paths:
             self._read_header(path)
-        _logger.info(
-            "database: %d rows x %d dimensions in %d file(s)", self.num_rows, self.dim, len(self.paths)
-        )
+        if keep_id is None:
+            _logger.info(
+                "database: %d rows x %d dimensions in %d file(s)", self.num_rows, self.dim, len(self.paths)
+            )
+        else:
+            _logger.info(
+                "database: %d of %d rows kept by the selection, x %d dimensions in %d file(s)",
+                self.num_rows, sum(self.stored_rows_per_file), self.dim, len(self.paths),
+            )
 
     @property
     def num_rows(self) -> int:
@@ -147,27 +160,37 @@ class HDF5Database:
                 raise DataError(f"cannot read the ids of {path!r} ({e}); the file is damaged, copy it again") from e
             self.dim = features.shape[1]
 
-        self.rows_per_file.append(len(ids))
-        self.ids.extend(canonical_id(i) for i in ids)
+        canonical = [canonical_id(i) for i in ids]
+        self.stored_rows_per_file.append(len(canonical))
+        if self._keep_id is None:
+            self._kept_rows.append(None)
+        else:
+            kept = np.flatnonzero(np.fromiter(map(self._keep_id, canonical), dtype=bool, count=len(canonical)))
+            self._kept_rows.append(kept)
+            canonical = [canonical[row] for row in kept]
+        self.rows_per_file.append(len(canonical))
+        self.ids.extend(canonical)
 
     def iterate_chunks(
         self, chunk_rows: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> Iterator[np.ndarray]:
-        """Yield blocks of at most `chunk_rows` rows in row order, file by file.
+        """Yield blocks of at most `chunk_rows` database rows in row order, file by file.
 
-        Blocks do not span files. Each block is read from disk when requested, checked
-        for NaN and Inf, and then passed through `transform` when given.
+        Blocks do not span files. Each block is read from disk when requested, cut to the
+        kept rows (with a selection, blocks can be smaller, and a block with no kept row is
+        skipped), checked for NaN and Inf, and then passed through `transform` when given.
 
         Raises:
             DataError: A block cannot be read or contains NaN or Inf.
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-        offset = 0
-        for path, num_rows in zip(self.paths, self.rows_per_file):
+        offset = 0  # database rows of the earlier files
+        for path, stored_rows, kept in zip(self.paths, self.stored_rows_per_file, self._kept_rows):
+            emitted = 0  # database rows of this file yielded so far
             with h5py.File(path, "r") as f:
                 features = f["features"]
-                for start in range(0, num_rows, chunk_rows):
+                for start in range(0, stored_rows, chunk_rows):
                     try:
                         block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
                     except OSError as e:
@@ -175,12 +198,20 @@ class HDF5Database:
                         raise DataError(
                             f"cannot read rows {start}+ of {path!r} ({e}); the file is damaged, copy or extract it again"
                         ) from e
+                    stored_rows_of_block = np.arange(start, start + len(block))
+                    if kept is not None:
+                        stored_rows_of_block = kept[(kept >= start) & (kept < start + len(block))]
+                        if len(stored_rows_of_block) == 0:
+                            continue
+                        block = block[stored_rows_of_block - start]
+
                     finite = np.isfinite(block).all(axis=1)
                     if not finite.all():
-                        bad = start + int(np.flatnonzero(~finite)[0])
+                        bad = int(np.flatnonzero(~finite)[0])
                         raise DataError(
-                            f"{path!r}: row {bad} (id {self.ids[offset + bad]!r}) contains NaN or Inf; "
-                            "re-extract that image or drop it from the database"
+                            f"{path!r}: row {int(stored_rows_of_block[bad])} (id {self.ids[offset + emitted + bad]!r}) "
+                            "contains NaN or Inf; re-extract that image or drop it from the database"
                         )
+                    emitted += len(block)
                     yield transform(block) if transform is not None else block
-            offset += num_rows
+            offset += emitted

@@ -342,6 +342,7 @@ def test_query_database_with_shards_and_layer(query_database, tmp_path, layer_pa
 
     assert report["counts"] == {
         "database_rows": 25,
+        "database_rows_left_out_by_selection": 0,
         "queries_scored": 3,
         "queries_without_ground_truth": 1,
         "ground_truth_queries_missing": 1,
@@ -460,6 +461,78 @@ def test_save_similarities_is_for_mode_2_only(labelled_set, tmp_path, capsys):
     assert code == 2
     assert "--save_similarities applies to mode 2 only" in error
     assert not (tmp_path / "s.json").exists()
+
+
+def test_database_selection_searches_subset(query_database, tmp_path):
+    selection = tmp_path / "selected.txt"
+    # an id, a list line, the shard folder "2" (matched as the second path component) and a blank line
+    selection.write_text("db/1/5.jpg\r\ndb/10/1.jpg,3,0\n\n2\n", encoding="utf-8")
+    save_json, save_ranks = tmp_path / "metrics.json", tmp_path / "ranks.json"
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path",
+         query_database["gt"], "--db_selected_ids", selection, "--k", 6, "--chunk_rows", 3,
+         "--save_json", save_json, "--save_ranks", save_ranks]
+    )
+    assert code == 0
+
+    ids = query_database["database_ids"]
+    positives_in_ground_truth = {"db/1/3.jpg", "db/10/\u00f1_0.jpg", "db/2/7.jpg", "db/2/\u00f1_0.jpg", "db/10/4.jpg",
+                                 "db/1/1.jpg"}
+    kept = [row for row, image_id in enumerate(ids)
+            if image_id in {"db/1/5.jpg", "db/10/1.jpg"} | positives_in_ground_truth or image_id.startswith("db/2/")]
+    assert len(kept) == 16  # 10 rows of shard 2, 2 selected ids and 4 positives outside shard 2
+    ranked = _ranked_ids(query_database["queries"][:3], query_database["database"][kept], [ids[r] for r in kept], 6)
+
+    ranks = json.loads(save_ranks.read_text())["without_layer"]
+    assert [ranks[escape_id(q)]["ids"] for q in query_database["query_ids"][:3]] == [
+        [escape_id(i) for i in r] for r in ranked
+    ]
+    report = json.loads(save_json.read_text())
+    positives = [set(p) for p in query_database["positives"]]
+    positives[0].add("db/missing.jpg")
+    for name, value in _reference_metrics(ranked, positives, 6).items():
+        assert report["metrics"]["without_layer"][name] == pytest.approx(value)
+    assert report["counts"]["database_rows"] == 16
+    assert report["counts"]["database_rows_left_out_by_selection"] == 9
+
+
+def test_database_selection_without_matches(query_database, tmp_path, caplog):
+    selection = tmp_path / "selected.txt"
+    selection.write_text("elsewhere/0.jpg\n", encoding="utf-8")
+    save_json = tmp_path / "metrics.json"
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path",
+         query_database["gt"], "--db_selected_ids", selection, "--save_json", save_json]
+    )
+    assert code == 0
+    assert "no database row other than the ground-truth positives matches the 1 ids" in caplog.text
+    assert json.loads(save_json.read_text())["counts"]["database_rows"] == 6  # the positives only
+
+    gt_path = tmp_path / "gt_absent.json"
+    gt_path.write_text(json.dumps({"q/0.jpg": ["db/missing.jpg"]}))
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5", "--gt_path", gt_path,
+         "--db_selected_ids", selection]
+    )
+    assert code == 1
+    assert "no database row is selected by" in caplog.text
+
+
+def test_database_selection_is_for_mode_2_only(labelled_set, tmp_path, capsys):
+    selection = tmp_path / "selected.txt"
+    selection.write_text("a.jpg\n", encoding="utf-8")
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--db_selected_ids", selection), capsys)
+    assert code == 2
+    assert "--db_selected_ids applies to mode 2 only" in error
+
+
+def test_database_selection_file_missing_exit_2(query_database, tmp_path, capsys):
+    argv = ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", "--gt_path",
+            query_database["gt"], "--db_selected_ids", tmp_path / "absent.txt"]
+    code, error = _exit_status_and_error(argv, capsys)
+    assert code == 2
+    assert "--db_selected_ids" in error
+    assert "absent.txt' does not exist" in error
 
 
 @pytest.mark.parametrize("extension", [".npz", ".hdf5"])
