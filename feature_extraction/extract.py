@@ -64,7 +64,8 @@ exit status:
        existing output
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
        terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
-       same command resumes from them
+       same command resumes from them. Drop --overwrite true from it first, because that
+       flag deletes them
 
 A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
 """
@@ -105,8 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="store features as float16 instead of float32 (default: %(default)s)")
     data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
                       help="delete an existing output, its failure report and any partial run before "
-                           "starting; without it a complete output extracted with the same settings is left "
-                           "untouched and one with other settings is an error (default: %(default)s)")
+                           "starting, so a stopped run resumes only when rerun without it; without it a complete "
+                           "output extracted with the same settings is left untouched and one with other "
+                           "settings is an error (default: %(default)s)")
 
     backbone = parser.add_argument_group("model")
     backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),
