@@ -45,6 +45,7 @@ _logger = logging.getLogger("feature_extraction.extract")
 
 PARTITIONS = ("uned", "image_queries", "positives")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+MAX_INT64 = 2**63 - 1
 # errors of run_extraction that mean invalid arguments (exit status 2) or a failed run (1)
 USAGE_ERRORS = (BackboneError, DeviceError, SettingsMismatchError)
 RUN_ERRORS = (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError)
@@ -148,7 +149,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                     "re-normalise (3x the compute) (default: %(default)s)")
     preprocessing.add_argument("--max_image_pixels", metavar="PIXELS", type=int,
                                help="skip images whose declared width x height is larger "
-                                    "(decompression-bomb guard) (default: %(default)s)")
+                                    "(decompression-bomb guard; 1 to 2**63 - 1) (default: %(default)s)")
     preprocessing.add_argument("--jpeg_draft", metavar="BOOL", type=bool_flag,
                                help="decode large JPEGs at a reduced scale (at least 2x the resized size) "
                                     "for speed. This changes the pixels of JPEGs at least 4x the resized size, and "
@@ -204,6 +205,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # The output stores these settings as 64-bit HDF5 attributes, and torch sizes are 64-bit too.
+    for name in ("resolution", "min_size", "window_size", "max_image_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) > MAX_INT64:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at most 2**63 - 1 ({MAX_INT64})")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.min_size < 0:

@@ -572,6 +572,24 @@ def test_bad_flag_values_exit_two(extra, capsys):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("flag", ["--resolution", "--min_size", "--window_size", "--max_image_pixels"])
+def test_int64_overflow_flags_exit_two(flag, capsys):
+    # These settings become 64-bit HDF5 attributes and torch sizes, so a larger value must be
+    # rejected before any image is embedded.
+    parser = get_args_parser()
+    args = parser.parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", flag, str(2**63)])
+    with pytest.raises(SystemExit) as info:
+        check_args(parser, args)
+    assert info.value.code == 2
+    assert f"{flag} is {2**63}; it must be at most 2**63 - 1" in capsys.readouterr().err
+
+
+def test_largest_max_image_pixels_recorded(extract):
+    code, output = extract("--max_image_pixels", str(2**63 - 1))
+    assert code == 0
+    assert read_output(output)[2]["max_image_pixels"] == 2**63 - 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint", ""], "--checkpoint is empty"),
     (["--model", ""], "--model is empty"),
