@@ -61,8 +61,8 @@ exit status:
        Inf embeddings from every image of the first batches, a fatal model error (out of
        memory), or another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
-       absent, or settings that differ from the partial run being resumed or from the
-       existing output
+       absent, an output path that is a folder, or settings that differ from the partial
+       run being resumed or from the existing output
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
        terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
        same command resumes from them. Drop --overwrite true from it first, because that
@@ -228,6 +228,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if "/" in args.hdf5_name or os.sep in args.hdf5_name:
         parser.error(f"--hdf5_name {args.hdf5_name!r} contains a '/', but it is a file name stem; "
                      "give the folder with --hdf5_dir")
+    output = output_path(args.hdf5_dir, args.hdf5_name, args.partition)
+    if output.is_dir():
+        parser.error(f"the output {str(output)!r} is a folder; remove it or choose another --hdf5_dir or --hdf5_name")
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):

@@ -674,6 +674,19 @@ def test_empty_or_nested_path_flags_exit_two(sample_dataset, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_output_path_folder_exit_two(extract, tmp_path, capsys, overwrite):
+    # --overwrite true cannot replace a folder, so both runs must stop before touching it.
+    folder = tmp_path / "out" / "features_uned.hdf5"
+    (folder / "kept").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        extract("--overwrite", overwrite)
+    assert info.value.code == 2
+    assert f"the output {str(folder)!r} is a folder" in capsys.readouterr().err
+    assert (folder / "kept").is_dir()
+    assert not folder.with_name(folder.name + ".parts").exists()
+
+
 def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):
     # Without --selected_ids the list is the image files found under --dataset_dir. A rerun after
     # an image was added exited 2 naming only list_sha256, which did not say what had changed.
