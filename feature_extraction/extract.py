@@ -45,6 +45,7 @@ _logger = logging.getLogger("feature_extraction.extract")
 
 PARTITIONS = ("uned", "image_queries", "positives")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+MAX_INT64 = 2**63 - 1
 # errors of run_extraction that mean invalid arguments (exit status 2) or a failed run (1)
 USAGE_ERRORS = (BackboneError, DeviceError, SettingsMismatchError)
 RUN_ERRORS = (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError)
@@ -60,11 +61,12 @@ exit status:
        Inf embeddings from every image of the first batches, a fatal model error (out of
        memory), or another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
-       absent, or settings that differ from the partial run being resumed or from the
-       existing output
+       absent, an output path that is a folder, or settings that differ from the partial
+       run being resumed or from the existing output
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
        terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
-       same command resumes from them
+       same command resumes from them. Drop --overwrite true from it first, because that
+       flag deletes them
 
 A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
 """
@@ -105,8 +107,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="store features as float16 instead of float32 (default: %(default)s)")
     data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
                       help="delete an existing output, its failure report and any partial run before "
-                           "starting; without it a complete output extracted with the same settings is left "
-                           "untouched and one with other settings is an error (default: %(default)s)")
+                           "starting, so a stopped run resumes only when rerun without it; without it a complete "
+                           "output extracted with the same settings is left untouched and one with other "
+                           "settings is an error (default: %(default)s)")
 
     backbone = parser.add_argument_group("model")
     backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),
@@ -146,7 +149,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                     "re-normalise (3x the compute) (default: %(default)s)")
     preprocessing.add_argument("--max_image_pixels", metavar="PIXELS", type=int,
                                help="skip images whose declared width x height is larger "
-                                    "(decompression-bomb guard) (default: %(default)s)")
+                                    "(decompression-bomb guard; 1 to 2**63 - 1) (default: %(default)s)")
     preprocessing.add_argument("--jpeg_draft", metavar="BOOL", type=bool_flag,
                                help="decode large JPEGs at a reduced scale (at least 2x the resized size) "
                                     "for speed. This changes the pixels of JPEGs at least 4x the resized size, and "
@@ -202,6 +205,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # The output stores these settings as 64-bit HDF5 attributes, and torch sizes are 64-bit too.
+    for name in ("resolution", "min_size", "window_size", "max_image_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) > MAX_INT64:
+            parser.error(f"--{name} is {getattr(args, name)}; it must be at most 2**63 - 1 ({MAX_INT64})")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.min_size < 0:
@@ -221,6 +228,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if "/" in args.hdf5_name or os.sep in args.hdf5_name:
         parser.error(f"--hdf5_name {args.hdf5_name!r} contains a '/', but it is a file name stem; "
                      "give the folder with --hdf5_dir")
+    output = output_path(args.hdf5_dir, args.hdf5_name, args.partition)
+    if output.is_dir():
+        parser.error(f"the output {str(output)!r} is a folder; remove it or choose another --hdf5_dir or --hdf5_name")
     if args.model == "":
         parser.error("--model is empty; pass a timm or open_clip model name")
     if args.model.endswith("."):

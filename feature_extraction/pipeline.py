@@ -545,9 +545,11 @@ def _extract_locked(
                             e, output, store.directory)
             raise
         saved = sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
+        # with --overwrite true, the same command would delete these parts again
+        resume_command = "the same command without --overwrite true" if overwrite else "the same command"
         _logger.warning(
-            "stopped by %s: %d of %d rows are saved in %s; rerun the same command to resume",
-            e, saved, len(entries), store.directory,
+            "stopped by %s: %d of %d rows are saved in %s; rerun %s to resume",
+            e, saved, len(entries), store.directory, resume_command,
         )
         raise
     except BaseException:

@@ -245,12 +245,17 @@ def check_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject input files that do not exist and outputs that would overwrite an input."""
+    """Reject input files that do not exist and outputs that would overwrite an input or a folder."""
     inputs = {f"--{name}": [getattr(args, name)] for name in _INPUT_FLAGS if getattr(args, name) is not None}
     check_input_files(parser, inputs)
     pth_path = Path(args.save_dir)
     for output in (pth_path, *sidecar_paths(pth_path)):
         check_not_an_input(parser, "--save_dir", output, inputs)
+    # check_output_path has checked the .pth. A folder in place of a sidecar would fail only after training.
+    for output in sidecar_paths(pth_path):
+        if output.is_dir():
+            parser.error(f"--save_dir would write {str(output)!r}, which is a folder; move it or choose another "
+                         "--save_dir")
 
 
 def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:

@@ -572,6 +572,24 @@ def test_bad_flag_values_exit_two(extra, capsys):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("flag", ["--resolution", "--min_size", "--window_size", "--max_image_pixels"])
+def test_int64_overflow_flags_exit_two(flag, capsys):
+    # These settings become 64-bit HDF5 attributes and torch sizes, so a larger value must be
+    # rejected before any image is embedded.
+    parser = get_args_parser()
+    args = parser.parse_args(["--dataset_dir", "d", "--hdf5_dir", "h", flag, str(2**63)])
+    with pytest.raises(SystemExit) as info:
+        check_args(parser, args)
+    assert info.value.code == 2
+    assert f"{flag} is {2**63}; it must be at most 2**63 - 1" in capsys.readouterr().err
+
+
+def test_largest_max_image_pixels_recorded(extract):
+    code, output = extract("--max_image_pixels", str(2**63 - 1))
+    assert code == 0
+    assert read_output(output)[2]["max_image_pixels"] == 2**63 - 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint", ""], "--checkpoint is empty"),
     (["--model", ""], "--model is empty"),
@@ -654,6 +672,19 @@ def test_empty_or_nested_path_flags_exit_two(sample_dataset, tmp_path, monkeypat
     assert message in capsys.readouterr().err
     assert list(work_dir.iterdir()) == []
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_output_path_folder_exit_two(extract, tmp_path, capsys, overwrite):
+    # --overwrite true cannot replace a folder, so both runs must stop before touching it.
+    folder = tmp_path / "out" / "features_uned.hdf5"
+    (folder / "kept").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        extract("--overwrite", overwrite)
+    assert info.value.code == 2
+    assert f"the output {str(folder)!r} is a folder" in capsys.readouterr().err
+    assert (folder / "kept").is_dir()
+    assert not folder.with_name(folder.name + ".parts").exists()
 
 
 def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):

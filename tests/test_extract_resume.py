@@ -157,6 +157,24 @@ def test_overwrite_discards_partial_run(extract, monkeypatch):
     assert attrs["resolution"] == 40
 
 
+def test_stopped_overwrite_run_names_resume_command(extract, monkeypatch, caplog):
+    # --overwrite true discards the saved parts, so rerunning that same command would start over
+    _stop_after_windows(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING):
+        code, output = extract("--overwrite", "true")
+    assert code == 143
+    assert "8 of 10 rows are saved" in caplog.text
+    assert "rerun the same command without --overwrite true to resume" in caplog.text
+    assert "rerun the same command to resume" not in caplog.text
+
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
+
+
 def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
     _, list_path, _ = sample_dataset
     _stop_after_windows(monkeypatch, 1)

@@ -452,6 +452,22 @@ def test_cli_sidecar_input_file_exit_2(data_dir, tmp_path, capsys):
     assert (tmp_path / "layer.json").read_text() == (data_dir / "heldout.txt").read_text()
 
 
+@pytest.mark.parametrize("sidecar", ["layer.json", "layer.png"])
+def test_cli_sidecar_folder_exit_2(data_dir, tmp_path, capsys, sidecar):
+    # A folder in place of the .json or .png must be rejected before training, and the older record kept.
+    older_record = tmp_path / "layer.json"
+    (tmp_path / sidecar).mkdir()
+    if sidecar != "layer.json":
+        older_record.write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, tmp_path / "layer.pth", with_val=False))
+    assert exit_info.value.code == 2
+    assert f"--save_dir would write {str(tmp_path / sidecar)!r}, which is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "layer.pth").exists()
+    if sidecar != "layer.json":
+        assert older_record.read_text() == "{}"
+
+
 def test_cli_save_dir_replaces_older_layer(data_dir, tmp_path, caplog):
     save_path = tmp_path / "layer.pth"
     save_path.write_bytes(b"older layer")
