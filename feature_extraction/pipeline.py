@@ -348,6 +348,11 @@ def _output_attributes(
     }
 
 
+def _saved_rows(store: PartStore, windows: list[Window]) -> int:
+    """Return the rows of the windows whose part files are on disk."""
+    return sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
+
+
 def _assemble_output(
     *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
     hdf5_compression: int, attributes: dict,
@@ -544,7 +549,7 @@ def _extract_locked(
             _logger.warning("stopped by %s after %s was complete; a rerun removes the leftover %s",
                             e, output, store.directory)
             raise
-        saved = sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
+        saved = _saved_rows(store, windows)
         # with --overwrite true, the same command would delete these parts again
         resume_command = "the same command without --overwrite true" if overwrite else "the same command"
         _logger.warning(
@@ -554,6 +559,11 @@ def _extract_locked(
         raise
     except BaseException:
         temporary.unlink(missing_ok=True)
+        # the error's own advice says to rerun, and with --overwrite true that rerun would delete the saved windows
+        saved = _saved_rows(store, windows) if overwrite and not output.exists() else 0
+        if saved:
+            _logger.warning("%d of %d rows are saved in %s; after fixing the error below, rerun without "
+                            "--overwrite true to resume from them", saved, len(entries), store.directory)
         raise
 
     summary.num_images = len(entries)

@@ -131,6 +131,32 @@ def test_out_of_memory_resumes_with_smaller_batch(extract, monkeypatch, caplog):
     _assert_matches_within_float16(output, reference)
 
 
+def test_failed_overwrite_run_names_resume_command(extract, monkeypatch, caplog):
+    # rerun as it is, a command with --overwrite true deletes the windows saved before the failure
+    original = Embedder.embed
+    calls = {"n": 0}
+
+    def embed_until_out_of_memory(self, images):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images)
+
+    monkeypatch.setattr(Embedder, "embed", embed_until_out_of_memory)
+    with caplog.at_level(logging.WARNING):
+        code, output = extract("--overwrite", "true")
+    assert code == 1
+    assert "4 of 10 rows are saved in" in caplog.text
+    assert "rerun without --overwrite true to resume from them" in caplog.text
+
+    calls["n"] = 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert extract(name="plain")[0] == 1
+    assert "out of memory on a batch of (" in caplog.text
+    assert "without --overwrite true" not in caplog.text
+
+
 def test_resume_ignores_folding_and_priority(extract, monkeypatch, caplog):
     # folding changes the embeddings within rounding only, so the saved windows stay valid
     _, reference = extract("--fold_batchnorm", "false", name="reference")
