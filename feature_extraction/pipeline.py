@@ -559,7 +559,7 @@ def _extract_locked(
         raise
     except BaseException:
         temporary.unlink(missing_ok=True)
-        # the error's own advice says to rerun, and with --overwrite true that rerun would delete the saved windows
+        # the error message advises a rerun, and with --overwrite true that rerun would delete the saved windows
         saved = _saved_rows(store, windows) if overwrite and not output.exists() else 0
         if saved:
             _logger.warning("%d of %d rows are saved in %s; after fixing the error below, rerun without "
