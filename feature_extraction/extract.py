@@ -176,7 +176,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="scheduling of the decode workers: idle (Linux SCHED_IDLE, so they run only on "
                               "cores nothing else needs; niceness +10 where that policy is refused), low "
                               "(niceness +10), normal, or auto: idle when the model runs on the CPU, where a "
-                              "busy decoder stalls its threads, and low on CUDA (default: %(default)s)")
+                              "busy decoder stalls its threads, and low on CUDA. No effect with --num_workers 0, where "
+                              "the main process decodes (default: %(default)s)")
     compute.add_argument("--fold_batchnorm", metavar="BOOL", type=bool_flag,
                          help="fold each eval-mode BatchNorm that reads a convolution's output into that "
                               "convolution, so CNN backbones skip a pass over their activations. The folded "

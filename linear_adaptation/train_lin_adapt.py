@@ -151,8 +151,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="without a held-out file, hold out this fraction (0 < F < 1) of the training classes "
                           "for validation and train on the rest")
     val.add_argument("--val_k", metavar="K", type=int,
-                     help="ranking depth k of the held-out mAP@k; below 5, mMP@5 is not computed and is recorded "
-                          "as null")
+                     help="ranking depth k of the held-out mAP@k, used only with validation data or --val_fraction; "
+                          "below 5, mMP@5 is not computed and is recorded as null")
     val.add_argument("--keep", metavar="WHICH", choices=KEEP_MODES,
                      help="save the last epoch, or the epoch with the best held-out mAP (needs validation)")
 
