@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, Conv2dSame
 
+from feature_extraction.interrupts import raise_wrapped_interrupt
+
 _logger = logging.getLogger(__name__)
 
 # Exact types only: a subclass may change its weights in forward (timm's StdConv2d
@@ -153,9 +155,17 @@ def fold_backbone_batchnorm(module: nn.Module, resolution: int) -> tuple[nn.Modu
 
     Returns the module to use and the number of folded pairs, and logs the outcome.
     """
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(1, 3, resolution, resolution, generator=generator)
-    folded, count = fold_batchnorm(module, example)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(1, 3, resolution, resolution, generator=generator)
+        folded, count = fold_batchnorm(module, example)
+    except RuntimeError as e:
+        # folding only saves time, so the run goes on and the extraction reports its own error on this model
+        raise_wrapped_interrupt(e)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _logger.warning("BatchNorm folding skipped: the model failed on a %dx%d test input (%s)",
+                        resolution, resolution, message)
+        return module, 0
     if count:
         _logger.info("folded %d BatchNorm layers into the convolutions before them", count)
     return folded, count

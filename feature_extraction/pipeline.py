@@ -194,7 +194,11 @@ def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batch
     model that has failed on every one of the first batches, end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "memory" in message.lower() or "CUDA" in message:
+    if "memory" in message.lower():
+        raise ExtractionError(
+            f"the model failed on a batch of shape {tuple(shape)}: {message}; lower --batch_size or --resolution"
+        ) from error
+    if "CUDA" in message:
         raise ExtractionError(f"the model failed on a batch of shape {tuple(shape)}: {message}") from error
     if embedded_batches == 0 and failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
         raise ExtractionError(

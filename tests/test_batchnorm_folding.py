@@ -9,7 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, StdConv2d
 
-from feature_extraction.batchnorm_folding import AfterFoldedNorm, fold_batchnorm, find_conv_norm_pairs
+from feature_extraction.batchnorm_folding import (
+    AfterFoldedNorm,
+    find_conv_norm_pairs,
+    fold_backbone_batchnorm,
+    fold_batchnorm,
+)
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -180,3 +185,32 @@ def test_conv_without_bias_gets_folded_bias():
     assert count == 1
     assert isinstance(folded[1], nn.Identity)
     assert folded[0].bias is not None
+
+
+class _FailingForward(nn.Module):
+    """A conv -> BatchNorm model whose forward raises `error`, as a CPU allocation at a huge resolution does."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.conv, self.norm, self.error = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), error
+
+    def forward(self, x):
+        raise self.error
+
+
+def test_failed_trace_keeps_unfolded_model(caplog):
+    model = _FailingForward(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 120 GB"))
+    with caplog.at_level(logging.WARNING, logger="feature_extraction.batchnorm_folding"):
+        result, count = fold_backbone_batchnorm(model, 64)
+    assert result is model
+    assert count == 0
+    assert "BatchNorm folding skipped: the model failed on a 64x64 test input" in caplog.text
+    assert "you tried to allocate 120 GB" in caplog.text
+
+
+def test_signal_during_trace_is_not_swallowed():
+    # a signal exception raised inside a lazy import can reach the caller wrapped in a RuntimeError
+    wrapped = RuntimeError("Error calling __set_name__")
+    wrapped.__cause__ = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        fold_backbone_batchnorm(_FailingForward(wrapped), 16)

@@ -485,7 +485,7 @@ def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
     "error, message",
     [
         ("mat1 and mat2 shapes cannot be multiplied", "failed on each of the first 3 batches"),
-        ("DefaultCPUAllocator: can't allocate memory", "can't allocate memory"),
+        ("DefaultCPUAllocator: can't allocate memory", "can't allocate memory; lower --batch_size or --resolution"),
     ],
 )
 def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, message):
