@@ -439,6 +439,31 @@ def test_save_similarities_in_ilias_format(query_database, tmp_path, layer_param
     assert report["map"] == pytest.approx(_ilias_style_map(similarities, escaped_truth, 8))
 
 
+def test_map_with_tied_scores_matches_ilias(tmp_path):
+    # rows 0 and 1 are copies and tie at the top, but only row 0 is a positive. The ILIAS
+    # evaluation (scikit-learn's average precision) gives both the precision at the end of
+    # the tie, 1/2, whichever of them the search lists first.
+    e0, e1 = np.eye(DIM)[0], np.eye(DIM)[1]
+    database = np.stack([e0, e0, e1, (e0 + e1) / np.sqrt(2)]).astype(np.float32)
+    database_ids = ["db/pos_a.jpg", "db/copy.jpg", "db/other.jpg", "db/pos_b.jpg"]
+    _write_hdf5(tmp_path / "db.hdf5", database_ids, database)
+    _write_hdf5(tmp_path / "q.hdf5", ["q.jpg"], e0[None].astype(np.float32))
+    (tmp_path / "gt.json").write_text(json.dumps({"q.jpg": ["db/pos_a.jpg", "db/pos_b.jpg"]}))
+    similarities_path, save_json = tmp_path / "similarities.json", tmp_path / "metrics.json"
+    code = _run(["--query_hdf5", tmp_path / "q.hdf5", "--db_hdf5", tmp_path / "db.hdf5", "--gt_path",
+                 tmp_path / "gt.json", "--k", 4, "--device", "cpu", "--save_similarities", similarities_path,
+                 "--save_json", save_json])
+    assert code == 0
+
+    ranked = json.loads(similarities_path.read_text())["q.jpg"]
+    assert list(ranked) == ["db/pos_a.jpg", "db/copy.jpg", "db/pos_b.jpg", "db/other.jpg"]
+    assert ranked["db/pos_a.jpg"] == ranked["db/copy.jpg"]
+    metrics = json.loads(save_json.read_text())["metrics"]["without_layer"]
+    assert metrics["map"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert metrics["recall@1"] == 100.0  # the lower row comes first
+    assert metrics["mmp@5"] == pytest.approx(50.0)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
