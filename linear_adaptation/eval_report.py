@@ -213,8 +213,10 @@ def write_ilias_similarities(
     with _atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("{")
-            for position, (query_id, score_list, row_list) in enumerate(zip(query_ids, scores.tolist(), rows.tolist())):
-                ranked = {database_ids[r]: score for score, r in zip(score_list, row_list) if r >= 0}
+            for position, (query_id, query_scores, query_rows) in enumerate(zip(query_ids, scores, rows)):
+                # one query at a time, because (Q, n) arrays as Python lists take about 65 bytes a place
+                pairs = zip(query_scores.tolist(), query_rows.tolist())
+                ranked = {database_ids[r]: score for score, r in pairs if r >= 0}
                 separator = ",\n" if position else "\n"
                 f.write(f"{separator}{json.dumps(query_id)}: {json.dumps(ranked, allow_nan=False)}")
             f.write("\n}\n")

@@ -267,7 +267,7 @@ def evaluate_query_database(
         scores, rows = knn_search(
             variant_queries, chunks, k=search_k, device=device, exclude_self=False, total_rows=database.num_rows
         )
-        metrics[variant] = positive_set_metrics(rows, matched.positives, k, num_positives)
+        metrics[variant] = positive_set_metrics(rows, matched.positives, k, num_positives, scores=scores)
         ranks[variant] = (scores, rows)
 
     return EvaluationResult(

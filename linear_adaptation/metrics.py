@@ -2,7 +2,10 @@
 
 Definitions, per query with P positives and a ranked list of k ids:
 - AP@k = sum over ranks r <= k of precision@r * rel(r), divided by min(k, P). A query
-  with no positive in its top k scores 0.
+  with no positive in its top k scores 0. When the scores are given (the query/database
+  evaluation), a rank whose score equals that of later ranks takes the precision at the
+  last of them, as scikit-learn's average_precision_score does in the ILIAS evaluation
+  (ilias-vrg/ilias, evaluation/src/dataset.py).
 - recall@1 = 1 if the top-ranked id is a positive.
 - MP@5 = (positives in the top m) / m with m = min(5, P). It needs the top m ranks, so
   it is NaN for a query with m > k, and the mean MP@5 is then NaN too (reported as
@@ -25,12 +28,28 @@ def search_depth(k: int, available: int) -> int:
     return max(1, min(k, available))
 
 
-def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray, k: int | None = None) -> dict[str, np.ndarray]:
+def _precision_at_end_of_ties(precision: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Give each rank the precision at the last rank with the same score.
+
+    `scores` is (Q, n), descending in each row, so equal scores are neighbours.
+    """
+    num_ranks = scores.shape[1]
+    last_of_tie = np.ones(scores.shape, dtype=bool)
+    last_of_tie[:, :-1] = scores[:, :-1] != scores[:, 1:]
+    end = np.where(last_of_tie, np.arange(num_ranks), num_ranks - 1)
+    end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]  # (Q, n) last rank of each tie
+    return np.take_along_axis(precision, end, axis=1)
+
+
+def per_query_metrics(
+    relevant: np.ndarray, num_positives: np.ndarray, k: int | None = None, scores: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Compute AP@k, recall@1 and MP@5 for each query.
 
     `relevant` is (Q, n) bool, True where the id at that rank is a positive, for the top
     n <= k ranks; `num_positives` is (Q,) int, the positives of each query in the whole
-    database. `k` defaults to n. MP@5 is NaN where min(5, positives) > k.
+    database. `k` defaults to n. MP@5 is NaN where min(5, positives) > k. With `scores`
+    (Q, n), descending in each row, AP treats equal scores as one threshold (module docstring).
     """
     relevant = np.asarray(relevant, dtype=bool)
     num_positives = np.asarray(num_positives, dtype=np.int64)
@@ -43,7 +62,10 @@ def per_query_metrics(relevant: np.ndarray, num_positives: np.ndarray, k: int | 
 
     hits = np.cumsum(relevant, axis=1)  # (Q, n) positives up to each rank
     ranks = np.arange(1, n + 1)
-    precision_sum = (relevant * hits / ranks).sum(axis=1)  # (Q,)
+    precision = hits / ranks
+    if scores is not None:
+        precision = _precision_at_end_of_ties(precision, np.asarray(scores))
+    precision_sum = (relevant * precision).sum(axis=1)  # (Q,)
     ap = precision_sum / np.maximum(np.minimum(num_positives, k), 1)
 
     recall_at_1 = relevant[:, 0].astype(np.float64) if n > 0 else np.zeros(num_queries)
@@ -128,16 +150,26 @@ def labelled_set_metrics(
 
 
 def positive_set_metrics(
-    ranked_indices: np.ndarray, positives: list[np.ndarray], k: int, num_positives: np.ndarray | None = None
+    ranked_indices: np.ndarray,
+    positives: list[np.ndarray],
+    k: int,
+    num_positives: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> dict:
     """Score queries against a database whose positives are listed per query.
 
     `ranked_indices` (Q, n) contains database rows, padded with -1, with n <= k. `positives[q]`
     contains the distinct database rows that are positives of query q. `num_positives` (Q,)
     is each query's P when it has positives that the database lacks, which then count as never
-    retrieved; it defaults to len(positives[q]). Returns the summary of `summarise` plus `k`.
+    retrieved; it defaults to len(positives[q]). `scores` (Q, n), the search scores of the
+    ranked rows, makes AP treat equal scores as the ILIAS evaluation does (module docstring).
+    Returns the summary of `summarise` plus `k`.
     """
     ranked_indices = _ranks_at_k(ranked_indices, k, len(positives))
+    if scores is not None:
+        scores = np.asarray(scores)[:, :k]
+        if scores.shape != ranked_indices.shape:
+            raise ValueError(f"scores has shape {scores.shape}, expected {ranked_indices.shape} like ranked_indices")
     present = np.array([len(p) for p in positives], dtype=np.int64)
     if num_positives is None:
         num_positives = present
@@ -157,6 +189,6 @@ def positive_set_metrics(
     )
     relevant = (ranked_indices >= 0) & np.isin(ranked_keys, positive_keys)
 
-    result = summarise(per_query_metrics(relevant, num_positives, k), num_positives)
+    result = summarise(per_query_metrics(relevant, num_positives, k, scores), num_positives)
     result["k"] = k
     return result

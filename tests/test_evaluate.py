@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -13,6 +14,7 @@ import torch
 
 from feature_extraction.image_list import canonical_id, escape_id, file_sha256
 import linear_adaptation.evaluate as evaluate_module
+from linear_adaptation.eval_report import write_ilias_similarities
 from linear_adaptation.evaluate import evaluate_query_database, get_args_parser, main
 from linear_adaptation.features_io import DataError
 from linear_adaptation.ground_truth import match_ground_truth, read_ground_truth
@@ -437,6 +439,56 @@ def test_save_similarities_in_ilias_format(query_database, tmp_path, layer_param
     report = json.loads(save_json.read_text())["metrics"][variant]
     escaped_truth = {escape_id(q): {escape_id(p) for p in positives} for q, positives in ground_truth.items()}
     assert report["map"] == pytest.approx(_ilias_style_map(similarities, escaped_truth, 8))
+
+
+def test_similarities_written_one_query_at_a_time(tmp_path):
+    # 1,000 queries x 300 places as Python floats and ints take about 20 MB, one query's list a few kB
+    num_queries, depth = 1000, 300
+    rng = np.random.default_rng(0)
+    scores = -np.sort(-rng.random((num_queries, depth), dtype=np.float32), axis=1)
+    rows = rng.permuted(np.tile(np.arange(1000), (num_queries, 1)), axis=1)[:, :depth]
+    rows[-1, -10:] = -1  # padding is left out
+    path = tmp_path / "similarities.json"
+
+    tracemalloc.start()
+    try:
+        write_ilias_similarities(str(path), [f"q/{i}.jpg" for i in range(num_queries)],
+                                 [f"db/{i}.jpg" for i in range(1000)], scores, rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 5_000_000
+    similarities = json.loads(path.read_text())
+    assert len(similarities) == num_queries
+    assert list(similarities["q/0.jpg"]) == [f"db/{r}.jpg" for r in rows[0]]
+    assert list(similarities["q/0.jpg"].values()) == scores[0].tolist()
+    assert list(similarities[f"q/{num_queries - 1}.jpg"]) == [f"db/{r}.jpg" for r in rows[-1, :-10]]
+
+
+def test_map_with_tied_scores_matches_ilias(tmp_path):
+    # rows 0 and 1 are copies and tie at the top, but only row 0 is a positive. The ILIAS
+    # evaluation (scikit-learn's average precision) gives both the precision at the end of
+    # the tie, 1/2, whichever of them the search lists first.
+    e0, e1 = np.eye(DIM)[0], np.eye(DIM)[1]
+    database = np.stack([e0, e0, e1, (e0 + e1) / np.sqrt(2)]).astype(np.float32)
+    database_ids = ["db/pos_a.jpg", "db/copy.jpg", "db/other.jpg", "db/pos_b.jpg"]
+    _write_hdf5(tmp_path / "db.hdf5", database_ids, database)
+    _write_hdf5(tmp_path / "q.hdf5", ["q.jpg"], e0[None].astype(np.float32))
+    (tmp_path / "gt.json").write_text(json.dumps({"q.jpg": ["db/pos_a.jpg", "db/pos_b.jpg"]}))
+    similarities_path, save_json = tmp_path / "similarities.json", tmp_path / "metrics.json"
+    code = _run(["--query_hdf5", tmp_path / "q.hdf5", "--db_hdf5", tmp_path / "db.hdf5", "--gt_path",
+                 tmp_path / "gt.json", "--k", 4, "--device", "cpu", "--save_similarities", similarities_path,
+                 "--save_json", save_json])
+    assert code == 0
+
+    ranked = json.loads(similarities_path.read_text())["q.jpg"]
+    assert list(ranked) == ["db/pos_a.jpg", "db/copy.jpg", "db/pos_b.jpg", "db/other.jpg"]
+    assert ranked["db/pos_a.jpg"] == ranked["db/copy.jpg"]
+    metrics = json.loads(save_json.read_text())["metrics"]["without_layer"]
+    assert metrics["map"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert metrics["recall@1"] == 100.0  # the lower row comes first
+    assert metrics["mmp@5"] == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize(

@@ -224,6 +224,20 @@ def test_positive_set_metrics_count_positives_the_database_lacks():
         positive_set_metrics(ranked, positives, k=3, num_positives=np.array([1, 1]))
 
 
+def test_positive_set_metrics_ties_share_precision():
+    # query 0: the positive row 4 ties with row 2 at rank 1-2, so it gets precision 1/2 there,
+    # and row 6 at rank 3 gets 2/3; the -1 pad at the end ties with nothing real.
+    # query 1: the positive row 1 at rank 2 ties with ranks 1 and 3, so it gets 1/3.
+    ranked = np.array([[4, 2, 6, -1], [0, 1, 3, 5]])
+    scores = np.array([[0.9, 0.9, 0.5, -np.inf], [0.8, 0.8, 0.8, 0.1]], dtype=np.float32)
+    positives = [np.array([4, 6]), np.array([1])]
+    result = positive_set_metrics(ranked, positives, k=4, scores=scores)
+    assert result["map"] == pytest.approx(100 * ((1 / 2 + 2 / 3) / 2 + (1 / 3) / 1) / 2)
+    assert result["recall@1"] == pytest.approx(50.0)
+    without_scores = positive_set_metrics(ranked, positives, k=4)
+    assert without_scores["map"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + (1 / 2) / 1) / 2)
+
+
 def test_positive_set_rows_stay_per_query():
     # row 3 is a positive of query 1 only, so it must not count for query 0
     result = positive_set_metrics(np.array([[3], [3]]), [np.array([1]), np.array([3])], k=1)
