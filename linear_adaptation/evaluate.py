@@ -241,6 +241,7 @@ def evaluate_query_database(
             f"{database.dim} ({', '.join(repr(path) for path in database.paths)}); embed both with the same backbone"
         )
 
+    database.check_unique_ids()
     matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives)
     num_positives = matched.listed_positives if missing_positives == "count" else None
     check_finite_rows(query_features, matched.query_rows, query_ids, query_path)

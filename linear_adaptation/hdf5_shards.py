@@ -17,6 +17,7 @@ import numpy as np
 
 from feature_extraction.image_list import canonical_id
 from linear_adaptation.features_io import DataError, check_filters_available, check_hdf5_layout, decode_ids
+from linear_adaptation.ground_truth import find_duplicates
 
 _logger = logging.getLogger(__name__)
 
@@ -102,6 +103,12 @@ def expand_database_paths(patterns: list[str]) -> list[str]:
     return paths
 
 
+def _describe_files(rows_per_path: Counter) -> str:
+    """Name each file with its row count when above 1, e.g. "'a.hdf5' and 'b.hdf5' (2 rows)"."""
+    named = [repr(path) + (f" ({count} rows)" if count > 1 else "") for path, count in rows_per_path.items()]
+    return " and ".join(named) if len(named) <= 2 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
 class HDF5Database:
     """Database files checked for layout and dimension, with their ids loaded.
 
@@ -170,6 +177,29 @@ class HDF5Database:
             canonical = [canonical[row] for row in kept]
         self.rows_per_file.append(len(canonical))
         self.ids.extend(canonical)
+
+    def check_unique_ids(self) -> None:
+        """Raise DataError naming the files of up to 3 database ids that occur more than once.
+
+        A repeated id makes the positives of the ground truth ambiguous, and across hundreds of
+        shards the files are what the user needs to find it.
+        """
+        repeated = find_duplicates(self.ids)
+        if not repeated:
+            return
+        examples = repeated[:3]
+        files_of = {image_id: Counter() for image_id in examples}
+        start = 0
+        for path, num_rows in zip(self.paths, self.rows_per_file):
+            for image_id in self.ids[start : start + num_rows]:
+                if image_id in files_of:
+                    files_of[image_id][path] += 1
+            start += num_rows
+        places = "; ".join(f"{image_id!r} in {_describe_files(files_of[image_id])}" for image_id in examples)
+        raise DataError(
+            f"{len(repeated)} database ids occur more than once (e.g. {places}); a repeated id makes its "
+            "positives ambiguous, so remove the repeated rows or files"
+        )
 
     def iterate_chunks(
         self, chunk_rows: int, transform: Callable[[np.ndarray], np.ndarray] | None = None

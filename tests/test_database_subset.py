@@ -88,3 +88,31 @@ def test_nan_only_checked_in_kept_rows(shards, chunk_rows):
     with_nan = HDF5Database(paths, keep_id=lambda image_id: image_id in {"s0/1.jpg", "s1/0.jpg", "s1/2.jpg"})
     with pytest.raises(DataError, match=r"db_1.hdf5': row 2 \(id 's1/2.jpg'\) contains NaN or Inf"):
         list(with_nan.iterate_chunks(chunk_rows))
+
+
+def test_repeated_ids_name_their_files(shards, tmp_path):
+    paths, ids, features = shards
+    # s0/4.jpg is repeated in the second shard, and s1/6.jpg occurs twice in a third file
+    second = ids[7:13] + ["s0/4.jpg"]
+    _write_hdf5(paths[1], second, features[7:])
+    third = str(tmp_path / "db_2.hdf5")
+    _write_hdf5(third, ["s1/6.jpg", "s1/6.jpg", "s2/0.jpg"], features[:3])
+
+    database = HDF5Database([*paths, third])
+    with pytest.raises(DataError) as error:
+        database.check_unique_ids()
+    message = str(error.value)
+    assert message.startswith("2 database ids occur more than once")
+    assert f"'s0/4.jpg' in {paths[0]!r} and {paths[1]!r}" in message
+    assert f"'s1/6.jpg' in {third!r} (2 rows)" in message
+    assert "remove the repeated rows or files" in message
+
+
+def test_unique_ids_pass(shards):
+    paths, _, _ = shards
+    HDF5Database(paths).check_unique_ids()
+    # s0/0.jpg is in both files, and only the rows that a selection keeps must be unique
+    _write_hdf5(paths[1], ["s0/0.jpg"], np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(DataError, match="1 database ids occur more than once"):
+        HDF5Database(paths).check_unique_ids()
+    HDF5Database(paths, keep_id=lambda image_id: image_id != "s0/0.jpg").check_unique_ids()

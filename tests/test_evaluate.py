@@ -570,6 +570,18 @@ def test_database_selection_without_matches(query_database, tmp_path, caplog):
     assert "no database row is selected by" in caplog.text
 
 
+def test_id_repeated_across_shards_names_files(query_database, tmp_path, caplog):
+    copy = tmp_path / "copy.hdf5"
+    _write_hdf5(copy, ["db/1/5.jpg"], query_database["database"][:1])
+    code = _run(
+        ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_1.hdf5", copy,
+         "--gt_path", query_database["gt"]]
+    )
+    assert code == 1
+    assert f"1 database ids occur more than once (e.g. 'db/1/5.jpg' in {str(tmp_path / 'db_1.hdf5')!r} and " \
+           f"{str(copy)!r})" in caplog.text
+
+
 def test_database_selection_is_for_mode_2_only(labelled_set, tmp_path, capsys):
     selection = tmp_path / "selected.txt"
     selection.write_text("a.jpg\n", encoding="utf-8")
