@@ -221,19 +221,26 @@ class HDF5Database:
             with h5py.File(path, "r") as f:
                 features = f["features"]
                 for start in range(0, stored_rows, chunk_rows):
+                    end = min(start + chunk_rows, stored_rows)
+                    if kept is None:
+                        stored_rows_of_block = np.arange(start, end)
+                    else:
+                        # kept is sorted, so the kept rows of [start, end) are one slice of it
+                        first, last = np.searchsorted(kept, [start, end])
+                        if first == last:
+                            continue  # no kept row here, so nothing is read
+                        stored_rows_of_block = kept[first:last]
+                    read_start, read_end = int(stored_rows_of_block[0]), int(stored_rows_of_block[-1]) + 1
                     try:
-                        block = features[start : start + chunk_rows]  # (n, D) in the stored dtype
+                        block = features[read_start:read_end]  # (n, D) in the stored dtype
                     except OSError as e:
                         check_filters_available((features,), path)
                         raise DataError(
-                            f"cannot read rows {start}+ of {path!r} ({e}); the file is damaged, copy or extract it again"
+                            f"cannot read rows {read_start}+ of {path!r} ({e}); the file is damaged, copy or "
+                            "extract it again"
                         ) from e
-                    stored_rows_of_block = np.arange(start, start + len(block))
                     if kept is not None:
-                        stored_rows_of_block = kept[(kept >= start) & (kept < start + len(block))]
-                        if len(stored_rows_of_block) == 0:
-                            continue
-                        block = block[stored_rows_of_block - start]
+                        block = block[stored_rows_of_block - read_start]
 
                     finite = np.isfinite(block).all(axis=1)
                     if not finite.all():
