@@ -1,0 +1,128 @@
+"""Write the ground truth of the ILIAS image queries as the JSON that `evaluate.py --gt_path` reads.
+
+ILIAS ships its ids in an `image_ids` folder: `image_query_ids.txt` and `positive_ids.txt`,
+one image per line with the id in the first comma-separated field (the positive lines also
+carry the object's scale and clutter). The first path component of an id names its instance,
+and every positive of an instance is relevant to every query of that instance, as in the
+ILIAS evaluation code (ilias-vrg/ilias, evaluation/src/dataset.py).
+
+    python misc/ilias_ground_truth.py --ids_dir /data/ilias/image_ids --output ilias_gt.json
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+QUERY_FILE = "image_query_ids.txt"
+POSITIVE_FILE = "positive_ids.txt"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+_logger = logging.getLogger("ilias_ground_truth")
+
+
+def read_ids(path: Path) -> list[str]:
+    """Return the first comma-separated field of every non-empty line, in file order.
+
+    Raises ValueError naming the file when it cannot be read, is not UTF-8, repeats an id
+    or lists none.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {str(path)!r}: {e}") from e
+
+    ids, seen = [], set()
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        image_id = line.split(",", 1)[0].strip()
+        if not image_id:
+            continue
+        if image_id in seen:
+            raise ValueError(f"{path}:{line_number}: id {image_id!r} is listed twice; keep one line per image")
+        seen.add(image_id)
+        ids.append(image_id)
+    if not ids:
+        raise ValueError(f"{str(path)!r} lists no id; is it an ILIAS id file?")
+    return ids
+
+
+def instance_of(image_id: str) -> str:
+    return image_id.split("/", 1)[0]
+
+
+def build_ground_truth(query_ids: list[str], positive_ids: list[str]) -> dict[str, list[str]]:
+    """Map each query id to the positive ids of its instance, sorted, and warn about queries without any."""
+    positives_of: dict[str, list[str]] = {}
+    for image_id in sorted(positive_ids):
+        positives_of.setdefault(instance_of(image_id), []).append(image_id)
+
+    ground_truth = {query_id: positives_of.get(instance_of(query_id), []) for query_id in query_ids}
+    without = [query_id for query_id, positives in ground_truth.items() if not positives]
+    if without:
+        _logger.warning(
+            "%d queries have no positive in %s (e.g. %s); evaluate.py counts them but cannot score them",
+            len(without), POSITIVE_FILE, ", ".join(repr(q) for q in without[:5]),
+        )
+    return ground_truth
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    """Write `payload` to a temporary file beside `path` and rename it, so `path` is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600 files
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ids_dir", required=True, metavar="DIR",
+                        help=f"ILIAS image_ids folder, containing {QUERY_FILE} and {POSITIVE_FILE}")
+    parser.add_argument("--output", required=True, metavar="JSON", help="ground-truth file to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    ids_dir, output = Path(args.ids_dir), Path(args.output)
+    for name in (QUERY_FILE, POSITIVE_FILE):
+        if not (ids_dir / name).is_file():
+            parser.error(f"--ids_dir {args.ids_dir!r} has no {name}; give the ILIAS image_ids folder")
+    if output.is_dir() or str(args.output).endswith(os.sep):
+        parser.error(f"--output {args.output!r} is a folder; give the path of the JSON file to write")
+
+    try:
+        query_ids = read_ids(ids_dir / QUERY_FILE)
+        positive_ids = read_ids(ids_dir / POSITIVE_FILE)
+        ground_truth = build_ground_truth(query_ids, positive_ids)
+        write_json_atomically(output, ground_truth)
+    except (ValueError, OSError) as e:
+        _logger.error("%s", e)
+        return EXIT_ERROR
+
+    instances = {instance_of(q) for q in query_ids}
+    _logger.info("wrote %s: %d queries of %d instances, %d positives", output, len(query_ids), len(instances),
+                 len(positive_ids))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # the output is written under a temporary name and renamed, so nothing partial is left
+        _logger.error("interrupted (SIGINT); the output was not written")
+        sys.exit(130)
