@@ -67,7 +67,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys, problem):
         expected = "has no positive_ids.txt; give the ILIAS image_ids folder"
     else:
         output.mkdir()
-        expected = "is a folder; give the path of the JSON file to write"
+        expected = "is a folder; give the path of the file to write"
     with pytest.raises(SystemExit) as exit_info:
         ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
     assert exit_info.value.code == 2
@@ -128,3 +128,35 @@ def test_interrupt_leaves_no_output(tmp_path):
     assert "interrupted (SIGINT); the output was not written" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "gt.json").exists()
+
+
+@pytest.mark.parametrize("name", ["image_query_ids.txt", "positive_ids.txt"])
+def test_output_that_is_an_input_exits_2(tmp_path, capsys, name):
+    ids_dir = tmp_path / "image_ids"
+    _write_ids(ids_dir, QUERIES, POSITIVES)
+    before = (ids_dir / name).read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        ilias_ground_truth.main(["--ids_dir", str(ids_dir), "--output", str(ids_dir / name)])
+    assert exit_info.value.code == 2
+    assert f"which is the --ids_dir input {str(ids_dir / name)!r}; choose another output path" in capsys.readouterr().err
+    assert (ids_dir / name).read_bytes() == before
+
+
+def test_output_under_a_file_exits_2(tmp_path, capsys):
+    _write_ids(tmp_path / "image_ids", QUERIES, POSITIVES)
+    (tmp_path / "notes").write_text("not a folder\n")
+    output = tmp_path / "notes" / "gt.json"
+    with pytest.raises(SystemExit) as exit_info:
+        ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert f"{str(tmp_path / 'notes')!r} is a file, not a folder; choose another path" in capsys.readouterr().err
+
+
+def test_line_without_id_exits_1(tmp_path, caplog):
+    # a line with fields but an empty first field has lost its id, so skipping it would drop a positive silently
+    _write_ids(tmp_path / "image_ids", QUERIES, [*POSITIVES[:2], ",0.12,5", *POSITIVES[2:]])
+    output = tmp_path / "gt.json"
+    code = ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
+    assert code == 1
+    assert "positive_ids.txt:3: the line has no id in its first field" in caplog.text
+    assert not output.exists()
