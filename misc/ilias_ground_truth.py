@@ -9,7 +9,7 @@ ILIAS evaluation code (ilias-vrg/ilias, evaluation/src/dataset.py).
     python misc/ilias_ground_truth.py --ids_dir /data/ilias/image_ids --output ilias_gt.json
 
 Exit status: 0 when the file is written, 1 for an unreadable or malformed id file or a
-failed write, 130 after SIGINT. Invalid arguments exit with 2: an --ids_dir without
+failed write, 130, 143 or 129 after SIGINT, SIGTERM or SIGHUP. Invalid arguments exit with 2: an --ids_dir without
 both files, or an --output that is a folder, lies under a file or an unwritable folder,
 or is one of the id files.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feature_extraction.interrupts import EXIT_SIGINT, TerminationRequested, termination_raises  # noqa: E402
 from linear_adaptation.arg_checks import check_not_an_input, check_output_file  # noqa: E402
 
 QUERY_FILE = "image_query_ids.txt"
@@ -137,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # the output is written under a temporary name, which is removed unless the rename completed
     try:
-        sys.exit(main())
+        with termination_raises():
+            status = main()
     except KeyboardInterrupt:
-        # the output is written under a temporary name and renamed, so nothing partial is left
         _logger.error("interrupted (SIGINT); the output was not written")
-        sys.exit(130)
+        status = EXIT_SIGINT
+    except TerminationRequested as e:
+        _logger.error("terminated (%s); the output was not written", e)
+        status = e.exit_code
+    sys.exit(status)

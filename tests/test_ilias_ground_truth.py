@@ -160,3 +160,26 @@ def test_line_without_id_exits_1(tmp_path, caplog):
     assert code == 1
     assert "positive_ids.txt:3: the line has no id in its first field" in caplog.text
     assert not output.exists()
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_termination_during_write(tmp_path, signal_name, status):
+    # the signal arrives while the JSON is written to its temporary file
+    _write_ids(tmp_path / "image_ids", QUERIES, POSITIVES)
+    output_dir = tmp_path / "out"
+    code = (
+        "import json, os, runpy, signal, sys\n"
+        "original = json.dump\n"
+        "def dump_then_signal(*a, **k):\n"
+        "    original(*a, **k)\n"
+        f"    os.kill(os.getpid(), signal.{signal_name})\n"
+        "json.dump = dump_then_signal\n"
+        f"sys.argv = ['ilias_ground_truth.py', '--ids_dir', {str(tmp_path / 'image_ids')!r}, "
+        f"'--output', {str(output_dir / 'gt.json')!r}]\n"
+        "runpy.run_path('misc/ilias_ground_truth.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == status
+    assert f"terminated ({signal_name}); the output was not written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(output_dir.iterdir()) == []
