@@ -74,7 +74,8 @@ def build_ground_truth(query_ids: list[str], positive_ids: list[str]) -> dict[st
     without = [query_id for query_id, positives in ground_truth.items() if not positives]
     if without:
         _logger.warning(
-            "%d queries have no positive in %s (e.g. %s); evaluate.py counts them but cannot score them",
+            "%d queries have no positive in %s (e.g. %s); evaluate.py leaves them out of its means, "
+            "where the ILIAS evaluation code scores them 0",
             len(without), POSITIVE_FILE, ", ".join(repr(q) for q in without[:5]),
         )
     return ground_truth
