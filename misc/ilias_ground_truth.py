@@ -7,6 +7,11 @@ and every positive of an instance is relevant to every query of that instance, a
 ILIAS evaluation code (ilias-vrg/ilias, evaluation/src/dataset.py).
 
     python misc/ilias_ground_truth.py --ids_dir /data/ilias/image_ids --output ilias_gt.json
+
+Exit status: 0 when the file is written, 1 for an unreadable or malformed id file or a
+failed write, 130, 143 or 129 after SIGINT, SIGTERM or SIGHUP. Invalid arguments exit with 2: an --ids_dir without
+both files, or an --output that is a folder, lies under a file or an unwritable folder,
+or is one of the id files.
 """
 import argparse
 import json
@@ -16,6 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_extraction.interrupts import EXIT_SIGINT, TerminationRequested, termination_raises  # noqa: E402
+from linear_adaptation.arg_checks import check_not_an_input, check_output_file  # noqa: E402
+
 QUERY_FILE = "image_query_ids.txt"
 POSITIVE_FILE = "positive_ids.txt"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -24,10 +34,10 @@ _logger = logging.getLogger("ilias_ground_truth")
 
 
 def read_ids(path: Path) -> list[str]:
-    """Return the first comma-separated field of every non-empty line, in file order.
+    """Return the first comma-separated field of every non-blank line, in file order.
 
-    Raises ValueError naming the file when it cannot be read, is not UTF-8, repeats an id
-    or lists none.
+    Raises ValueError naming the file when it cannot be read, is not UTF-8, has a line
+    whose first field is empty, repeats an id or lists none.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -36,9 +46,11 @@ def read_ids(path: Path) -> list[str]:
 
     ids, seen = [], set()
     for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         image_id = line.split(",", 1)[0].strip()
         if not image_id:
-            continue
+            raise ValueError(f"{path}:{line_number}: the line has no id in its first field; fix or remove the line")
         if image_id in seen:
             raise ValueError(f"{path}:{line_number}: id {image_id!r} is listed twice; keep one line per image")
         seen.add(image_id)
@@ -62,7 +74,8 @@ def build_ground_truth(query_ids: list[str], positive_ids: list[str]) -> dict[st
     without = [query_id for query_id, positives in ground_truth.items() if not positives]
     if without:
         _logger.warning(
-            "%d queries have no positive in %s (e.g. %s); evaluate.py counts them but cannot score them",
+            "%d queries have no positive in %s (e.g. %s); evaluate.py leaves them out of its means, "
+            "where the ILIAS evaluation code scores them 0",
             len(without), POSITIVE_FILE, ", ".join(repr(q) for q in without[:5]),
         )
     return ground_truth
@@ -86,7 +99,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1])
     parser.add_argument("--ids_dir", required=True, metavar="DIR",
                         help=f"ILIAS image_ids folder, containing {QUERY_FILE} and {POSITIVE_FILE}")
     parser.add_argument("--output", required=True, metavar="JSON", help="ground-truth file to write")
@@ -100,16 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in (QUERY_FILE, POSITIVE_FILE):
         if not (ids_dir / name).is_file():
             parser.error(f"--ids_dir {args.ids_dir!r} has no {name}; give the ILIAS image_ids folder")
-    if output.is_dir() or str(args.output).endswith(os.sep):
-        parser.error(f"--output {args.output!r} is a folder; give the path of the JSON file to write")
+    check_output_file(parser, "--output", args.output)
+    check_not_an_input(parser, "--output", args.output,
+                       {"--ids_dir": [str(ids_dir / QUERY_FILE), str(ids_dir / POSITIVE_FILE)]})
 
     try:
         query_ids = read_ids(ids_dir / QUERY_FILE)
         positive_ids = read_ids(ids_dir / POSITIVE_FILE)
         ground_truth = build_ground_truth(query_ids, positive_ids)
-        write_json_atomically(output, ground_truth)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         _logger.error("%s", e)
+        return EXIT_ERROR
+    try:
+        write_json_atomically(output, ground_truth)
+    except OSError as e:
+        _logger.error("could not write --output %r: %s; check the free space and permissions of its folder",
+                      args.output, e)
         return EXIT_ERROR
 
     instances = {instance_of(q) for q in query_ids}
@@ -120,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # the output is written under a temporary name, which is removed unless the rename completed
     try:
-        sys.exit(main())
+        with termination_raises():
+            status = main()
     except KeyboardInterrupt:
-        # the output is written under a temporary name and renamed, so nothing partial is left
         _logger.error("interrupted (SIGINT); the output was not written")
-        sys.exit(130)
+        status = EXIT_SIGINT
+    except TerminationRequested as e:
+        _logger.error("terminated (%s); the output was not written", e)
+        status = e.exit_code
+    sys.exit(status)

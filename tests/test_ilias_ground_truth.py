@@ -67,7 +67,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys, problem):
         expected = "has no positive_ids.txt; give the ILIAS image_ids folder"
     else:
         output.mkdir()
-        expected = "is a folder; give the path of the JSON file to write"
+        expected = "is a folder; give the path of the file to write"
     with pytest.raises(SystemExit) as exit_info:
         ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
     assert exit_info.value.code == 2
@@ -128,3 +128,58 @@ def test_interrupt_leaves_no_output(tmp_path):
     assert "interrupted (SIGINT); the output was not written" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "gt.json").exists()
+
+
+@pytest.mark.parametrize("name", ["image_query_ids.txt", "positive_ids.txt"])
+def test_output_that_is_an_input_exits_2(tmp_path, capsys, name):
+    ids_dir = tmp_path / "image_ids"
+    _write_ids(ids_dir, QUERIES, POSITIVES)
+    before = (ids_dir / name).read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        ilias_ground_truth.main(["--ids_dir", str(ids_dir), "--output", str(ids_dir / name)])
+    assert exit_info.value.code == 2
+    assert f"which is the --ids_dir input {str(ids_dir / name)!r}; choose another output path" in capsys.readouterr().err
+    assert (ids_dir / name).read_bytes() == before
+
+
+def test_output_under_a_file_exits_2(tmp_path, capsys):
+    _write_ids(tmp_path / "image_ids", QUERIES, POSITIVES)
+    (tmp_path / "notes").write_text("not a folder\n")
+    output = tmp_path / "notes" / "gt.json"
+    with pytest.raises(SystemExit) as exit_info:
+        ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert f"{str(tmp_path / 'notes')!r} is a file, not a folder; choose another path" in capsys.readouterr().err
+
+
+def test_line_without_id_exits_1(tmp_path, caplog):
+    # a line with fields but an empty first field has lost its id, so skipping it would drop a positive silently
+    _write_ids(tmp_path / "image_ids", QUERIES, [*POSITIVES[:2], ",0.12,5", *POSITIVES[2:]])
+    output = tmp_path / "gt.json"
+    code = ilias_ground_truth.main(["--ids_dir", str(tmp_path / "image_ids"), "--output", str(output)])
+    assert code == 1
+    assert "positive_ids.txt:3: the line has no id in its first field" in caplog.text
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_termination_during_write(tmp_path, signal_name, status):
+    # the signal arrives while the JSON is written to its temporary file
+    _write_ids(tmp_path / "image_ids", QUERIES, POSITIVES)
+    output_dir = tmp_path / "out"
+    code = (
+        "import json, os, runpy, signal, sys\n"
+        "original = json.dump\n"
+        "def dump_then_signal(*a, **k):\n"
+        "    original(*a, **k)\n"
+        f"    os.kill(os.getpid(), signal.{signal_name})\n"
+        "json.dump = dump_then_signal\n"
+        f"sys.argv = ['ilias_ground_truth.py', '--ids_dir', {str(tmp_path / 'image_ids')!r}, "
+        f"'--output', {str(output_dir / 'gt.json')!r}]\n"
+        "runpy.run_path('misc/ilias_ground_truth.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == status
+    assert f"terminated ({signal_name}); the output was not written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(output_dir.iterdir()) == []
