@@ -1,8 +1,9 @@
 """A subset of the database rows to search, chosen by a file of selected ids.
 
 The file has one id per line. A line of an image list (`path,label,domain`) also works,
-since only the text before the first comma is read. Empty lines are skipped. Ids may be
-escaped (`#Uxxxx`, as stored in HDF5) or not.
+since only the text before the first comma is read. Blank lines are skipped, and a line
+whose first field is empty is an error. Ids may be escaped (`#Uxxxx`, as stored in HDF5)
+or not.
 
 A database row is kept when its id is selected, when the second component of its path
 is selected, or when it is a positive of any query in the ground truth. The second rule
@@ -29,10 +30,13 @@ def read_selected_ids(path: str | os.PathLike) -> set[str]:
         raise DataError(str(e)) from e
 
     selected = set()
-    for line in io.StringIO(text, newline=None):
+    for line_number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
         image_id = line.split(",", 1)[0].strip()
-        if image_id:
-            selected.add(canonical_id(image_id))
+        if not image_id:
+            raise DataError(f"{path}:{line_number}: the line has no id in its first field; fix or remove the line")
+        selected.add(canonical_id(image_id))
     if not selected:
         raise DataError(f"the selection file {str(path)!r} lists no id; give one database id per line")
     return selected
