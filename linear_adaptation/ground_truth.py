@@ -24,7 +24,7 @@ _logger = logging.getLogger(__name__)
 
 _MAX_EXAMPLES = 5
 
-# how a positive id that no database file holds is scored (see match_ground_truth)
+# how a positive id that no database file contains is scored (see match_ground_truth)
 MISSING_POSITIVES_CHOICES = ("count", "drop")
 
 

@@ -765,8 +765,8 @@ def test_missing_positives_of_unscored_queries_ignored(tmp_path, caplog):
 
 
 def test_raw_backslash_positive_is_a_missing_positive(tmp_path, caplog):
-    # the database stores the escaped form of an ASCII id with a backslash; a raw one in the
-    # ground truth cannot be distinguished from an escaped id, so it stays unmatched
+    # The database stores an ASCII id with a backslash in its escaped form. A raw one in the
+    # ground truth cannot be distinguished from an escaped id, so it stays unmatched.
     raw = "db/a\\b.jpg"
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"q.jpg": [raw, "db/c.jpg"]}))
