@@ -194,7 +194,8 @@ def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batch
     model that has failed on every one of the first batches, end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "memory" in message.lower():
+    # "an illegal memory access" is a faulting kernel, which a smaller batch does not fix
+    if "memory" in message.lower() and "illegal memory access" not in message.lower():
         raise ExtractionError(
             f"the model failed on a batch of shape {tuple(shape)}: {message}; lower --batch_size or --resolution"
         ) from error

@@ -502,6 +502,21 @@ def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, mess
     assert not output.exists()
 
 
+def test_illegal_memory_access_gets_no_memory_advice(extract, monkeypatch, caplog):
+    # a faulting kernel is not an allocation failure, so a smaller batch or resolution does not fix it
+    from feature_extraction.embedding import Embedder
+
+    def faulting(self, images):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Embedder, "embed", faulting)
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    assert "an illegal memory access was encountered" in caplog.text
+    assert "lower --batch_size" not in caplog.text
+
+
 def test_unknown_model_exit_two(extract):
     code, _ = extract("--model", "no_such_model_xyz")
     assert code == 2
