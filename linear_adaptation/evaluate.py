@@ -242,7 +242,7 @@ def evaluate_query_database(
         )
 
     database.check_unique_ids()
-    matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives)
+    matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives, database_ids_checked=True)
     num_positives = matched.listed_positives if missing_positives == "count" else None
     check_finite_rows(query_features, matched.query_rows, query_ids, query_path)
     queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)

@@ -792,6 +792,11 @@ def test_ground_truth_rejects_repeated_database_ids(tmp_path):
     path.write_text(json.dumps({"q.jpg": ["a.jpg"]}))
     with pytest.raises(DataError, match="1 database ids occur more than once"):
         match_ground_truth(read_ground_truth(path), ["q.jpg"], ["a.jpg", "b.jpg", "a.jpg"])
+    # evaluate.py checks the database ids first, naming their files, so the second pass is skipped
+    matched = match_ground_truth(read_ground_truth(path), ["q.jpg"], ["a.jpg", "b.jpg"], database_ids_checked=True)
+    assert matched.positives[0].tolist() == [0]
+    with pytest.raises(DataError, match="1 query ids occur more than once"):
+        match_ground_truth(read_ground_truth(path), ["q.jpg", "q.jpg"], ["a.jpg"], database_ids_checked=True)
     with pytest.raises(DataError, match="none of the 1 ground-truth queries"):
         match_ground_truth(read_ground_truth(path), ["x.jpg"], ["a.jpg"])
 
