@@ -508,6 +508,8 @@ def _extract_locked(
 
     try:
         if overwrite:
+            # NOTE: the old output goes before the new run has embedded anything, so a run that then
+            # fails leaves no output. Keeping it until the rename would make a stopped run unresumable.
             _remove_previous_outputs(output, store)
         store.open(fingerprint, info=info)
     except OSError as e:
