@@ -121,6 +121,23 @@ def read_list_text(list_path: str) -> str:
         ) from None
 
 
+def read_first_fields(list_path: str) -> list[tuple[int, str]]:
+    """Return the line number and the first comma-separated field of each non-blank line, in file order.
+
+    Raises ImageListError naming the file or the line when it cannot be read, is not UTF-8,
+    or has a line whose first field is empty.
+    """
+    fields = []
+    for line_no, line in enumerate(io.StringIO(read_list_text(list_path), newline=None), start=1):
+        if not line.strip():
+            continue
+        first = line.split(",", 1)[0].strip()
+        if not first:
+            raise ImageListError(f"{list_path}:{line_no}: the line has no id in its first field; fix or remove the line")
+        fields.append((line_no, first))
+    return fields
+
+
 def _check_characters(path: str, list_path: str, line_no: int) -> None:
     # a NUL byte makes every file-system call on the path fail with ValueError, and other
     # control characters are never part of a real image path

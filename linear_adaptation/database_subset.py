@@ -10,11 +10,10 @@ is selected, or when it is a positive of any query in the ground truth. The seco
 is how the ILIAS kNN search reads its mini-ILIAS list of distractor names, and the last
 one keeps every positive, as that search keeps its whole positive file.
 """
-import io
 import os
 from collections.abc import Callable, Iterable
 
-from feature_extraction.image_list import ImageListError, canonical_id, read_list_text
+from feature_extraction.image_list import ImageListError, canonical_id, read_first_fields
 from linear_adaptation.features_io import DataError
 
 
@@ -25,18 +24,11 @@ def read_selected_ids(path: str | os.PathLike) -> set[str]:
         DataError: The file cannot be read, is not UTF-8, or lists no id.
     """
     try:
-        text = read_list_text(str(path))
+        fields = read_first_fields(str(path))
     except ImageListError as e:
         raise DataError(str(e)) from e
 
-    selected = set()
-    for line_number, line in enumerate(io.StringIO(text, newline=None), start=1):
-        if not line.strip():
-            continue
-        image_id = line.split(",", 1)[0].strip()
-        if not image_id:
-            raise DataError(f"{path}:{line_number}: the line has no id in its first field; fix or remove the line")
-        selected.add(canonical_id(image_id))
+    selected = {canonical_id(image_id) for _, image_id in fields}
     if not selected:
         raise DataError(f"the selection file {str(path)!r} lists no id; give one database id per line")
     return selected

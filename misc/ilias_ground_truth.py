@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feature_extraction.image_list import read_first_fields  # noqa: E402
 from feature_extraction.interrupts import EXIT_SIGINT, TerminationRequested, termination_raises  # noqa: E402
 from linear_adaptation.arg_checks import check_not_an_input, check_output_file  # noqa: E402
 
@@ -39,18 +40,8 @@ def read_ids(path: Path) -> list[str]:
     Raises ValueError naming the file when it cannot be read, is not UTF-8, has a line
     whose first field is empty, repeats an id or lists none.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e}") from e
-
     ids, seen = [], set()
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        image_id = line.split(",", 1)[0].strip()
-        if not image_id:
-            raise ValueError(f"{path}:{line_number}: the line has no id in its first field; fix or remove the line")
+    for line_number, image_id in read_first_fields(str(path)):
         if image_id in seen:
             raise ValueError(f"{path}:{line_number}: id {image_id!r} is listed twice; keep one line per image")
         seen.add(image_id)

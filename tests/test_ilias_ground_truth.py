@@ -109,16 +109,17 @@ def test_ilias_evaluation_end_to_end(tmp_path):
 
 
 def test_interrupt_leaves_no_output(tmp_path):
-    # SIGINT arrives as KeyboardInterrupt during the run; simulated here by a positive file that raises it
+    # SIGINT arrives as KeyboardInterrupt during the run, simulated here while the positive file is read
     _write_ids(tmp_path / "image_ids", QUERIES, POSITIVES)
     code = (
-        "import sys, runpy, pathlib\n"
-        "original = pathlib.Path.read_text\n"
-        "def interrupted(self, *a, **k):\n"
-        "    if self.name == 'positive_ids.txt':\n"
+        "import sys, runpy\n"
+        "import feature_extraction.image_list as image_list\n"
+        "original = image_list.read_list_text\n"
+        "def interrupted(list_path):\n"
+        "    if list_path.endswith('positive_ids.txt'):\n"
         "        raise KeyboardInterrupt\n"
-        "    return original(self, *a, **k)\n"
-        "pathlib.Path.read_text = interrupted\n"
+        "    return original(list_path)\n"
+        "image_list.read_list_text = interrupted\n"
         f"sys.argv = ['ilias_ground_truth.py', '--ids_dir', {str(tmp_path / 'image_ids')!r}, "
         f"'--output', {str(tmp_path / 'gt.json')!r}]\n"
         "runpy.run_path('misc/ilias_ground_truth.py', run_name='__main__')\n"
