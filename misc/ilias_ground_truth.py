@@ -14,11 +14,8 @@ both files, or an --output that is a folder, lies under a file or an unwritable 
 or is one of the id files.
 """
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from feature_extraction.image_list import read_first_fields  # noqa: E402
 from feature_extraction.interrupts import EXIT_SIGINT, TerminationRequested, termination_raises  # noqa: E402
 from linear_adaptation.arg_checks import check_not_an_input, check_output_file  # noqa: E402
+from linear_adaptation.eval_report import write_json  # noqa: E402
 
 QUERY_FILE = "image_query_ids.txt"
 POSITIVE_FILE = "positive_ids.txt"
@@ -72,23 +70,6 @@ def build_ground_truth(query_ids: list[str], positive_ids: list[str]) -> dict[st
     return ground_truth
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    """Write `payload` to a temporary file beside `path` and rename it, so `path` is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1])
     parser.add_argument("--ids_dir", required=True, metavar="DIR",
@@ -116,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         _logger.error("%s", e)
         return EXIT_ERROR
     try:
-        write_json_atomically(output, ground_truth)
+        write_json(args.output, ground_truth)
     except OSError as e:
-        _logger.error("could not write --output %r: %s; check the free space and permissions of its folder",
-                      args.output, e)
+        _logger.error("--output: %s", e)
         return EXIT_ERROR
 
     instances = {instance_of(q) for q in query_ids}
