@@ -100,19 +100,28 @@ def _assert_matches_within_float16(output, reference):
     np.testing.assert_allclose(features.astype(np.float32), reference_features.astype(np.float32), atol=2e-3)
 
 
-def test_out_of_memory_resumes_with_smaller_batch(extract, monkeypatch, caplog):
-    # torch.cuda.OutOfMemoryError is an ordinary exception class, so the CUDA failure can be raised on CPU
-    _, reference = extract(name="reference")
+def _out_of_memory_on_sixth_batch(monkeypatch) -> dict:
+    """Make the 6th embedded batch, the second of the second window, raise CUDA's out-of-memory error.
+
+    torch.cuda.OutOfMemoryError is an ordinary exception class, so the CUDA failure can be raised
+    on CPU. Returns the call counter, which a test resets to fail a later run the same way.
+    """
     original = Embedder.embed
     calls = {"n": 0}
 
     def embed_until_out_of_memory(self, images):
         calls["n"] += 1
-        if calls["n"] == 6:  # the second batch of the second window
+        if calls["n"] == 6:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, images)
 
     monkeypatch.setattr(Embedder, "embed", embed_until_out_of_memory)
+    return calls
+
+
+def test_out_of_memory_resumes_with_smaller_batch(extract, monkeypatch, caplog):
+    _, reference = extract(name="reference")
+    _out_of_memory_on_sixth_batch(monkeypatch)
     with caplog.at_level(logging.ERROR):
         code, output = extract()
     assert code == 1
@@ -133,16 +142,7 @@ def test_out_of_memory_resumes_with_smaller_batch(extract, monkeypatch, caplog):
 
 def test_failed_overwrite_run_names_resume_command(extract, monkeypatch, caplog):
     # rerun as it is, a command with --overwrite true deletes the windows saved before the failure
-    original = Embedder.embed
-    calls = {"n": 0}
-
-    def embed_until_out_of_memory(self, images):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, images)
-
-    monkeypatch.setattr(Embedder, "embed", embed_until_out_of_memory)
+    calls = _out_of_memory_on_sixth_batch(monkeypatch)
     with caplog.at_level(logging.WARNING):
         code, output = extract("--overwrite", "true")
     assert code == 1
