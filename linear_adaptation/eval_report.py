@@ -9,12 +9,13 @@ Ranked-list files (`--save_ranks`), chosen by extension:
   `scores_<variant>` (Q, n) float32 (-inf pads). Compressed, for large runs.
 `<variant>` is `without_layer` or `with_layer`. Ids are the escaped form of the HDF5 index.
 
-ILIAS similarity file (`--save_similarities`, `.json`): one variant's ranked lists in the
-layout that the ILIAS kNN search writes and the ILIAS evaluation reads,
-{query_id: {database_id: score, ...}, ...}, with each query's ids in rank order.
 The lists hold n = min(k, database rows) places, or min(k, images - 1) in a labelled set,
 because the search returns no more. Every file is written to a temporary name first,
 given the permissions a new file gets under the umask, and renamed when complete.
+
+ILIAS similarity file (`--save_similarities`, `.json`): one variant's ranked lists in the
+layout that the ILIAS kNN search writes and the ILIAS evaluation reads,
+{query_id: {database_id: score, ...}, ...}, with each query's ids in rank order.
 """
 import errno
 import json

@@ -190,9 +190,9 @@ def match_ground_truth(
 
     # map only the database ids that a scored query needs, since the database may contain millions. Positives of
     # ground-truth queries missing from the query file affect no score, so they are not reported as missing either.
-    wanted = {p for _, q in kept for p in ground_truth[q]}
-    row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in wanted}
-    absent_positives = sorted(wanted - row_of.keys())
+    scored_positives = {p for _, q in kept for p in ground_truth[q]}
+    row_of = {image_id: row for row, image_id in enumerate(database_ids) if image_id in scored_positives}
+    absent_positives = sorted(scored_positives - row_of.keys())
     _warn_about_queries_in_database(ground_truth, [q for _, q in kept], database_ids)
 
     positives = [
