@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from feature_extraction.interrupts import Interrupted, signals_raise_interrupted  # noqa: E402
+from linear_adaptation.outputs import default_file_mode  # noqa: E402
 
 _logger = logging.getLogger("convert_efficientnet_lite0")
 
@@ -87,10 +88,7 @@ def save_atomic(state_dict: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name, suffix=".tmp")
     try:
-        # mkstemp creates the file with mode 0600, so it gets the mode open() gives under the umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, default_file_mode())  # mkstemp creates the file with mode 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(state_dict, f)
             f.flush()
