@@ -4,7 +4,8 @@
 consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readable rows,
 their row numbers, and the unreadable rows with reasons). Every file is written to a
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
-or none. The next start removes leftover temporary files.
+or none. The next start removes leftover temporary files. Removing the folder deletes the
+manifest first, and part files found without a manifest are discarded.
 
 The lock that keeps a second process out is `<output>.parts.lock`, beside the folder
 rather than in it, so a run that deletes the folder (`--overwrite true`) holds the lock
@@ -30,6 +31,7 @@ _logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 LOCK_SUFFIX = ".lock"
 PART_FORMAT = "window_{:06d}.npz"
+PART_GLOB = "window_*.npz"
 _TEMP_SUFFIX = ".tmp"
 # what np.load raises for a truncated or overwritten .npz file
 _UNREADABLE_PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -170,6 +172,7 @@ class PartStore:
             return
 
         self._remove_temporary_files()
+        self._remove_parts_without_manifest()
         manifest = {"fingerprint": fingerprint, "info": info}
         write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
@@ -177,6 +180,15 @@ class PartStore:
         for path in self.directory.glob("*" + _TEMP_SUFFIX):
             _logger.info("removing %s left by an interrupted write", path)
             path.unlink(missing_ok=True)
+
+    def _remove_parts_without_manifest(self) -> None:
+        # a deletion cut short can leave part files without their manifest, and their settings are unknown
+        orphaned = sorted(self.directory.glob(PART_GLOB))
+        if orphaned:
+            _logger.warning("removing %d part files in %s that have no manifest, so their settings are unknown",
+                            len(orphaned), self.directory)
+        for path in orphaned:
+            path.unlink()
 
     def part_path(self, window_index: int) -> Path:
         return self.directory / PART_FORMAT.format(window_index)
@@ -260,7 +272,12 @@ class PartStore:
             self._lock_file = None
 
     def remove(self) -> None:
-        """Delete the parts folder and everything in it; the lock stays held until `close`."""
+        """Delete the parts folder and everything in it; the lock stays held until `close`.
+
+        The manifest goes first, so a deletion cut short leaves no run that a rerun would resume.
+        """
+        (self.directory / MANIFEST_NAME).unlink(missing_ok=True)
+        fsync_directory(self.directory)
         shutil.rmtree(self.directory, ignore_errors=False)
         fsync_directory(self.directory.parent)
 

@@ -243,6 +243,42 @@ def test_parts_of_older_format_rejected(tmp_path):
     store.close()
 
 
+def test_parts_removal_deletes_manifest_first(tmp_path, monkeypatch):
+    store = PartStore(tmp_path / "out.hdf5.parts")
+    store.open({"format_version": 2, "model": "resnet10t"}, {})
+    seen = {}
+
+    def cut_short(path, *args, **kwargs):
+        seen["manifest"] = (path / "manifest.json").exists()
+        raise OSError("deletion cut short")
+
+    monkeypatch.setattr(shutil, "rmtree", cut_short)
+    with pytest.raises(OSError, match="cut short"):
+        store.remove()
+    monkeypatch.undo()
+    assert seen == {"manifest": False}
+    # the remaining files are no partial run, so a run with other settings starts afresh
+    store.open({"format_version": 2, "model": "resnet14t"}, {})
+    store.close()
+
+
+def test_parts_without_manifest_discarded(extract, monkeypatch, caplog):
+    # Regression: windows left without their manifest were taken into a run with other settings
+    _, reference = extract("--resolution", "40", name="reference")
+    _stop_after_windows(monkeypatch, 2)
+    _, output = extract()
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    (parts / "manifest.json").unlink()
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "removing 2 part files" in caplog.text
+    assert "resuming" not in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+
+
 def test_finished_parts_with_stale_temporary_files_assembled(extract, monkeypatch):
     _, reference = extract(name="reference")
     # all windows saved, then a kill while the HDF5 file was being assembled
