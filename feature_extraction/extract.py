@@ -66,7 +66,7 @@ exit status:
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
        terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
        same command resumes from them. Drop --overwrite true from it first, because that
-       flag deletes them
+       flag deletes them. An output that the stopped run was to replace stays until then
 
 A killed run (even SIGKILL) resumes the same way; the final file only ever appears complete.
 """
@@ -106,10 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--store_fp16", metavar="BOOL", type=bool_flag,
                       help="store features as float16 instead of float32 (default: %(default)s)")
     data.add_argument("--overwrite", metavar="BOOL", type=bool_flag,
-                      help="delete an existing output, its failure report and any partial run before "
-                           "starting, so a stopped run resumes only when rerun without it; without it a complete "
-                           "output extracted with the same settings is left untouched and one with other "
-                           "settings is an error (default: %(default)s)")
+                      help="extract again although the output exists: delete a partial run and a leftover "
+                           "temporary file first, and keep the existing output and its failure report until the "
+                           "new output is complete and replaces them, so the old output, the parts and the "
+                           "temporary file need disk space together. A stopped run resumes only when rerun "
+                           "without this flag. Without it a complete output extracted with the same settings is "
+                           "left untouched and one with other settings is an error (default: %(default)s)")
 
     backbone = parser.add_argument_group("model")
     backbone.add_argument("--framework", metavar="NAME", choices=FRAMEWORKS + tuple(FRAMEWORK_ALIASES),

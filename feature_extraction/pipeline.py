@@ -5,6 +5,7 @@ same settings and list embeds only the missing ones. Once all windows are saved,
 assembles the HDF5 file in `<output>.tmp`, writes `<output>.failed.txt` (or removes a
 stale one), renames the temporary file to the final name and deletes the parts folder.
 A window is batched the same way on every run, so a resumed run writes the same embeddings.
+With `--overwrite true` an existing output stays in place until that rename replaces it.
 """
 import hashlib
 import logging
@@ -53,7 +54,16 @@ from feature_extraction.interrupts import (
     raise_wrapped_interrupt,
     signals_raise_interrupted,
 )
-from feature_extraction.store import PartStore, SettingsMismatchError, WindowPart, list_change_note, parts_dir_for
+from feature_extraction.store import (
+    PartStore,
+    SavedRun,
+    SettingsMismatchError,
+    WindowPart,
+    describe_differences,
+    fingerprint_differences,
+    list_change_note,
+    parts_dir_for,
+)
 from feature_extraction.transforms import InferenceTransform, TransformName
 
 _logger = logging.getLogger(__name__)
@@ -127,11 +137,12 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _remove_previous_outputs(output: Path, store: PartStore) -> None:
-    for path in (output, failures_path_for(output), temporary_path_for(output)):
-        if path.exists():
-            _logger.info("--overwrite: removing %s", path)
-            path.unlink()
+def _remove_stale_files(output: Path, store: PartStore) -> None:
+    """Delete a leftover temporary file and a partial run; the complete output and its report stay."""
+    temporary = temporary_path_for(output)
+    if temporary.exists():
+        _logger.info("--overwrite: removing %s", temporary)
+        temporary.unlink()
     if store.directory.exists():
         _logger.info("--overwrite: removing the partial run in %s", store.directory)
         store.remove()
@@ -142,8 +153,8 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else value
 
 
-def _check_existing_output(output: Path, fingerprint: dict) -> None:
-    """Raise SettingsMismatchError if the complete `output` records settings other than `fingerprint`'s.
+def _output_differences(output: Path, fingerprint: dict) -> tuple[list[str], list[str]]:
+    """Return the keys of the settings that `output` records with other values than `fingerprint`, and descriptions.
 
     Files of the older ILIAS tools record no settings, and files of earlier versions of this
     extractor record fewer. The missing ones are logged as unchecked.
@@ -158,18 +169,59 @@ def _check_existing_output(output: Path, fingerprint: dict) -> None:
         stored["model"] = str(stored["model"]).partition(".")[0]
 
     differing = [key for key, value in sorted(requested.items()) if key in stored and _plain(stored[key]) != value]
-    if differing:
-        differences = [f"{key}: {_plain(stored[key])!r} in the file, {requested[key]!r} now" for key in differing]
-        raise SettingsMismatchError(
-            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
-            + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
-            "--hdf5_dir or --hdf5_name to keep it"
-        )
     unchecked = sorted(key for key in requested if key not in stored)
     if unchecked:
         _logger.warning("%s does not record %s, so these settings could not be compared with this command's "
                         "(files of the older ILIAS tools record no settings, and files of earlier versions of "
                         "this extractor record fewer)", output, ", ".join(unchecked))
+    differences = [f"{key}: {_plain(stored[key])!r} in the file, {requested[key]!r} now" for key in differing]
+    return differing, differences
+
+
+def _keep_existing_output(
+    output: Path, store: PartStore, fingerprint: dict, saved_run: SavedRun | None, summary: ExtractionSummary
+) -> ExtractionSummary:
+    """Leave the complete `output` untouched, or raise SettingsMismatchError when it records other settings.
+
+    `saved_run` is the partial run in the parts folder, if any. When it is a run of
+    --overwrite true, the caller has found that its settings differ from this command's.
+    """
+    replacement = saved_run if saved_run is not None and saved_run.replaces_output else None
+    differing, differences = _output_differences(output, fingerprint)
+    if differing and replacement is None:
+        raise SettingsMismatchError(
+            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
+            + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
+            "--hdf5_dir or --hdf5_name to keep it"
+        )
+    if differing:
+        run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
+        run_differences = describe_differences(run_differing, replacement.fingerprint, fingerprint, "in the partial run")
+        raise SettingsMismatchError(
+            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "), and "
+            f"{store.directory} contains a partial run of --overwrite true that is to replace it, also with other "
+            f"settings ({run_differences})." + list_change_note(differing + run_differing)
+            + " Rerun with the flags and list of the partial run to resume it, pass --overwrite true to discard it "
+            "and extract with these settings, or choose another --hdf5_dir or --hdf5_name"
+        )
+
+    _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
+                 "extract again", output)
+    if replacement is not None:
+        # Kept, not deleted, because a command that lacks one flag of the stopped --overwrite run
+        # would otherwise discard the windows that run saved.
+        run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
+        _logger.warning(
+            "kept %s, a partial run of --overwrite true that is to replace %s with other settings (%s); rerun "
+            "with its flags and list to resume it, or delete the folder to discard it",
+            store.directory, output, describe_differences(run_differing, replacement.fingerprint, fingerprint,
+                                                          "in the partial run"),
+        )
+    elif store.directory.exists():
+        _logger.info("removing %s, a partial run left beside the complete output", store.directory)
+        store.remove()
+    summary.already_complete = True
+    return summary
 
 
 def _list_line(entry: ListEntry) -> str:
@@ -362,27 +414,33 @@ def _assemble_output(
     *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
     hdf5_compression: int, attributes: dict,
 ) -> tuple[int, list[tuple[int, str]]]:
-    """Write the failure report and the final HDF5 file, then delete the parts folder.
+    """Write the HDF5 file under its temporary name and the failure report, ready for `publish`.
 
-    The report is written before the rename, so a complete output always has its report.
-    Returns the number of embedded rows and the (row, reason) pairs of skipped ones.
+    Returns the number of embedded rows and the (row, reason) pairs of skipped ones. When
+    no row was embedded, deletes the parts folder and raises ExtractionError, and an
+    existing output keeps its report.
     """
     report = failures_path_for(output)
     temporary = temporary_path_for(output)
     ids = [escape_id(entry.path) for entry in entries]
     num_embedded, failures = assemble_hdf5(store, windows, ids, temporary, store_dtype, hdf5_compression, attributes)
-    write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
+    failure_lines = [(entries[row].path, reason) for row, reason in failures]
     if num_embedded == 0:
         # nothing is worth resuming: a rerun with a corrected --dataset_dir starts afresh
         temporary.unlink(missing_ok=True)
         store.remove()
+        if output.exists():
+            raise ExtractionError(
+                f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}), so {output} "
+                "and its failure report are left as they were; check --dataset_dir and the list paths"
+            )
+        write_failure_report(report, failure_lines)
         raise ExtractionError(
             f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
             f"all are listed in {report}); check --dataset_dir and the list paths"
         )
-    raise_if_signal_lost()
-    publish(temporary, output)
-    store.remove()
+    # report first, then the rename: a kill in between leaves the old output with the new report, never the reverse
+    write_failure_report(report, failure_lines)
     return num_embedded, failures
 
 
@@ -495,23 +553,21 @@ def _extract_locked(
 ) -> ExtractionSummary:
     """Embed the pending windows and assemble the output, with the lock of `store` held."""
     output = summary.output
-    # a finished output is final unless --overwrite
+    # a finished output is final unless --overwrite, or unless this command resumes a partial run
+    # of --overwrite true, which replaces the output once complete
     if output.exists() and not overwrite:
-        _check_existing_output(output, fingerprint)
-        _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
-                     "extract again", output)
-        if store.directory.exists():
-            _logger.info("removing %s, a partial run left beside the complete output", store.directory)
-            store.remove()
-        summary.already_complete = True
-        return summary
+        saved_run = store.read_manifest()
+        if not (saved_run is not None and saved_run.replaces_output
+                and not fingerprint_differences(saved_run.fingerprint, fingerprint)):
+            return _keep_existing_output(output, store, fingerprint, saved_run, summary)
+        _logger.info("resuming the partial run of --overwrite true in %s; %s stays as it is until the new "
+                     "output replaces it", store.directory, output)
+    replacing = output.exists()
 
     try:
         if overwrite:
-            # NOTE: the old output goes before the new run has embedded anything, so a run that then
-            # fails leaves no output. Keeping it until the rename would make a stopped run unresumable.
-            _remove_previous_outputs(output, store)
-        store.open(fingerprint, info=info)
+            _remove_stale_files(output, store)
+        store.open(fingerprint, info=info, replaces_output=overwrite)
     except OSError as e:
         raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
 
@@ -525,6 +581,8 @@ def _extract_locked(
 
     report = failures_path_for(output)
     temporary = temporary_path_for(output)
+    kept_note = f"; {output} stays as it was until then" if replacing else ""
+    published = False
     try:
         with signals_raise_interrupted():
             # embedding
@@ -549,10 +607,17 @@ def _extract_locked(
                 store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
                 hdf5_compression=hdf5_compression, attributes=attributes,
             )
+            raise_if_signal_lost()
+            # a signal during the rename takes effect after `published` is set
+            with interrupts_deferred():
+                publish(temporary, output)
+                published = True
+            store.remove()
     except Interrupted as e:
         temporary.unlink(missing_ok=True)
-        if output.exists():
-            # the signal came after the rename, while the parts folder was being deleted
+        if published:
+            # without its manifest the folder is a leftover, which a rerun removes instead of resuming
+            store.remove_manifest()
             _logger.warning("stopped by %s after %s was complete; a rerun removes the leftover %s",
                             e, output, store.directory)
             raise
@@ -560,17 +625,18 @@ def _extract_locked(
         # with --overwrite true, the same command would delete these parts again
         resume_command = "the same command without --overwrite true" if overwrite else "the same command"
         _logger.warning(
-            "stopped by %s: %d of %d rows are saved in %s; rerun %s to resume",
-            e, saved, len(entries), store.directory, resume_command,
+            "stopped by %s: %d of %d rows are saved in %s; rerun %s to resume%s",
+            e, saved, len(entries), store.directory, resume_command, kept_note,
         )
         raise
     except BaseException:
         temporary.unlink(missing_ok=True)
         # the error message advises a rerun, and with --overwrite true that rerun would delete the saved windows
-        saved = _saved_rows(store, windows) if overwrite and not output.exists() else 0
+        saved = _saved_rows(store, windows) if overwrite and not published else 0
         if saved:
             _logger.warning("%d of %d rows are saved in %s; after fixing the error below, rerun without "
-                            "--overwrite true to resume from them", saved, len(entries), store.directory)
+                            "--overwrite true to resume from them%s",
+                            saved, len(entries), store.directory, kept_note)
         raise
 
     summary.num_images = len(entries)

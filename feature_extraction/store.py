@@ -1,10 +1,12 @@
 """Resumable extraction state: a `<output>.parts/` folder with one file per finished window.
 
-`manifest.json` contains the settings fingerprint of the run. Each finished window of
+`manifest.json` contains the settings fingerprint of the run, the paths it read, and whether
+the run replaces an existing output (`--overwrite true`). Each finished window of
 consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readable rows,
 their row numbers, and the unreadable rows with reasons). Every file is written to a
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
-or none. The next start removes leftover temporary files.
+or none. The next start removes leftover temporary files. Removing the folder deletes the
+manifest first, and part files found without a manifest are discarded.
 
 The lock that keeps a second process out is `<output>.parts.lock`, beside the folder
 rather than in it, so a run that deletes the folder (`--overwrite true`) holds the lock
@@ -30,6 +32,7 @@ _logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 LOCK_SUFFIX = ".lock"
 PART_FORMAT = "window_{:06d}.npz"
+PART_GLOB = "window_*.npz"
 _TEMP_SUFFIX = ".tmp"
 # what np.load raises for a truncated or overwritten .npz file
 _UNREADABLE_PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -37,6 +40,16 @@ _UNREADABLE_PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZ
 
 class SettingsMismatchError(Exception):
     """The parts folder belongs to a run with other settings; the message names them and the fix."""
+
+
+def fingerprint_differences(previous: dict, current: dict) -> list[str]:
+    """Return the sorted keys whose values differ between two fingerprints, keys in only one included."""
+    return [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
+
+
+def describe_differences(keys: list[str], previous: dict, current: dict, previous_label: str = "before") -> str:
+    """Return "key: old <previous_label>, new now" for each key, joined with semicolons."""
+    return "; ".join(f"{key}: {previous.get(key)!r} {previous_label}, {current.get(key)!r} now" for key in keys)
 
 
 def list_change_note(differing_keys: list[str]) -> str:
@@ -49,6 +62,17 @@ def list_change_note(differing_keys: list[str]) -> str:
 
 class StoreError(Exception):
     """A parts folder or part file that cannot be used; the message names the fix."""
+
+
+@dataclass
+class SavedRun:
+    """The manifest of a partial run."""
+
+    fingerprint: dict
+    info: dict
+    # saved by an --overwrite true run: its output replaces an existing one once complete.
+    # Manifests written before this field existed lack it and read as False.
+    replaces_output: bool
 
 
 @dataclass
@@ -129,54 +153,73 @@ class PartStore:
                 return
             lock_file.close()
 
-    def open(self, fingerprint: dict, info: dict) -> None:
+    def read_manifest(self) -> SavedRun | None:
+        """Return the manifest of the partial run in the folder, or None when there is none.
+
+        Raises StoreError when the manifest cannot be read.
+        """
+        manifest_path = self.directory / MANIFEST_NAME
+        if not manifest_path.exists():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            return SavedRun(manifest["fingerprint"], manifest.get("info", {}), bool(manifest.get("replaces_output")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(
+                f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
+            ) from e
+
+    def open(self, fingerprint: dict, info: dict, replaces_output: bool = False) -> None:
         """Create the folder for a new run, or check the fingerprint of an existing one, under the lock.
 
+        `replaces_output` is recorded for a new run only, and is not compared with an existing one.
         Raises SettingsMismatchError naming the differing settings, and StoreError when
         another process holds the folder.
         """
         self.lock()
         self.directory.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.directory / MANIFEST_NAME
-        if manifest_path.exists():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                previous, previous_info = manifest["fingerprint"], manifest.get("info", {})
-            except (OSError, ValueError, KeyError) as e:
-                raise StoreError(
-                    f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
-                ) from e
+        saved = self.read_manifest()
+        if saved is not None:
+            previous = saved.fingerprint
             if previous.get("format_version") != fingerprint.get("format_version"):
                 raise SettingsMismatchError(
                     f"{self.directory} contains a partial run saved in format {previous.get('format_version')!r}, "
                     f"and this version of extract.py resumes format {fingerprint.get('format_version')!r} only. "
                     "Pass --overwrite true to discard it and extract again"
                 )
-            differing = [key for key in sorted(set(previous) | set(fingerprint))
-                         if previous.get(key) != fingerprint.get(key)]
+            differing = fingerprint_differences(previous, fingerprint)
             if differing:
-                differences = [f"{key}: {previous.get(key)!r} before, {fingerprint.get(key)!r} now" for key in differing]
                 raise SettingsMismatchError(
                     f"{self.directory} contains a partial run with other settings ("
-                    + "; ".join(differences)
+                    + describe_differences(differing, previous, fingerprint)
                     + ")." + list_change_note(differing)
                     + " Rerun with the same flags and list to resume it, or pass --overwrite true to discard it"
                 )
-            for key in sorted(set(previous_info) & set(info)):
-                if previous_info[key] != info[key]:
+            for key in sorted(set(saved.info) & set(info)):
+                if saved.info[key] != info[key]:
                     # e.g. a dataset copied to another node's scratch: allowed, but worth a look
-                    _logger.warning("resuming a run whose %s was %r; now it is %r", key, previous_info[key], info[key])
+                    _logger.warning("resuming a run whose %s was %r; now it is %r", key, saved.info[key], info[key])
             self._remove_temporary_files()
             return
 
         self._remove_temporary_files()
-        manifest = {"fingerprint": fingerprint, "info": info}
-        write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self._remove_parts_without_manifest()
+        manifest = {"fingerprint": fingerprint, "info": info, "replaces_output": replaces_output}
+        write_atomically(self.directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
     def _remove_temporary_files(self) -> None:
         for path in self.directory.glob("*" + _TEMP_SUFFIX):
             _logger.info("removing %s left by an interrupted write", path)
             path.unlink(missing_ok=True)
+
+    def _remove_parts_without_manifest(self) -> None:
+        # a deletion cut short can leave part files without their manifest, and their settings are unknown
+        orphaned = sorted(self.directory.glob(PART_GLOB))
+        if orphaned:
+            _logger.warning("removing %d part files in %s that have no manifest, so their settings are unknown",
+                            len(orphaned), self.directory)
+        for path in orphaned:
+            path.unlink()
 
     def part_path(self, window_index: int) -> Path:
         return self.directory / PART_FORMAT.format(window_index)
@@ -259,8 +302,19 @@ class PartStore:
             self._lock_file.close()
             self._lock_file = None
 
+    def remove_manifest(self) -> None:
+        """Delete the manifest, so the folder is no longer a run that a rerun would resume."""
+        manifest_path = self.directory / MANIFEST_NAME
+        if manifest_path.exists():
+            manifest_path.unlink()
+            fsync_directory(self.directory)
+
     def remove(self) -> None:
-        """Delete the parts folder and everything in it; the lock stays held until `close`."""
+        """Delete the parts folder and everything in it; the lock stays held until `close`.
+
+        The manifest goes first, so a deletion cut short leaves no run that a rerun would resume.
+        """
+        self.remove_manifest()
         shutil.rmtree(self.directory, ignore_errors=False)
         fsync_directory(self.directory.parent)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import feature_extraction.pipeline as pipeline
 from feature_extraction.embedding import Embedder
 from feature_extraction.interrupts import Interrupted
 from feature_extraction.store import PartStore, SettingsMismatchError
@@ -201,6 +202,152 @@ def test_stopped_overwrite_run_names_resume_command(extract, monkeypatch, caplog
     assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
 
 
+def _add_missing_image(sample_dataset) -> None:
+    """Append a list line for an image that does not exist, so that every output has a failure report."""
+    _, list_path, _ = sample_dataset
+    list_path.write_text(list_path.read_text() + "missing.jpg,0,0\n")
+
+
+def _report(output):
+    return output.with_name(output.name + ".failed.txt")
+
+
+# (case, patch that makes the run fail or stop, whether --dataset_dir names an empty folder, exit status,
+# expected log part)
+FAILED_OVERWRITE_RUNS = [
+    ("out_of_memory", _out_of_memory_on_sixth_batch, False, 1, "stays as it was until then"),
+    ("stopped", lambda monkeypatch: _stop_after_windows(monkeypatch, 2), False, 143, "stays as it was until then"),
+    # no image readable, so no window is kept for a resume
+    ("wrong_dataset_dir", lambda monkeypatch: None, True, 1, "are left as they were"),
+]
+
+
+@pytest.mark.parametrize("make_fail, empty_dataset_dir, exit_status, message",
+                         [case[1:] for case in FAILED_OVERWRITE_RUNS],
+                         ids=[case[0] for case in FAILED_OVERWRITE_RUNS])
+def test_failed_overwrite_run_keeps_output(extract, monkeypatch, sample_dataset, tmp_path, caplog, make_fail,
+                                           empty_dataset_dir, exit_status, message):
+    _add_missing_image(sample_dataset)
+    _, output = extract()
+    before = output.read_bytes()
+    report_before = _report(output).read_text()
+    assert "missing.jpg," in report_before
+    (tmp_path / "empty").mkdir()
+
+    make_fail(monkeypatch)
+    extra = ["--dataset_dir", tmp_path / "empty"] if empty_dataset_dir else []
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract("--overwrite", "true", "--resolution", "40", *extra)
+    assert code == exit_status
+    assert output.read_bytes() == before
+    assert _report(output).read_text() == report_before
+    assert not output.with_name(output.name + ".tmp").exists()
+    assert message in caplog.text
+
+
+def test_stopped_overwrite_run_resumes_over_output(extract, monkeypatch, caplog):
+    _, reference = extract("--resolution", "40", name="reference")
+    _, output = extract()
+    before = output.read_bytes()
+    _stop_after_windows(monkeypatch, 2)
+    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
+    assert output.read_bytes() == before
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "resuming the partial run of --overwrite true" in caplog.text
+    assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
+    assert "this run decoded and embedded 2 images" in caplog.text
+    features, ids, attrs = read_output(output)
+    reference_features, reference_ids, _ = read_output(reference)
+    assert ids == reference_ids
+    np.testing.assert_array_equal(features, reference_features)
+    assert attrs["resolution"] == 40
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
+
+
+def test_rerun_with_output_settings_keeps_replacement(extract, monkeypatch, caplog):
+    # the command requests the output that exists, so that output stays, and the saved windows of
+    # the replacement stay too, because the command may lack only one of its flags
+    _, reference = extract("--resolution", "40", name="reference")
+    _, output = extract()
+    before = output.read_bytes()
+    _stop_after_windows(monkeypatch, 2)
+    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    saved = sorted(p.name for p in parts.iterdir())
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "left untouched" in caplog.text
+    assert f"kept {parts}, a partial run of --overwrite true" in caplog.text
+    assert "resolution: 40 in the partial run, 32 now" in caplog.text
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in parts.iterdir()) == saved
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+
+
+def test_rerun_matching_neither_exit_two(extract, monkeypatch, caplog):
+    _, output = extract()
+    before = output.read_bytes()
+    _stop_after_windows(monkeypatch, 2)
+    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    saved = sorted(p.name for p in parts.iterdir())
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract("--resolution", "48")
+    assert code == 2
+    assert "resolution: 32 in the file, 48 now" in caplog.text
+    assert "resolution: 40 in the partial run, 48 now" in caplog.text
+    assert "Rerun with the flags and list of the partial run to resume it" in caplog.text
+    assert "pass --overwrite true" in caplog.text
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in parts.iterdir()) == saved
+
+
+def test_overwrite_replaces_output_at_rename(extract, monkeypatch, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    _add_missing_image(sample_dataset)
+    _, output = extract()
+    before = output.read_bytes()
+    # the new run skips another image, so its report differs from the old one
+    list_path.write_text(list_path.read_text().replace("missing.jpg", "gone.jpg"))
+    _, reference = extract("--resolution", "40", name="reference")
+
+    seen = {}
+    original_publish = pipeline.publish
+
+    def publish_and_record(temporary, destination):
+        seen["output_before_rename"] = destination.read_bytes()
+        seen["report_before_rename"] = _report(destination).read_text()
+        original_publish(temporary, destination)
+
+    monkeypatch.setattr(pipeline, "publish", publish_and_record)
+    code, _ = extract("--resolution", "40", "--overwrite", "true")
+    assert code == 0
+    assert seen["output_before_rename"] == before
+    assert seen["report_before_rename"].startswith("gone.jpg,")
+    features, ids, attrs = read_output(output)
+    reference_features, reference_ids, _ = read_output(reference)
+    assert ids == reference_ids
+    np.testing.assert_array_equal(features, reference_features)
+    assert attrs["resolution"] == 40
+    assert _report(output).read_text() == _report(reference).read_text()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5", "features_uned.hdf5.failed.txt"]
+
+
 def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
     _, list_path, _ = sample_dataset
     _stop_after_windows(monkeypatch, 1)
@@ -241,6 +388,42 @@ def test_parts_of_older_format_rejected(tmp_path):
     with pytest.raises(SettingsMismatchError, match="saved in format 1.*--overwrite true"):
         store.open({"format_version": 2, "model": "resnet10t"}, {})
     store.close()
+
+
+def test_parts_removal_deletes_manifest_first(tmp_path, monkeypatch):
+    store = PartStore(tmp_path / "out.hdf5.parts")
+    store.open({"format_version": 2, "model": "resnet10t"}, {})
+    seen = {}
+
+    def cut_short(path, *args, **kwargs):
+        seen["manifest"] = (path / "manifest.json").exists()
+        raise OSError("deletion cut short")
+
+    monkeypatch.setattr(shutil, "rmtree", cut_short)
+    with pytest.raises(OSError, match="cut short"):
+        store.remove()
+    monkeypatch.undo()
+    assert seen == {"manifest": False}
+    # the remaining files are no partial run, so a run with other settings starts afresh
+    store.open({"format_version": 2, "model": "resnet14t"}, {})
+    store.close()
+
+
+def test_parts_without_manifest_discarded(extract, monkeypatch, caplog):
+    # Regression: windows left without their manifest were taken into a run with other settings
+    _, reference = extract("--resolution", "40", name="reference")
+    _stop_after_windows(monkeypatch, 2)
+    _, output = extract()
+    monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    (parts / "manifest.json").unlink()
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "removing 2 part files" in caplog.text
+    assert "resuming" not in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
 
 
 def test_finished_parts_with_stale_temporary_files_assembled(extract, monkeypatch):

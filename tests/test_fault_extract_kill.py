@@ -192,6 +192,35 @@ def test_sigkill_at_many_points_resumes(images, reference, tmp_path):
     _assert_final_files(out_dir, reference)
 
 
+def test_sigkill_during_overwrite_keeps_old_output(images, reference, tmp_path):
+    out_dir = tmp_path / "out"
+    output, report = out_dir / OUTPUT_NAME, out_dir / (OUTPUT_NAME + ".failed.txt")
+    result = run(command(EXTRACT, _args(images, out_dir, "--resolution", "48")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    old_output, old_report = output.read_bytes(), report.read_bytes()
+    report_stamp = report.stat().st_mtime_ns
+
+    # killed while the replacement's windows are saved
+    result = run(hooked_command(EXTRACT, _args(images, out_dir, "--overwrite", "true"), "after_window_write", 5))
+    assert result.returncode == -signal.SIGKILL
+    assert _saved_windows(out_dir) == 5
+    assert output.read_bytes() == old_output
+    assert report.read_bytes() == old_report
+    assert report.stat().st_mtime_ns == report_stamp
+
+    # resumed without --overwrite, killed with the temporary file and the new report written but not renamed
+    result = _run_hooked(images, out_dir, "before_publish")
+    assert result.returncode == -signal.SIGKILL
+    assert "resuming the partial run of --overwrite true" in result.stderr
+    assert f"resuming: 5 of {NUM_WINDOWS} windows" in result.stderr
+    assert output.read_bytes() == old_output
+
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming: {NUM_WINDOWS} of {NUM_WINDOWS} windows" in result.stderr
+    _assert_final_files(out_dir, reference)
+
+
 def _assert_stopped(returncode, stderr, name, exit_status) -> None:
     assert returncode == exit_status, stderr[-3000:]
     assert f"stopped by {name}" in stderr
