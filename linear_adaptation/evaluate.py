@@ -70,7 +70,13 @@ from linear_adaptation.eval_report import (  # noqa: E402
     write_ranks,
 )
 from linear_adaptation.database_subset import make_row_filter, read_selected_ids  # noqa: E402
-from linear_adaptation.features_io import DataError, check_finite_rows, join_by_id, load_hdf5_features  # noqa: E402
+from linear_adaptation.features_io import (  # noqa: E402
+    DataError,
+    check_finite_rows,
+    join_by_id,
+    list_remedy,
+    load_hdf5_features,
+)
 from linear_adaptation.ground_truth import (  # noqa: E402
     MISSING_POSITIVES_CHOICES,
     match_ground_truth,
@@ -167,7 +173,7 @@ def evaluate_labelled_set(
     features, hdf5_ids = load_hdf5_features(features_path, check_finite=False)
     entries = read_image_list(info_path, require_labels=True)
     joined = join_by_id(hdf5_ids, entries, allow_missing=allow_missing, source=features_path)
-    check_finite_rows(features, joined.rows, hdf5_ids, features_path)
+    check_finite_rows(features, joined.rows, hdf5_ids, features_path, list_remedy(allow_missing))
     features = features[joined.rows]  # (N, D) in list order, stored dtype
     _warn_if_not_normalised(features, features_path)
     _warn_if_no_positives(joined.labels, joined.domains, features_path)
@@ -244,7 +250,8 @@ def evaluate_query_database(
     database.check_unique_ids()
     matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives, database_ids_checked=True)
     num_positives = matched.listed_positives if missing_positives == "count" else None
-    check_finite_rows(query_features, matched.query_rows, query_ids, query_path)
+    check_finite_rows(query_features, matched.query_rows, query_ids, query_path,
+                      "re-extract those images or drop those queries from the ground truth (--gt_path)")
     queries = np.asarray(query_features[matched.query_rows], dtype=np.float32)  # (Q, D)
     search_k = _search_depth(k, database.num_rows, "database rows")
     _warn_if_not_normalised(queries, query_path)

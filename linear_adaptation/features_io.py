@@ -118,10 +118,24 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
     return features, ids
 
 
-def check_finite_rows(features: np.ndarray, rows: np.ndarray, ids: list[str], path: str) -> None:
+def list_remedy(allow_missing: bool) -> str:
+    """Return the advice for NaN or Inf rows that a list uses.
+
+    Without --allow_missing the list must name every HDF5 row, so dropping the rows from
+    the list alone would fail on the next run.
+    """
+    if allow_missing:
+        return "re-extract those images or drop them from the list"
+    return "re-extract those images, or drop them from the list and pass --allow_missing"
+
+
+def check_finite_rows(
+    features: np.ndarray, rows: np.ndarray, ids: list[str], path: str, remedy: str = "re-extract those images"
+) -> None:
     """Raise DataError naming the count and the first ids of the given rows that contain NaN or Inf.
 
-    `rows` (M,) are row numbers into `features` (N, D) and `ids` (N,) its ids.
+    `rows` (M,) are row numbers into `features` (N, D) and `ids` (N,) its ids. `remedy` is
+    the fix that ends the message, worded for the command that read the rows.
     """
     bad_rows = []
     # checked in blocks so a float16 file is never copied whole to another dtype
@@ -133,7 +147,7 @@ def check_finite_rows(features: np.ndarray, rows: np.ndarray, ids: list[str], pa
         examples = ", ".join(f"{ids[r]!r} (row {r})" for r in bad_rows[:_MAX_EXAMPLES])
         raise DataError(
             f"{str(path)!r}: {len(bad_rows)} of the {len(rows)} embeddings used contain NaN or Inf, ids "
-            f"{examples}; re-extract those images or drop them from the list"
+            f"{examples}; {remedy}"
         )
 
 

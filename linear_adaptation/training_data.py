@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from feature_extraction.image_list import read_image_list
-from linear_adaptation.features_io import DataError, JoinReport, check_finite_rows, join_by_id, load_hdf5_features
+from linear_adaptation.features_io import (
+    DataError,
+    JoinReport,
+    check_finite_rows,
+    join_by_id,
+    list_remedy,
+    load_hdf5_features,
+)
 from linear_adaptation.trainer import LabelledEmbeddings, class_index_first_appearance
 
 _logger = logging.getLogger(__name__)
@@ -33,7 +40,7 @@ def load_labelled_embeddings(
     entries = read_image_list(list_path, require_labels=True)
     features, ids = load_hdf5_features(features_path, check_finite=False)
     joined = join_by_id(ids, entries, allow_missing=allow_missing, source=f"{name} embeddings {str(features_path)!r}")
-    check_finite_rows(features, joined.rows, ids, features_path)
+    check_finite_rows(features, joined.rows, ids, features_path, list_remedy(allow_missing))
     data = LabelledEmbeddings(features=features, rows=joined.rows, labels=joined.labels, domains=joined.domains)
     _logger.info(
         "%s set: %d images of %d classes joined by id from %s and %s (%d HDF5 rows)",

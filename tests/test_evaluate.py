@@ -1032,6 +1032,38 @@ def test_nan_rows_in_list_named(labelled_set, caplog):
             f"{second!r} (row {second_row})") in caplog.text
 
 
+def test_nan_row_advice_for_list(labelled_set, caplog):
+    # Regression: the advice was to drop the rows from the list, but a list that names fewer
+    # rows than the HDF5 file contains is rejected unless --allow_missing is given too.
+    with h5py.File(labelled_set["hdf5"], "r") as f:
+        features, ids = f["features"][()], [i.decode() for i in f["index"][()]]
+    features[3] = np.nan
+    _write_hdf5(labelled_set["hdf5"], ids, features, escape=False)
+    assert _run(_labelled_args(labelled_set)) == 1
+    assert "drop them from the list and pass --allow_missing" in caplog.text
+
+    remaining_entries = [e for e in labelled_set["entries"] if escape_id(e[0]) != ids[3]]
+    labelled_set["list"].write_text("".join(f"{p},{l},{d}\n" for p, l, d in remaining_entries), encoding="utf-8")
+    assert _run([*_labelled_args(labelled_set), "--allow_missing"]) == 0
+
+
+def test_nan_query_advice_for_ground_truth(query_database, tmp_path, caplog):
+    # Regression: the advice for a broken query row named a list, which mode 2 does not read.
+    queries = query_database["queries"].copy()
+    queries[0] = np.nan
+    _write_hdf5(tmp_path / "queries.hdf5", query_database["query_ids"], queries)
+    argv = ["--query_hdf5", tmp_path / "queries.hdf5", "--db_hdf5", tmp_path / "db_{idx}.hdf5",
+            "--gt_path", query_database["gt"], "--k", 6]
+    assert _run(argv) == 1
+    assert "drop those queries from the ground truth (--gt_path)" in caplog.text
+    assert "from the list" not in caplog.text
+
+    ground_truth = json.loads(query_database["gt"].read_text(encoding="utf-8"))
+    del ground_truth["q/0.jpg"]
+    query_database["gt"].write_text(json.dumps(ground_truth), encoding="utf-8")
+    assert _run(argv) == 0
+
+
 def test_no_class_with_two_images_warns(labelled_set, caplog, capsys):
     entries = labelled_set["entries"]
     labelled_set["list"].write_text("".join(f"{p},{i},{d}\n" for i, (p, _, d) in enumerate(entries)))
