@@ -414,7 +414,7 @@ def _assemble_output(
     *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
     hdf5_compression: int, attributes: dict,
 ) -> tuple[int, list[tuple[int, str]]]:
-    """Write the HDF5 file under its temporary name and the failure report, ready for `publish`.
+    """Write the HDF5 file under its temporary name, ready for the failure report and `publish`.
 
     Returns the number of embedded rows and the (row, reason) pairs of skipped ones. When
     no row was embedded, deletes the parts folder and raises ExtractionError, and an
@@ -439,8 +439,6 @@ def _assemble_output(
             f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
             f"all are listed in {report}); check --dataset_dir and the list paths"
         )
-    # report first, then the rename: a kill in between leaves the old output with the new report, never the reverse
-    write_failure_report(report, failure_lines)
     return num_embedded, failures
 
 
@@ -608,8 +606,11 @@ def _extract_locked(
                 hdf5_compression=hdf5_compression, attributes=attributes,
             )
             raise_if_signal_lost()
-            # a signal during the rename takes effect after `published` is set
+            # The report first, then the rename: a kill in between leaves the new report beside the
+            # old output, never the reverse, and the resumed run finishes the replacement. A signal
+            # during both takes effect after `published` is set.
             with interrupts_deferred():
+                write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
                 publish(temporary, output)
                 published = True
             store.remove()

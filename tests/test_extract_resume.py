@@ -348,6 +348,30 @@ def test_overwrite_replaces_output_at_rename(extract, monkeypatch, sample_datase
     assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5", "features_uned.hdf5.failed.txt"]
 
 
+def test_stop_during_report_write_publishes_pair(extract, monkeypatch, sample_dataset, caplog):
+    # Regression: a SIGTERM while the new failure report was written stopped the run before
+    # the output's rename, so the old output stayed beside the new run's report
+    _, list_path, _ = sample_dataset
+    _add_missing_image(sample_dataset)
+    _, output = extract()
+    list_path.write_text(list_path.read_text().replace("missing.jpg", "gone.jpg"))
+    _, reference = extract("--resolution", "40", name="reference")
+
+    original_write = pipeline.write_failure_report
+
+    def write_then_signal(path, failures):
+        original_write(path, failures)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "write_failure_report", write_then_signal)
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract("--resolution", "40", "--overwrite", "true")
+    assert code == 143
+    assert f"stopped by SIGTERM after {output} was complete" in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+    assert _report(output).read_text() == _report(reference).read_text()
+
+
 def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
     _, list_path, _ = sample_dataset
     _stop_after_windows(monkeypatch, 1)
