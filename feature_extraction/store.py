@@ -163,7 +163,12 @@ class PartStore:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-            return SavedRun(manifest["fingerprint"], manifest.get("info", {}), bool(manifest.get("replaces_output")))
+            saved = SavedRun(manifest["fingerprint"], manifest.get("info", {}), manifest.get("replaces_output", False))
+            # a manifest edited by hand can be valid JSON with fields of other types
+            if not (isinstance(saved.fingerprint, dict) and isinstance(saved.info, dict)
+                    and isinstance(saved.replaces_output, bool)):
+                raise TypeError("fingerprint and info must be JSON objects, and replaces_output true or false")
+            return saved
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(
                 f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"

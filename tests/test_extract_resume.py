@@ -1,4 +1,5 @@
 """Interrupted and resumed extraction runs give the same file as one uninterrupted run."""
+import json
 import logging
 import multiprocessing
 import os
@@ -370,6 +371,32 @@ def test_stop_during_report_write_publishes_pair(extract, monkeypatch, sample_da
     assert f"stopped by SIGTERM after {output} was complete" in caplog.text
     np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
     assert _report(output).read_text() == _report(reference).read_text()
+
+
+# manifests edited by hand into valid JSON with fields of the wrong type
+MALFORMED_MANIFESTS = {
+    "fingerprint_null": {"fingerprint": None, "info": {}, "replaces_output": True},
+    "fingerprint_list": {"fingerprint": [], "info": {}, "replaces_output": True},
+    "info_list": {"fingerprint": {}, "info": ["list"], "replaces_output": True},
+    "replaces_output_text": {"fingerprint": {}, "info": {}, "replaces_output": "false"},
+}
+
+
+@pytest.mark.parametrize("manifest", MALFORMED_MANIFESTS.values(), ids=MALFORMED_MANIFESTS.keys())
+def test_malformed_manifest_beside_output_rejected(extract, caplog, manifest):
+    _, output = extract()
+    before = output.read_bytes()
+    parts = output.with_name(output.name + ".parts")
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps(manifest))
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    assert f"cannot read {parts / 'manifest.json'}" in caplog.text
+    assert f"delete {parts}" in caplog.text
+    assert output.read_bytes() == before
+    assert (parts / "manifest.json").exists()
 
 
 def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
