@@ -6,6 +6,7 @@ unreadable images are left out. Run settings are stored as file attributes. The 
 assembled from the window parts in `<output>.tmp`, fsynced and renamed, so the final
 name only ever refers to a complete file.
 """
+import json
 import logging
 import os
 import re
@@ -153,6 +154,67 @@ def write_failure_report(path: Path, failures: list[tuple[str, str]]) -> None:
         return
     text = "".join(f"{image_path},{reason}\n" for image_path, reason in failures)
     write_atomically(path, text.encode("utf-8"))
+
+
+def _file_identity(path: Path) -> list[int]:
+    # a rename onto `path` gives it another inode, and the size and mtime rule out a reused inode number
+    stat = path.stat()
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _read_report_copy(copy_path: Path) -> dict | None:
+    """Return the copy that `save_replaced_report` wrote, or None when there is none or it cannot be read."""
+    if not copy_path.exists():
+        return None
+    try:
+        saved = json.loads(copy_path.read_text(encoding="utf-8"))
+        if not (isinstance(saved, dict) and isinstance(saved.get("output"), list)
+                and isinstance(saved.get("report", ""), (str, type(None)))):
+            raise ValueError("it is not a report copy written by extract.py")
+        return saved
+    except (OSError, ValueError) as e:
+        _logger.warning("ignoring %s, which cannot be read: %s", copy_path, e)
+        return None
+
+
+def save_replaced_report(output: Path, copy_path: Path) -> None:
+    """Copy the failure report of `output`, or the fact that it has none, to `copy_path` before a new report replaces it.
+
+    A copy made earlier for the same `output` file is kept, because the attempt that made it
+    may have been killed after it replaced the report beside `output`.
+    """
+    identity = _file_identity(output)
+    saved = _read_report_copy(copy_path)
+    if saved is not None and saved["output"] == identity:
+        return
+    report = failures_path_for(output)
+    # surrogateescape keeps the bytes of a report that is not UTF-8
+    text = report.read_bytes().decode("utf-8", "surrogateescape") if report.exists() else None
+    write_atomically(copy_path, json.dumps({"output": identity, "report": text}).encode("ascii"))
+
+
+def restore_replaced_report(output: Path, copy_path: Path) -> None:
+    """Put back the failure report that `save_replaced_report` copied, if `output` is still the file it belongs to.
+
+    A run killed between the rename of its report and the rename of its HDF5 file leaves
+    the old output beside the new report. A rerun that keeps the old output, or discards
+    the stopped run, calls this first.
+    """
+    saved = _read_report_copy(copy_path)
+    if saved is None or not output.exists() or saved["output"] != _file_identity(output):
+        return
+    report = failures_path_for(output)
+    expected = None if saved["report"] is None else saved["report"].encode("utf-8", "surrogateescape")
+    current = report.read_bytes() if report.exists() else None
+    if current == expected:
+        return
+    _logger.warning("putting back the failure report %s of %s from %s, because a run of --overwrite true was "
+                    "stopped after it replaced the report and before it replaced the output", report, output, copy_path)
+    if expected is None:
+        report.unlink()
+        fsync_directory(report.parent)
+    else:
+        write_atomically(report, expected)
 
 
 def publish(temporary: Path, output: Path) -> None:

@@ -5,7 +5,9 @@ same settings and list embeds only the missing ones. Once all windows are saved,
 assembles the HDF5 file in `<output>.tmp`, writes `<output>.failed.txt` (or removes a
 stale one), renames the temporary file to the final name and deletes the parts folder.
 A window is batched the same way on every run, so a resumed run writes the same embeddings.
-With `--overwrite true` an existing output stays in place until that rename replaces it.
+With `--overwrite true` an existing output stays in place until that rename replaces it,
+and its failure report is copied into the parts folder first, so that a rerun can put it
+back after a kill between the two renames.
 """
 import hashlib
 import logging
@@ -36,6 +38,8 @@ from feature_extraction.hdf5_output import (
     failures_path_for,
     publish,
     read_attributes,
+    restore_replaced_report,
+    save_replaced_report,
     temporary_path_for,
     write_failure_report,
 )
@@ -144,6 +148,8 @@ def _remove_stale_files(output: Path, store: PartStore) -> None:
         _logger.info("--overwrite: removing %s", temporary)
         temporary.unlink()
     if store.directory.exists():
+        # the partial run may have replaced the report of the output it was to replace
+        restore_replaced_report(output, store.replaced_report_path)
         _logger.info("--overwrite: removing the partial run in %s", store.directory)
         store.remove()
 
@@ -187,6 +193,13 @@ def _keep_existing_output(
     --overwrite true, the caller has found that its settings differ from this command's.
     """
     replacement = saved_run if saved_run is not None and saved_run.replaces_output else None
+    # A run of --overwrite true killed before its output's rename may have replaced the report and
+    # left its temporary file. The old output stays, so its report comes back and the file goes.
+    restore_replaced_report(output, store.replaced_report_path)
+    temporary = temporary_path_for(output)
+    if temporary.exists():
+        _logger.info("removing %s, left by a run stopped before it could replace %s", temporary, output)
+        temporary.unlink()
     differing, differences = _output_differences(output, fingerprint)
     if differing and replacement is None:
         raise SettingsMismatchError(
@@ -414,11 +427,12 @@ def _assemble_output(
     *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
     hdf5_compression: int, attributes: dict,
 ) -> tuple[int, list[tuple[int, str]]]:
-    """Write the HDF5 file under its temporary name and the failure report, ready for `publish`.
+    """Write the HDF5 file under its temporary name, ready for the failure report and `publish`.
 
-    Returns the number of embedded rows and the (row, reason) pairs of skipped ones. When
-    no row was embedded, deletes the parts folder and raises ExtractionError, and an
-    existing output keeps its report.
+    Returns the number of embedded rows and the (row, reason) pairs of skipped ones, and
+    copies the report of an existing output into the parts folder. When no row was
+    embedded, deletes the parts folder and raises ExtractionError, and an existing output
+    keeps its report.
     """
     report = failures_path_for(output)
     temporary = temporary_path_for(output)
@@ -428,6 +442,7 @@ def _assemble_output(
     if num_embedded == 0:
         # nothing is worth resuming: a rerun with a corrected --dataset_dir starts afresh
         temporary.unlink(missing_ok=True)
+        restore_replaced_report(output, store.replaced_report_path)
         store.remove()
         if output.exists():
             raise ExtractionError(
@@ -439,8 +454,8 @@ def _assemble_output(
             f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
             f"all are listed in {report}); check --dataset_dir and the list paths"
         )
-    # report first, then the rename: a kill in between leaves the old output with the new report, never the reverse
-    write_failure_report(report, failure_lines)
+    if output.exists():
+        save_replaced_report(output, store.replaced_report_path)
     return num_embedded, failures
 
 
@@ -608,8 +623,11 @@ def _extract_locked(
                 hdf5_compression=hdf5_compression, attributes=attributes,
             )
             raise_if_signal_lost()
-            # a signal during the rename takes effect after `published` is set
+            # The report first, then the rename: a kill in between leaves the new report beside the
+            # old output, never the reverse, and the next run puts the old report back or finishes
+            # the replacement. A signal during both takes effect after `published` is set.
             with interrupts_deferred():
+                write_failure_report(report, [(entries[row].path, reason) for row, reason in failures])
                 publish(temporary, output)
                 published = True
             store.remove()

@@ -3,7 +3,9 @@
 `manifest.json` contains the settings fingerprint of the run, the paths it read, and whether
 the run replaces an existing output (`--overwrite true`). Each finished window of
 consecutive list rows is saved as `window_NNNNNN.npz` (embeddings of its readable rows,
-their row numbers, and the unreadable rows with reasons). Every file is written to a
+their row numbers, and the unreadable rows with reasons). A run that replaces an output
+saves that output's failure report in `replaced_report.json` before it writes its own
+report, so the old one can be put back. Every file is written to a
 temporary name, fsynced and renamed, so a killed process leaves either the complete file
 or none. The next start removes leftover temporary files. Removing the folder deletes the
 manifest first, and part files found without a manifest are discarded.
@@ -30,6 +32,7 @@ from feature_extraction.dataset import Window
 _logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+REPLACED_REPORT_NAME = "replaced_report.json"
 LOCK_SUFFIX = ".lock"
 PART_FORMAT = "window_{:06d}.npz"
 PART_GLOB = "window_*.npz"
@@ -163,7 +166,12 @@ class PartStore:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-            return SavedRun(manifest["fingerprint"], manifest.get("info", {}), bool(manifest.get("replaces_output")))
+            saved = SavedRun(manifest["fingerprint"], manifest.get("info", {}), manifest.get("replaces_output", False))
+            # a manifest edited by hand can be valid JSON with fields of other types
+            if not (isinstance(saved.fingerprint, dict) and isinstance(saved.info, dict)
+                    and isinstance(saved.replaces_output, bool)):
+                raise TypeError("fingerprint and info must be JSON objects, and replaces_output true or false")
+            return saved
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(
                 f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
@@ -220,6 +228,11 @@ class PartStore:
                             len(orphaned), self.directory)
         for path in orphaned:
             path.unlink()
+
+    @property
+    def replaced_report_path(self) -> Path:
+        """Copy of the failure report of the output that this run replaces."""
+        return self.directory / REPLACED_REPORT_NAME
 
     def part_path(self, window_index: int) -> Path:
         return self.directory / PART_FORMAT.format(window_index)

@@ -1,4 +1,5 @@
 """Interrupted and resumed extraction runs give the same file as one uninterrupted run."""
+import json
 import logging
 import multiprocessing
 import os
@@ -346,6 +347,131 @@ def test_overwrite_replaces_output_at_rename(extract, monkeypatch, sample_datase
     assert attrs["resolution"] == 40
     assert _report(output).read_text() == _report(reference).read_text()
     assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5", "features_uned.hdf5.failed.txt"]
+
+
+def test_stop_during_report_write_publishes_pair(extract, monkeypatch, sample_dataset, caplog):
+    # Regression: a SIGTERM while the new failure report was written stopped the run before
+    # the output's rename, so the old output stayed beside the new run's report
+    _, list_path, _ = sample_dataset
+    _add_missing_image(sample_dataset)
+    _, output = extract()
+    list_path.write_text(list_path.read_text().replace("missing.jpg", "gone.jpg"))
+    _, reference = extract("--resolution", "40", name="reference")
+
+    original_write = pipeline.write_failure_report
+
+    def write_then_signal(path, failures):
+        original_write(path, failures)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "write_failure_report", write_then_signal)
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract("--resolution", "40", "--overwrite", "true")
+    assert code == 143
+    assert f"stopped by SIGTERM after {output} was complete" in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+    assert _report(output).read_text() == _report(reference).read_text()
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: no error handling of the command turns it into an exit status."""
+
+
+def _kill_overwrite_run_before_rename(extract, monkeypatch, sample_dataset):
+    """Extract with the sample list, then kill an --overwrite run with another list between its two renames.
+
+    Returns the output, its bytes and its failure report before the kill. The list file
+    is the first one again on return.
+    """
+    _, list_path, _ = sample_dataset
+    _add_missing_image(sample_dataset)
+    old_list = list_path.read_text()
+    _, output = extract()
+    before, report_before = output.read_bytes(), _report(output).read_text()
+
+    def kill(temporary, destination):
+        raise _Killed()
+
+    list_path.write_text(old_list.replace("missing.jpg", "gone.jpg"))
+    monkeypatch.setattr(pipeline, "publish", kill)
+    with pytest.raises(_Killed):
+        extract("--resolution", "40", "--overwrite", "true")
+    monkeypatch.undo()
+    assert output.read_bytes() == before
+    assert _report(output).read_text().startswith("gone.jpg,")
+    list_path.write_text(old_list)
+    return output, before, report_before
+
+
+# (case, flags of the rerun after the kill, whether a signal stops the rerun, exit status)
+RERUNS_AFTER_KILL_BEFORE_RENAME = [
+    ("old_output_settings", [], False, 0),
+    ("other_settings", ["--resolution", "48"], False, 2),
+    ("overwrite_stopped", ["--resolution", "48", "--overwrite", "true"], True, 143),
+]
+
+
+@pytest.mark.parametrize("rerun_flags, stopped, exit_status",
+                         [case[1:] for case in RERUNS_AFTER_KILL_BEFORE_RENAME],
+                         ids=[case[0] for case in RERUNS_AFTER_KILL_BEFORE_RENAME])
+def test_rerun_after_kill_before_rename_restores_report(extract, monkeypatch, sample_dataset, caplog, rerun_flags,
+                                                        stopped, exit_status):
+    # Regression: a kill between the report's rename and the output's left the new run's report
+    # beside the old output. A rerun that kept the old output, or discarded the partial run
+    # with --overwrite true, kept that report.
+    output, before, report_before = _kill_overwrite_run_before_rename(extract, monkeypatch, sample_dataset)
+
+    if stopped:
+        _stop_after_windows(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract(*rerun_flags)
+    assert code == exit_status
+    assert output.read_bytes() == before
+    assert _report(output).read_text() == report_before
+
+
+def test_resume_after_report_restored_replaces_pair(extract, monkeypatch, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    output, before, report_before = _kill_overwrite_run_before_rename(extract, monkeypatch, sample_dataset)
+    assert extract()[0] == 0
+    assert _report(output).read_text() == report_before
+
+    # the partial run, resumed with its flags and list, replaces both files
+    list_path.write_text(list_path.read_text().replace("missing.jpg", "gone.jpg"))
+    _, reference = extract("--resolution", "40", name="reference")
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "resuming the partial run of --overwrite true" in caplog.text
+    np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
+    assert _report(output).read_text() == _report(reference).read_text()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5", "features_uned.hdf5.failed.txt"]
+
+
+# manifests edited by hand into valid JSON with fields of the wrong type
+MALFORMED_MANIFESTS = {
+    "fingerprint_null": {"fingerprint": None, "info": {}, "replaces_output": True},
+    "fingerprint_list": {"fingerprint": [], "info": {}, "replaces_output": True},
+    "info_list": {"fingerprint": {}, "info": ["list"], "replaces_output": True},
+    "replaces_output_text": {"fingerprint": {}, "info": {}, "replaces_output": "false"},
+}
+
+
+@pytest.mark.parametrize("manifest", MALFORMED_MANIFESTS.values(), ids=MALFORMED_MANIFESTS.keys())
+def test_malformed_manifest_beside_output_rejected(extract, caplog, manifest):
+    _, output = extract()
+    before = output.read_bytes()
+    parts = output.with_name(output.name + ".parts")
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps(manifest))
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    assert f"cannot read {parts / 'manifest.json'}" in caplog.text
+    assert f"delete {parts}" in caplog.text
+    assert output.read_bytes() == before
+    assert (parts / "manifest.json").exists()
 
 
 def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):

@@ -9,6 +9,7 @@ output: the same ids in the same order, equal embeddings, and nothing else on di
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -219,6 +220,36 @@ def test_sigkill_during_overwrite_keeps_old_output(images, reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming: {NUM_WINDOWS} of {NUM_WINDOWS} windows" in result.stderr
     _assert_final_files(out_dir, reference)
+
+
+def test_sigkill_before_rename_then_old_settings_keep_pair(images, tmp_path):
+    # Regression: a kill between the report's rename and the output's left the replacement's
+    # report and its full-size temporary file beside the old output. A rerun with the old
+    # output's settings kept both, and deleting the parts folder as advised made that final.
+    out_dir = tmp_path / "out"
+    output, report = out_dir / OUTPUT_NAME, out_dir / (OUTPUT_NAME + ".failed.txt")
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    old_output, old_report = output.read_bytes(), report.read_text()
+
+    # the 80x48 images exceed the pixel limit, so the replacement's report lists them too
+    replacement = _args(images, out_dir, "--overwrite", "true", "--max_image_pixels", "3500")
+    result = run(hooked_command(EXTRACT, replacement, "before_publish"))
+    assert result.returncode == -signal.SIGKILL
+    assert output.read_bytes() == old_output
+    assert report.read_text() != old_report
+
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "left untouched" in result.stderr
+    assert output.read_bytes() == old_output
+    assert report.read_text() == old_report
+    assert not (out_dir / (OUTPUT_NAME + ".tmp")).exists()
+
+    # discarding the partial run, as the warning advises, leaves the old pair alone
+    shutil.rmtree(_parts(out_dir))
+    assert folder_listing(out_dir) == FINAL_LISTING
+    assert report.read_text() == old_report
 
 
 def _assert_stopped(returncode, stderr, name, exit_status) -> None:
