@@ -246,14 +246,24 @@ def test_failed_overwrite_run_keeps_output(extract, monkeypatch, sample_dataset,
     assert message in caplog.text
 
 
-def test_stopped_overwrite_run_resumes_over_output(extract, monkeypatch, caplog):
-    _, reference = extract("--resolution", "40", name="reference")
+def _stopped_replacement(extract, monkeypatch):
+    """Extract at resolution 32, then stop an --overwrite run at resolution 40 after 2 windows.
+
+    Returns the output, its bytes before the stopped run, the parts folder and the names in it.
+    """
     _, output = extract()
     before = output.read_bytes()
     _stop_after_windows(monkeypatch, 2)
     assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
-    assert output.read_bytes() == before
     monkeypatch.undo()
+    parts = output.with_name(output.name + ".parts")
+    return output, before, parts, sorted(p.name for p in parts.iterdir())
+
+
+def test_stopped_overwrite_run_resumes_over_output(extract, monkeypatch, caplog):
+    _, reference = extract("--resolution", "40", name="reference")
+    output, before, _, _ = _stopped_replacement(extract, monkeypatch)
+    assert output.read_bytes() == before
 
     with caplog.at_level(logging.INFO):
         code, _ = extract("--resolution", "40")
@@ -273,13 +283,7 @@ def test_rerun_with_output_settings_keeps_replacement(extract, monkeypatch, capl
     # the command requests the output that exists, so that output stays, and the saved windows of
     # the replacement stay too, because the command may lack only one of its flags
     _, reference = extract("--resolution", "40", name="reference")
-    _, output = extract()
-    before = output.read_bytes()
-    _stop_after_windows(monkeypatch, 2)
-    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
-    monkeypatch.undo()
-    parts = output.with_name(output.name + ".parts")
-    saved = sorted(p.name for p in parts.iterdir())
+    output, before, parts, saved = _stopped_replacement(extract, monkeypatch)
 
     with caplog.at_level(logging.INFO):
         code, _ = extract()
@@ -299,13 +303,7 @@ def test_rerun_with_output_settings_keeps_replacement(extract, monkeypatch, capl
 
 
 def test_rerun_matching_neither_exit_two(extract, monkeypatch, caplog):
-    _, output = extract()
-    before = output.read_bytes()
-    _stop_after_windows(monkeypatch, 2)
-    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
-    monkeypatch.undo()
-    parts = output.with_name(output.name + ".parts")
-    saved = sorted(p.name for p in parts.iterdir())
+    output, before, parts, saved = _stopped_replacement(extract, monkeypatch)
 
     with caplog.at_level(logging.ERROR):
         code, _ = extract("--resolution", "48")

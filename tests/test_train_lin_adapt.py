@@ -203,24 +203,8 @@ def test_cli_malformed_line_reports_line_number(data_dir, tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_nan_embeddings_stop(data_dir, tmp_path, caplog):
-    def poison(features, ids):
-        features = features.copy()
-        features[5, 3] = np.nan
-        return features, ids
-
-    copy_hdf5(data_dir / "train.hdf5", tmp_path / "nan.hdf5", poison)
-    args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
-    args[args.index("--uned_features_path") + 1] = str(tmp_path / "nan.hdf5")
-
-    assert run(args) == 1
-    assert "NaN or Inf" in caplog.text
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_nan_row_advice_works(data_dir, tmp_path, caplog):
-    # Regression: the advice to drop NaN rows from the list left out --allow_missing, without
-    # which the shortened list no longer matches the HDF5 rows and training stops again.
+def _nan_training_args(data_dir, tmp_path) -> tuple[list[str], str]:
+    """Return trainer arguments whose training HDF5 has a NaN in row 5, and that row's id."""
     broken = {}
 
     def poison(features, ids):
@@ -232,11 +216,26 @@ def test_cli_nan_row_advice_works(data_dir, tmp_path, caplog):
     copy_hdf5(data_dir / "train.hdf5", tmp_path / "nan.hdf5", poison)
     args = train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)
     args[args.index("--uned_features_path") + 1] = str(tmp_path / "nan.hdf5")
+    return args, broken["id"]
+
+
+def test_cli_nan_embeddings_stop(data_dir, tmp_path, caplog):
+    args, _ = _nan_training_args(data_dir, tmp_path)
+
+    assert run(args) == 1
+    assert "NaN or Inf" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_nan_row_advice_works(data_dir, tmp_path, caplog):
+    # Regression: the advice to drop NaN rows from the list left out --allow_missing, without
+    # which the shortened list no longer matches the HDF5 rows and training stops again.
+    args, broken_id = _nan_training_args(data_dir, tmp_path)
     assert run(args) == 1
     assert "drop them from the list and pass --allow_missing" in caplog.text
 
     lines = (data_dir / "train.txt").read_text().splitlines()
-    remaining_lines = [line for line in lines if line.split(",")[0] != broken["id"]]
+    remaining_lines = [line for line in lines if line.split(",")[0] != broken_id]
     assert len(remaining_lines) == len(lines) - 1
     (tmp_path / "train.txt").write_text("\n".join(remaining_lines) + "\n")
     args[args.index("--uned_info_path") + 1] = str(tmp_path / "train.txt")
