@@ -1,14 +1,19 @@
 """Smoke tests of the benchmark scripts at tiny sizes: they run and print the documented fields."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from benchmarks import bench_extract, bench_seeds, bench_train
 from benchmarks.memory import PeakMemorySampler
 from linear_adaptation.synthetic import make_synthetic_dataset, write_split
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TRAIN = [
     "--num_images", "600", "--num_classes", "60", "--dim", "32", "--num_heldout_images", "120",
@@ -485,3 +490,53 @@ def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, 
     assert exit_info.value.code == 2
     assert f"{flag} {str(path)!r} is the {name} that the benchmark writes in --work_dir" in capsys.readouterr().err
     assert path.read_text() == text
+
+
+def run_gpu_script(tmp_path, dataset_dir, device="cpu", train_args=TINY_TRAIN, extract_args=TINY_EXTRACT):
+    """Run benchmarks/run_gpu.sh with this interpreter; return the process and the results folder."""
+    results = tmp_path / "results"
+    env = {
+        **os.environ, "PYTHON": sys.executable, "DEVICE": device,
+        "TRAIN_ARGS": " ".join(train_args), "EXTRACT_ARGS": " ".join(extract_args),
+    }
+    script = REPO_ROOT / "benchmarks" / "run_gpu.sh"
+    process = subprocess.run(["bash", str(script), str(results), str(dataset_dir)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    return process, results
+
+
+def test_gpu_script_writes_both_summaries(tmp_path, sample_dataset):
+    dataset_dir, _, paths = sample_dataset
+    process, results = run_gpu_script(tmp_path, dataset_dir)
+    assert process.returncode == 0, process.stdout + process.stderr
+
+    train = json.loads((results / "gpu_train.json").read_text())
+    extract = json.loads((results / "gpu_extract.json").read_text())
+    # the appended flags override the preset and the model of the prepared commands
+    assert train["data"]["preset"] == "gpu"
+    assert train["data"]["num_images"] == 600
+    assert train["recipe"]["amp"] == "bf16"
+    assert train["device"] == "cpu"
+    assert extract["model"] == "test_vit"
+    assert extract["dataset_dir"] == str(dataset_dir)
+    assert extract["num_embedded"] == len(paths)
+    assert "summary: " in (results / "gpu_train.log").read_text()
+    assert "summary: " in (results / "gpu_extract.log").read_text()
+    assert (results / "device.txt").read_text().startswith("torch ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_script_without_cuda_stops(tmp_path, sample_dataset):
+    dataset_dir, _, _ = sample_dataset
+    process, results = run_gpu_script(tmp_path, dataset_dir, device="cuda")
+    assert process.returncode == 1
+    assert "torch finds no CUDA device" in process.stdout
+    assert sorted(path.name for path in results.iterdir()) == ["device.txt"]
+
+
+def test_gpu_script_failed_training_still_extracts(tmp_path, sample_dataset):
+    dataset_dir, _, _ = sample_dataset
+    process, results = run_gpu_script(tmp_path, dataset_dir, train_args=[*TINY_TRAIN, "--epochs", "0"])
+    assert process.returncode == 2
+    assert not (results / "gpu_train.json").exists()
+    assert json.loads((results / "gpu_extract.json").read_text())["model"] == "test_vit"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Run the two GPU benchmarks of benchmarks/README.md (section "GPU") in one go, and keep their
+# summaries and logs in RESULTS_DIR: gpu_train.json/.log, gpu_extract.json/.log, device.txt.
+#
+# Usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]
+#   IMAGES_DIR   folder of JPEGs to extract, all of them (default: bench_extract.py's default,
+#                1,024 of the mini_uned images)
+#   PYTHON       interpreter with the requirements installed (default: python3)
+#   DEVICE       device of both runs (default: cuda; cpu only to check this script on a small run)
+#   TRAIN_ARGS, EXTRACT_ARGS
+#                extra flags appended to each command; a repeated flag overrides the one before
+#
+# Both runs start even when the first fails, and the script exits with the first failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+results=${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}
+images=${2:-}
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1
+mkdir -p "$results" || exit 1
+
+# the device first, so a machine without CUDA stops here with a clear line
+"$python" - "$device" >"$results/device.txt" 2>&1 <<'EOF'
+import sys
+
+import torch
+
+device = sys.argv[1]
+print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}")
+if device == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit("DEVICE is cuda but torch finds no CUDA device; run this on a GPU machine")
+    print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+EOF
+code=$?
+cat "$results/device.txt"
+if [ "$code" -ne 0 ]; then
+    exit "$code"
+fi
+
+status=0
+
+# word splitting of the *_ARGS variables is wanted: they hold several flags
+# shellcheck disable=SC2086
+"$python" benchmarks/bench_train.py --preset gpu --device "$device" --amp bf16 \
+    --json "$results/gpu_train.json" ${TRAIN_ARGS:-} 2>&1 | tee "$results/gpu_train.log"
+code=${PIPESTATUS[0]}
+[ "$status" -eq 0 ] && status=$code
+
+image_flags=()
+if [ -n "$images" ]; then
+    image_flags=(--dataset_dir "$images" --num_images 0)
+fi
+# shellcheck disable=SC2086
+"$python" benchmarks/bench_extract.py --device "$device" --framework timm --model vit_base_patch16_384 \
+    --resolution 384 --num_workers 8 --comp_fp16 true --amp_dtype bfloat16 "${image_flags[@]}" \
+    --json "$results/gpu_extract.json" ${EXTRACT_ARGS:-} 2>&1 | tee "$results/gpu_extract.log"
+code=${PIPESTATUS[0]}
+[ "$status" -eq 0 ] && status=$code
+
+exit "$status"
