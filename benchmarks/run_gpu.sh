@@ -12,12 +12,25 @@
 #
 # Both runs start even when the first fails, and the script exits with the first failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
-results=${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}
-images=${2:-}
+# Print $1 as an absolute path resolved against the caller's working directory, because the script
+# changes to the repository root. An empty $1 stays empty.
+absolute() {
+    case $1 in
+        "" | /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+results=$(absolute "${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}")
+images=$(absolute "${2:-}")
 python=${PYTHON:-python3}
+# a name without a slash is looked up in PATH, and a relative path is resolved like RESULTS_DIR
+case $python in
+    */*) python=$(absolute "$python") ;;
+esac
 device=${DEVICE:-cuda}
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1
 mkdir -p "$results" || exit 1
 
