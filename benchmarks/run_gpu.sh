@@ -62,13 +62,15 @@ status=0
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code
 
-image_flags=()
+# The positional parameters hold the image flags, because bash before 4.4 stops with "unbound
+# variable" on an empty array under set -u, and an empty "$@" expands to nothing in every version.
+set --
 if [ -n "$images" ]; then
-    image_flags=(--dataset_dir "$images" --num_images 0)
+    set -- --dataset_dir "$images" --num_images 0
 fi
 # shellcheck disable=SC2086
 "$python" benchmarks/bench_extract.py --device "$device" --framework timm --model vit_base_patch16_384 \
-    --resolution 384 --num_workers 8 --comp_fp16 true --amp_dtype bfloat16 "${image_flags[@]}" \
+    --resolution 384 --num_workers 8 --comp_fp16 true --amp_dtype bfloat16 "$@" \
     --json "$results/gpu_extract.json" ${EXTRACT_ARGS:-} 2>&1 | tee "$results/gpu_extract.log"
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code
