@@ -12,12 +12,25 @@
 #
 # Both runs start even when the first fails, and the script exits with the first failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
-results=${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}
-images=${2:-}
+# Print $1 as an absolute path resolved against the caller's working directory, because the script
+# changes to the repository root. An empty $1 stays empty.
+absolute() {
+    case $1 in
+        "" | /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+results=$(absolute "${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}")
+images=$(absolute "${2:-}")
 python=${PYTHON:-python3}
+# a name without a slash is looked up in PATH, and a relative path is resolved like RESULTS_DIR
+case $python in
+    */*) python=$(absolute "$python") ;;
+esac
 device=${DEVICE:-cuda}
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1
 mkdir -p "$results" || exit 1
 
@@ -49,13 +62,15 @@ status=0
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code
 
-image_flags=()
+# The positional parameters hold the image flags, because bash before 4.4 stops with "unbound
+# variable" on an empty array under set -u, and an empty "$@" expands to nothing in every version.
+set --
 if [ -n "$images" ]; then
-    image_flags=(--dataset_dir "$images" --num_images 0)
+    set -- --dataset_dir "$images" --num_images 0
 fi
 # shellcheck disable=SC2086
 "$python" benchmarks/bench_extract.py --device "$device" --framework timm --model vit_base_patch16_384 \
-    --resolution 384 --num_workers 8 --comp_fp16 true --amp_dtype bfloat16 "${image_flags[@]}" \
+    --resolution 384 --num_workers 8 --comp_fp16 true --amp_dtype bfloat16 "$@" \
     --json "$results/gpu_extract.json" ${EXTRACT_ARGS:-} 2>&1 | tee "$results/gpu_extract.log"
 code=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] && status=$code

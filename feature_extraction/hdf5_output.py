@@ -168,8 +168,8 @@ def _read_report_copy(copy_path: Path) -> dict | None:
         return None
     try:
         saved = json.loads(copy_path.read_text(encoding="utf-8"))
-        if not (isinstance(saved, dict) and isinstance(saved.get("output"), list)
-                and isinstance(saved.get("report", ""), (str, type(None)))):
+        if not (isinstance(saved, dict) and isinstance(saved.get("output"), list) and "report" in saved
+                and isinstance(saved["report"], (str, type(None)))):
             raise ValueError("it is not a report copy written by extract.py")
         return saved
     except (OSError, ValueError) as e:

@@ -492,15 +492,20 @@ def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, 
     assert path.read_text() == text
 
 
-def run_gpu_script(tmp_path, dataset_dir, device="cpu", train_args=TINY_TRAIN, extract_args=TINY_EXTRACT):
-    """Run benchmarks/run_gpu.sh with this interpreter; return the process and the results folder."""
+def run_gpu_script(tmp_path, dataset_dir, device="cpu", train_args=TINY_TRAIN, extract_args=TINY_EXTRACT,
+                   python=sys.executable, results_arg=None, cwd=None):
+    """Run benchmarks/run_gpu.sh with this interpreter; return the process and the results folder.
+
+    `results_arg` replaces the absolute RESULTS_DIR argument, and `cwd` is the folder the script starts in.
+    """
     results = tmp_path / "results"
     env = {
-        **os.environ, "PYTHON": sys.executable, "DEVICE": device,
+        **os.environ, "PYTHON": str(python), "DEVICE": device,
         "TRAIN_ARGS": " ".join(train_args), "EXTRACT_ARGS": " ".join(extract_args),
     }
     script = REPO_ROOT / "benchmarks" / "run_gpu.sh"
-    process = subprocess.run(["bash", str(script), str(results), str(dataset_dir)], env=env,
+    arguments = [str(results) if results_arg is None else results_arg, str(dataset_dir)]
+    process = subprocess.run(["bash", str(script), *arguments], env=env, cwd=cwd,
                              capture_output=True, text=True, timeout=600)
     return process, results
 
@@ -540,3 +545,22 @@ def test_gpu_script_failed_training_still_extracts(tmp_path, sample_dataset):
     assert process.returncode == 2
     assert not (results / "gpu_train.json").exists()
     assert json.loads((results / "gpu_extract.json").read_text())["model"] == "test_vit"
+
+
+def test_gpu_script_relative_paths(tmp_path, sample_dataset):
+    # Regression: the script changed to the repository root before it used RESULTS_DIR, IMAGES_DIR
+    # and PYTHON, so relative ones were resolved against it instead of the caller's working directory
+    dataset_dir, _, paths = sample_dataset
+    wrapper = tmp_path / "bin" / "python"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+
+    process, results = run_gpu_script(tmp_path, dataset_dir.relative_to(tmp_path), python="bin/python",
+                                      results_arg="results", cwd=tmp_path)
+    assert not (REPO_ROOT / "results").exists()
+    assert process.returncode == 0, process.stdout + process.stderr
+    extract = json.loads((results / "gpu_extract.json").read_text())
+    assert extract["dataset_dir"] == str(dataset_dir)
+    assert extract["num_embedded"] == len(paths)
+    assert (results / "gpu_train.json").exists()

@@ -16,6 +16,7 @@ import torch
 
 import feature_extraction.pipeline as pipeline
 from feature_extraction.embedding import Embedder
+from feature_extraction.hdf5_output import restore_replaced_report, save_replaced_report
 from feature_extraction.interrupts import Interrupted
 from feature_extraction.store import PartStore, SettingsMismatchError
 
@@ -444,6 +445,29 @@ def test_resume_after_report_restored_replaces_pair(extract, monkeypatch, sample
     np.testing.assert_array_equal(read_output(output)[0], read_output(reference)[0])
     assert _report(output).read_text() == _report(reference).read_text()
     assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5", "features_uned.hdf5.failed.txt"]
+
+
+def test_report_copy_without_report_ignored(tmp_path, caplog):
+    # Regression: a copy that lacked its "report" field passed the check and then raised KeyError
+    output = tmp_path / "features_uned.hdf5"
+    output.write_bytes(b"old output")
+    report = _report(output)
+    report.write_text("old.jpg,not found\n")
+    copy_path = tmp_path / "replaced_report.json"
+    save_replaced_report(output, copy_path)
+    saved = json.loads(copy_path.read_text())
+    del saved["report"]
+    copy_path.write_text(json.dumps(saved))
+    report.write_text("new.jpg,not found\n")
+
+    with caplog.at_level(logging.WARNING):
+        restore_replaced_report(output, copy_path)
+    assert f"ignoring {copy_path}" in caplog.text
+    assert report.read_text() == "new.jpg,not found\n"
+
+    # the unreadable copy is replaced by a copy of the current report
+    save_replaced_report(output, copy_path)
+    assert json.loads(copy_path.read_text())["report"] == "new.jpg,not found\n"
 
 
 # manifests edited by hand into valid JSON with fields of the wrong type
