@@ -12,6 +12,8 @@
 #
 # Both runs start even when the first fails, and the script exits with the first failure.
 set -uo pipefail
+# no file-name expansion: TRAIN_ARGS and EXTRACT_ARGS are split into words on purpose, never globbed
+set -f
 
 # Print $1 as an absolute path resolved against the caller's working directory, because the script
 # changes to the repository root. An empty $1 stays empty.

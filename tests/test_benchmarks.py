@@ -564,3 +564,13 @@ def test_gpu_script_relative_paths(tmp_path, sample_dataset):
     assert extract["dataset_dir"] == str(dataset_dir)
     assert extract["num_embedded"] == len(paths)
     assert (results / "gpu_train.json").exists()
+
+
+def test_gpu_script_does_not_glob_flags(tmp_path, sample_dataset):
+    # "READM?.md" would match README.md in the repository root, where the script runs
+    dataset_dir, _, _ = sample_dataset
+    process, results = run_gpu_script(tmp_path, dataset_dir, train_args=[*TINY_TRAIN, "--lr", "READM?.md"])
+    assert process.returncode == 2
+    log = (results / "gpu_train.log").read_text()
+    assert "'READM?.md'" in log
+    assert "'README.md'" not in log
