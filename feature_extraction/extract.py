@@ -55,7 +55,7 @@ EPILOG = """\
 exit status:
   0    the output is complete (also when some images were skipped: they are listed in
        <output>.failed.txt and counted in the log), or it already existed with the same settings
-       and was left untouched
+       and was left untouched, also in a folder that cannot be written
   1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
        that could not be downloaded, unwritable output folder, no readable image, NaN or
        Inf embeddings from every image of the first batches, a fatal model error (out of

@@ -184,6 +184,31 @@ def _output_differences(output: Path, fingerprint: dict) -> tuple[list[str], lis
     return differing, differences
 
 
+def _output_mismatch(output: Path, differing: list[str], differences: list[str]) -> SettingsMismatchError:
+    return SettingsMismatchError(
+        f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
+        + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
+        "--hdf5_dir or --hdf5_name to keep it"
+    )
+
+
+def _complete_in_unwritable_folder(output: Path, store: PartStore, fingerprint: dict) -> bool:
+    """Return True when `output` is complete with this command's settings and nothing else of a run lies beside it.
+
+    For a folder where the lock cannot be taken, such as a shared read-only copy of the
+    embeddings: a rerun that finds its output complete needs no write. Raises
+    SettingsMismatchError when the output records other settings.
+    """
+    if not output.exists() or store.directory.exists() or temporary_path_for(output).exists():
+        return False
+    differing, differences = _output_differences(output, fingerprint)
+    if differing:
+        raise _output_mismatch(output, differing, differences)
+    _logger.info("%s exists with the same settings and is left untouched (its folder cannot be written, which "
+                 "this run does not need); pass --overwrite true in a writable folder to extract again", output)
+    return True
+
+
 def _keep_existing_output(
     output: Path, store: PartStore, fingerprint: dict, saved_run: SavedRun | None, summary: ExtractionSummary
 ) -> ExtractionSummary:
@@ -202,11 +227,7 @@ def _keep_existing_output(
         temporary.unlink()
     differing, differences = _output_differences(output, fingerprint)
     if differing and replacement is None:
-        raise SettingsMismatchError(
-            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
-            + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
-            "--hdf5_dir or --hdf5_name to keep it"
-        )
+        raise _output_mismatch(output, differing, differences)
     if differing:
         run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
         run_differences = describe_differences(run_differing, replacement.fingerprint, fingerprint, "in the partial run")
@@ -539,6 +560,9 @@ def run_extraction(
         # the lock comes first, so --overwrite never deletes the files of a run in progress
         store.lock()
     except OSError as e:
+        if not overwrite and _complete_in_unwritable_folder(output, store, fingerprint):
+            summary.already_complete = True
+            return summary
         raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
     try:
         return _extract_locked(

@@ -744,3 +744,75 @@ def test_stop_signal_ends_subprocess_cleanly(many_images, tmp_path, signal_numbe
     with h5py.File(out_dir / "features_uned.hdf5", "r") as f:
         assert f["features"].shape == (64, 512)
         assert [i.decode() for i in f["index"][:]] == [line.split(",")[0] for line in list_path.read_text().split()]
+
+
+def _unwritable_folder(monkeypatch):
+    """Make taking the lock fail as it does in a folder that this user cannot write."""
+    def lock_denied(self):
+        raise PermissionError(13, "Permission denied", str(self.lock_path))
+
+    monkeypatch.setattr(PartStore, "lock", lock_denied)
+
+
+def test_complete_output_in_unwritable_folder_exit_zero(extract, monkeypatch, caplog):
+    _, output = extract()
+    before = output.read_bytes()
+    _unwritable_folder(monkeypatch)
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "left untouched (its folder cannot be written" in caplog.text
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, exit_status, message", [
+    (("--resolution", "40"), 2, "resolution: 32 in the file, 40 now"),
+    (("--overwrite", "true"), 1, "cannot write in"),
+])
+def test_unwritable_folder_other_requests(extract, monkeypatch, caplog, extra, exit_status, message):
+    _, output = extract()
+    before = output.read_bytes()
+    _unwritable_folder(monkeypatch)
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(*extra)
+    assert code == exit_status
+    assert message in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_unwritable_folder_partial_run_exit_one(extract, monkeypatch, caplog):
+    # the saved windows of a stopped replacement need the lock to be resumed or removed
+    output, before, parts, saved = _stopped_replacement(extract, monkeypatch)
+    _unwritable_folder(monkeypatch)
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    assert "cannot write in" in caplog.text
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in parts.iterdir()) == saved
+
+
+def test_unwritable_folder_without_output_exit_one(extract, monkeypatch, caplog):
+    _unwritable_folder(monkeypatch)
+
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert "cannot write in" in caplog.text
+    assert not output.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_read_only_folder_complete_output_exit_zero(extract):
+    _, output = extract()
+    before = output.read_bytes()
+    output.parent.chmod(0o555)
+    try:
+        code, _ = extract()
+    finally:
+        output.parent.chmod(0o755)
+    assert code == 0
+    assert output.read_bytes() == before
