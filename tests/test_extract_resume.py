@@ -754,28 +754,18 @@ def _unwritable_folder(monkeypatch):
     monkeypatch.setattr(PartStore, "lock", lock_denied)
 
 
-def test_complete_output_in_unwritable_folder_exit_zero(extract, monkeypatch, caplog):
+@pytest.mark.parametrize("extra, exit_status, message", [
+    # a complete output with the same settings needs no write
+    ((), 0, "left untouched (its folder cannot be written"),
+    (("--resolution", "40"), 2, "resolution: 32 in the file, 40 now"),
+    (("--overwrite", "true"), 1, "cannot write in"),
+])
+def test_unwritable_folder_with_output(extract, monkeypatch, caplog, extra, exit_status, message):
     _, output = extract()
     before = output.read_bytes()
     _unwritable_folder(monkeypatch)
 
     with caplog.at_level(logging.INFO):
-        code, _ = extract()
-    assert code == 0
-    assert "left untouched (its folder cannot be written" in caplog.text
-    assert output.read_bytes() == before
-
-
-@pytest.mark.parametrize("extra, exit_status, message", [
-    (("--resolution", "40"), 2, "resolution: 32 in the file, 40 now"),
-    (("--overwrite", "true"), 1, "cannot write in"),
-])
-def test_unwritable_folder_other_requests(extract, monkeypatch, caplog, extra, exit_status, message):
-    _, output = extract()
-    before = output.read_bytes()
-    _unwritable_folder(monkeypatch)
-
-    with caplog.at_level(logging.ERROR):
         code, _ = extract(*extra)
     assert code == exit_status
     assert message in caplog.text
