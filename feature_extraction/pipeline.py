@@ -226,30 +226,31 @@ def _keep_existing_output(
         _logger.info("removing %s, left by a run stopped before it could replace %s", temporary, output)
         temporary.unlink()
     differing, differences = _output_differences(output, fingerprint)
-    if differing and replacement is None:
-        raise _output_mismatch(output, differing, differences)
-    if differing:
+    if replacement is None:
+        if differing:
+            raise _output_mismatch(output, differing, differences)
+    else:
         run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
-        run_differences = describe_differences(run_differing, replacement.fingerprint, fingerprint, "in the partial run")
-        raise SettingsMismatchError(
-            f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "), and "
-            f"{store.directory} contains a partial run of --overwrite true that is to replace it, also with other "
-            f"settings ({run_differences})." + list_change_note(differing + run_differing)
-            + " Rerun with the flags and list of the partial run to resume it, pass --overwrite true to discard it "
-            "and extract with these settings, or choose another --hdf5_dir or --hdf5_name"
-        )
+        run_differences = describe_differences(run_differing, replacement.fingerprint, fingerprint,
+                                               "in the partial run")
+        if differing:
+            raise SettingsMismatchError(
+                f"{output} exists and was extracted with other settings (" + "; ".join(differences) + "), and "
+                f"{store.directory} contains a partial run of --overwrite true that is to replace it, also with "
+                f"other settings ({run_differences})." + list_change_note(differing + run_differing)
+                + " Rerun with the flags and list of the partial run to resume it, pass --overwrite true to discard "
+                "it and extract with these settings, or choose another --hdf5_dir or --hdf5_name"
+            )
 
     _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
                  "extract again", output)
     if replacement is not None:
         # Kept, not deleted, because a command that lacks one flag of the stopped --overwrite run
         # would otherwise discard the windows that run saved.
-        run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
         _logger.warning(
             "kept %s, a partial run of --overwrite true that is to replace %s with other settings (%s); rerun "
             "with its flags and list to resume it, or delete the folder to discard it",
-            store.directory, output, describe_differences(run_differing, replacement.fingerprint, fingerprint,
-                                                          "in the partial run"),
+            store.directory, output, run_differences,
         )
     elif store.directory.exists():
         _logger.info("removing %s, a partial run left beside the complete output", store.directory)

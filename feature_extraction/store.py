@@ -161,11 +161,10 @@ class PartStore:
 
         Raises StoreError when the manifest cannot be read.
         """
-        manifest_path = self.directory / MANIFEST_NAME
-        if not manifest_path.exists():
+        if not self.manifest_path.exists():
             return None
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_text())
             saved = SavedRun(manifest["fingerprint"], manifest.get("info", {}), manifest.get("replaces_output", False))
             # a manifest edited by hand can be valid JSON with fields of other types
             if not (isinstance(saved.fingerprint, dict) and isinstance(saved.info, dict)
@@ -174,7 +173,8 @@ class PartStore:
             return saved
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(
-                f"cannot read {manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) to start again"
+                f"cannot read {self.manifest_path}: {e}; delete {self.directory} (or pass --overwrite true) "
+                "to start again"
             ) from e
 
     def open(self, fingerprint: dict, info: dict, replaces_output: bool = False) -> None:
@@ -213,7 +213,7 @@ class PartStore:
         self._remove_temporary_files()
         self._remove_parts_without_manifest()
         manifest = {"fingerprint": fingerprint, "info": info, "replaces_output": replaces_output}
-        write_atomically(self.directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        write_atomically(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
     def _remove_temporary_files(self) -> None:
         for path in self.directory.glob("*" + _TEMP_SUFFIX):
@@ -228,6 +228,11 @@ class PartStore:
                             len(orphaned), self.directory)
         for path in orphaned:
             path.unlink()
+
+    @property
+    def manifest_path(self) -> Path:
+        """Settings fingerprint of the partial run in the folder."""
+        return self.directory / MANIFEST_NAME
 
     @property
     def replaced_report_path(self) -> Path:
@@ -317,9 +322,8 @@ class PartStore:
 
     def remove_manifest(self) -> None:
         """Delete the manifest, so the folder is no longer a run that a rerun would resume."""
-        manifest_path = self.directory / MANIFEST_NAME
-        if manifest_path.exists():
-            manifest_path.unlink()
+        if self.manifest_path.exists():
+            self.manifest_path.unlink()
             fsync_directory(self.directory)
 
     def remove(self) -> None:
