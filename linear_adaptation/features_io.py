@@ -119,7 +119,7 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
 
 
 def list_remedy(allow_missing: bool) -> str:
-    """Return the advice for NaN or Inf rows that a list uses.
+    """Return the fix that the NaN or Inf message names for rows read through a list.
 
     Without --allow_missing the list must name every HDF5 row, so dropping the rows from
     the list alone would fail on the next run.

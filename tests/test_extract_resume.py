@@ -413,7 +413,7 @@ RERUNS_AFTER_KILL_BEFORE_RENAME = [
 @pytest.mark.parametrize("rerun_flags, stopped, exit_status",
                          [case[1:] for case in RERUNS_AFTER_KILL_BEFORE_RENAME],
                          ids=[case[0] for case in RERUNS_AFTER_KILL_BEFORE_RENAME])
-def test_rerun_after_kill_before_rename_restores_report(extract, monkeypatch, sample_dataset, caplog, rerun_flags,
+def test_kill_before_rename_restores_report(extract, monkeypatch, sample_dataset, caplog, rerun_flags,
                                                         stopped, exit_status):
     # Regression: a kill between the report's rename and the output's left the new run's report
     # beside the old output. A rerun that kept the old output, or discarded the partial run
@@ -796,7 +796,7 @@ def test_unwritable_folder_without_output_exit_one(extract, monkeypatch, caplog)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
-def test_read_only_folder_complete_output_exit_zero(extract):
+def test_read_only_folder_exit_zero(extract):
     _, output = extract()
     before = output.read_bytes()
     output.parent.chmod(0o555)

@@ -222,7 +222,7 @@ def test_sigkill_during_overwrite_keeps_old_output(images, reference, tmp_path):
     _assert_final_files(out_dir, reference)
 
 
-def test_sigkill_before_rename_then_old_settings_keep_pair(images, tmp_path):
+def test_sigkill_before_rename_keeps_pair(images, tmp_path):
     # Regression: a kill between the report's rename and the output's left the replacement's
     # report and its full-size temporary file beside the old output. A rerun with the old
     # output's settings kept both, and deleting the parts folder as advised made that final.
