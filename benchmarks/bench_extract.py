@@ -1,11 +1,12 @@
 """Benchmark feature extraction: end-to-end images/s against model-forward-only images/s, and peak memory.
 
 The end-to-end run calls `run_extraction`, the function behind `feature_extraction/extract.py`,
-in this process on a list of N images: decode workers, shape-bucketed batches, the model,
-the resumable parts and the final HDF5 file. A thread sums the memory of this process and
-its decode workers meanwhile. The forward-only run then feeds the model the same batch
+on a list of N images: decode workers, shape-bucketed batches, the model, the resumable
+parts and the final HDF5 file. Each end-to-end run starts in a new Python process
+(`extract_round.py`), as an extract.py run does, and a thread there sums the memory of that
+process and its decode workers. The forward-only run then feeds the model the same batch
 shapes (same batch sizes, precision and channels_last layout) from tensors prepared in
-advance, so their ratio is the share of the model's speed the pipeline keeps.
+advance, in this process, so their ratio is the share of the model's speed the pipeline keeps.
 
 On a shared machine the speed of the cores drifts between runs, so one end-to-end run and
 one forward-only run made a minute apart can differ by more than the pipeline's cost.
@@ -21,9 +22,11 @@ Results go to stdout: a short table, then one `summary: {...}` JSON line (also s
 """
 import argparse
 import contextlib
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.cli import emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
-from benchmarks.memory import PeakMemorySampler  # noqa: E402
+from feature_extraction.allocator import keep_freed_memory_mapped  # noqa: E402
 from feature_extraction.backbones import FRAMEWORKS, NO_WEIGHTS, POOLINGS, build_backbone  # noqa: E402
 from feature_extraction.batchnorm_folding import fold_backbone_batchnorm  # noqa: E402
 from feature_extraction.dataset import (  # noqa: E402
@@ -73,7 +76,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the files main() and compare_precision() write in the work folder, replacing any file of that name
 LIST_NAME = "list.txt"
 FEATURES_NAME = "features_uned.hdf5"
-WORK_DIR_FILES = (LIST_NAME, FEATURES_NAME, "precision_float32.hdf5", "precision_autocast.hdf5")
+ROUND_REQUEST_NAME = "round_request.json"
+ROUND_RESULT_NAME = "round_result.json"
+WORK_DIR_FILES = (LIST_NAME, FEATURES_NAME, ROUND_REQUEST_NAME, ROUND_RESULT_NAME, "precision_float32.hdf5",
+                  "precision_autocast.hdf5")
+ROUND_SCRIPT = Path(__file__).resolve().with_name("extract_round.py")
 
 
 def default_dataset_dir() -> Path:
@@ -135,10 +142,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--forward_passes", metavar="N", type=int,
                      help="timed forward-only passes over all batch shapes, after one warm-up batch per shape")
     run.add_argument("--rounds", metavar="N", type=int,
-                     help="alternate the end-to-end run and the forward-only passes N times. The rates are "
-                          "the medians over the rounds and the ratio is the median of the per-round ratios. "
-                          "Peak memory comes from the first end-to-end run, before the forward-only model "
-                          "exists in this process")
+                     help="alternate the end-to-end run, each in a new process, and the forward-only passes "
+                          "N times. The rates are the medians over the rounds and the ratio is the median of "
+                          "the per-round ratios. Peak memory comes from the first end-to-end run")
     run.add_argument("--compare_precision", metavar="BOOL", type=bool_flag,
                      help="also extract the list twice with float32 storage, once in float32 and once with "
                           "the autocast of --cpu_bf16 true (CPU) or --comp_fp16 true (CUDA), and report "
@@ -232,6 +238,33 @@ def extract(settings: dict, list_path: Path, output: Path, *, cpu_bf16: bool, co
         selected_ids=str(list_path), output=output, cpu_bf16=cpu_bf16, comp_fp16=comp_fp16, store_fp16=store_fp16,
         overwrite=True, **settings,
     )
+
+
+class RoundFailed(Exception):
+    """An end-to-end round whose process exited with a non-zero status, which it has logged."""
+
+    def __init__(self, exit_status: int):
+        super().__init__(f"the end-to-end extraction exited with status {exit_status}")
+        self.exit_status = exit_status
+
+
+def extract_in_new_process(settings: dict, list_path: Path, output: Path, work_dir: Path, *, cpu_bf16: bool,
+                           comp_fp16: bool, store_fp16: bool) -> dict:
+    """Run run_extraction as `extract` does, but in a new Python process, and return its numbers.
+
+    Returns the dict `extract_round.py` writes: the extraction's counts and seconds and the
+    peak memory of that process and its decode workers. Raises RoundFailed with the
+    process's exit status when it fails; its log goes to this process's stderr.
+    """
+    request = {**settings, "selected_ids": str(list_path), "output": str(output), "cpu_bf16": cpu_bf16,
+               "comp_fp16": comp_fp16, "store_fp16": store_fp16, "overwrite": True}
+    request_path, result_path = work_dir / ROUND_REQUEST_NAME, work_dir / ROUND_RESULT_NAME
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    result_path.unlink(missing_ok=True)
+    completed = subprocess.run([sys.executable, str(ROUND_SCRIPT), str(request_path), str(result_path)])
+    if completed.returncode != 0:
+        raise RoundFailed(completed.returncode)
+    return json.loads(result_path.read_text(encoding="utf-8"))
 
 
 def decode_batches(dataset_dir: str, entries: list[ListEntry], decode_options: DecodeOptions, batch_size: int,
@@ -366,7 +399,13 @@ def compare_precision(settings: dict, list_path: Path, entries: list[ListEntry],
 
 def prepare_forward_only(args: argparse.Namespace, settings: dict, entries: list[ListEntry], device: torch.device,
                          batch_size: int, window_size: int) -> tuple[Embedder, list[ImageBatch], float]:
-    """Decode the list into the extraction's batches and build the same model, returning both and the decode seconds."""
+    """Decode the list into the extraction's batches and build the same model, returning both and the decode seconds.
+
+    On the CPU this process gets the malloc settings that run_extraction sets, without which
+    the forward passes run at about half speed (feature_extraction/allocator.py).
+    """
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
     transform = InferenceTransform(TransformName(args.transforms), args.resolution, 0)
     decode_options = DecodeOptions(transform, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft=True)
     batches, decode_seconds = decode_batches(args.dataset_dir, entries, decode_options, batch_size, window_size)
@@ -398,6 +437,7 @@ def format_results(summary: dict) -> str:
         f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}{medians}",
         f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}{first_round}",
         f"peak memory, {summary['max_processes']} processes{first_round}: "
+        f"main RSS + workers' USS {summary['peak_rss_uss_mib']:.0f} MiB, "
         f"RSS sum {summary['peak_rss_mib']:.0f} MiB, PSS sum {summary['peak_pss_mib']:.0f} MiB",
     ]
     precision = summary.get("precision_check")
@@ -436,24 +476,24 @@ def main(args: argparse.Namespace) -> int:
         list_path = work_dir / LIST_NAME
         write_list(entries, list_path)
 
-        # end to end (with the memory of this process and its decode workers), then forward only
-        # on the same batches, alternated so that a drift of the machine's speed hits both
+        # end to end in a new process (with the memory of that process and its decode workers), then
+        # forward only on the same batches, alternated so that a drift of the machine's speed hits both
         load_before = load_average()
         rounds = []
         for round_index in range(args.rounds):
-            with PeakMemorySampler() as memory:
-                extraction = extract(settings, list_path, work_dir / FEATURES_NAME, cpu_bf16=args.cpu_bf16,
-                                     comp_fp16=args.comp_fp16, store_fp16=args.store_fp16)
+            extraction = extract_in_new_process(settings, list_path, work_dir / FEATURES_NAME, work_dir,
+                                                cpu_bf16=args.cpu_bf16, comp_fp16=args.comp_fp16,
+                                                store_fp16=args.store_fp16)
             if round_index == 0:
-                first_memory = memory
+                first_round = extraction
                 embedder, batches, decode_seconds = prepare_forward_only(
                     args, settings, entries, device, batch_size, window_size
                 )
             forward = time_forward(embedder, batches, args.forward_passes)
-            end_to_end = extraction.rows_this_run / extraction.embed_seconds
+            end_to_end = extraction["rows_this_run"] / extraction["embed_seconds"]
             rounds.append({
                 "end_to_end_images_per_second": end_to_end,
-                "wall_images_per_second": extraction.num_images / extraction.seconds,
+                "wall_images_per_second": extraction["num_images"] / extraction["seconds"],
                 **forward,
                 "end_to_end_over_forward": end_to_end / forward["forward_images_per_second"],
             })
@@ -480,16 +520,17 @@ def main(args: argparse.Namespace) -> int:
             "num_workers": args.num_workers,
             "window_size": window_size,
             "num_images": len(entries),
-            "num_embedded": extraction.num_embedded,
+            "num_embedded": extraction["num_embedded"],
             "num_batches": len(batches),
             **median_of_rounds(rounds),
             "rounds": args.rounds,
             "per_round": rounds,
             "decode_images_per_second": decoded / decode_seconds,
-            "peak_rss_mib": round(first_memory.peak_rss_mib, 1),
-            "peak_pss_mib": round(first_memory.peak_pss_mib, 1),
-            "rss_before_mib": round(first_memory.start_rss_mib, 1),
-            "max_processes": first_memory.max_processes,
+            "peak_rss_mib": round(first_round["peak_rss_mib"], 1),
+            "peak_pss_mib": round(first_round["peak_pss_mib"], 1),
+            "peak_rss_uss_mib": round(first_round["peak_rss_uss_mib"], 1),
+            "rss_before_mib": round(first_round["start_rss_mib"], 1),
+            "max_processes": first_round["max_processes"],
             "load_average_before": load_before,
             "load_average_after": load_average(),
             "machine": describe_machine(),
@@ -517,6 +558,9 @@ def run(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return main(args)
+    except RoundFailed as e:
+        _logger.error("%s; its log is above", e)
+        return e.exit_status
     except EXTRACTION_ERRORS as e:
         return log_extraction_error(e)
 

@@ -29,7 +29,7 @@ TRAIN_FIELDS = (
 )
 EXTRACT_FIELDS = (
     "end_to_end_images_per_second", "forward_images_per_second", "end_to_end_over_forward", "embed_images_per_second",
-    "decode_images_per_second", "peak_rss_mib", "peak_pss_mib", "max_processes", "precision", "machine",
+    "decode_images_per_second", "peak_rss_mib", "peak_pss_mib", "peak_rss_uss_mib", "max_processes", "precision", "machine",
 )
 
 
@@ -180,6 +180,7 @@ def test_extract_bench_prints_summary(capsys, tmp_path, sample_dataset):
     # the tiny run's decode worker can live less than one sampling interval, so it may be missed
     assert summary["max_processes"] >= 1
     assert summary["peak_rss_mib"] >= summary["peak_pss_mib"] > 0
+    assert summary["peak_rss_mib"] >= summary["peak_rss_uss_mib"] > 0
     assert summary["precision"] == "float32"
     assert "end-to-end / forward-only" in output
     assert json.loads(json_path.read_text()) == summary
@@ -189,6 +190,7 @@ def test_memory_sampler_counts_child_processes():
     # a child that touches 64 MiB of its own and lives for a second, well past the sampling interval
     code = "import time; block = bytearray(64 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(1)"
     pss_before_mib = psutil.Process().memory_full_info().pss / 2**20
+    rss_before_mib = psutil.Process().memory_info().rss / 2**20
     with PeakMemorySampler(interval_s=0.02, pss_every=5) as memory:
         child = subprocess.Popen([sys.executable, "-c", code])
         child.wait(timeout=60)
@@ -196,6 +198,8 @@ def test_memory_sampler_counts_child_processes():
     assert memory.max_processes >= 2
     assert memory.peak_rss_mib >= memory.start_rss_mib + 64
     assert memory.peak_pss_mib >= pss_before_mib + 60
+    # The child's 64 MiB are its own pages, so its USS counts them. This process counts by its RSS.
+    assert memory.peak_rss_uss_mib >= rss_before_mib + 60
 
 
 def test_extract_bench_alternates_rounds(capsys, sample_dataset):
@@ -216,6 +220,35 @@ def test_extract_bench_alternates_rounds(capsys, sample_dataset):
         assert summary[key] == sorted(entry[key] for entry in per_round)[1]
     assert "median of 3 rounds" in output
     assert "(first round)" in output
+
+
+def test_extract_bench_rounds_in_new_processes(monkeypatch, capsys, sample_dataset):
+    # In-process rounds after the first were slower with decode workers (copy-on-write of the
+    # pages the earlier rounds had written), so every end-to-end round starts a new process.
+    def in_process(*args, **kwargs):
+        raise AssertionError("an end-to-end round ran in the benchmark's process")
+
+    monkeypatch.setattr(bench_extract, "run_extraction", in_process)
+    monkeypatch.setattr(bench_extract, "extract", in_process)
+    dataset_dir, list_path, paths = sample_dataset
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path), "--rounds", "2"]
+    assert bench_extract.run(argv) == 0
+    summary = printed_summary(capsys.readouterr().out)
+
+    assert summary["num_embedded"] == len(paths)
+    assert len(summary["per_round"]) == 2
+    assert all(entry["end_to_end_images_per_second"] > 0 for entry in summary["per_round"])
+
+
+def test_extract_bench_forward_sets_malloc(monkeypatch, capsys, sample_dataset):
+    # Regression: with the end-to-end rounds in their own processes, this process never ran
+    # run_extraction, which sets them, and the forward-only passes ran at about half speed.
+    calls = []
+    monkeypatch.setattr(bench_extract, "keep_freed_memory_mapped", lambda: calls.append(True) or True)
+    dataset_dir, list_path, _ = sample_dataset
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path), "--device", "cpu"]
+    assert bench_extract.run(argv) == 0
+    assert calls == [True]
 
 
 def test_extract_bench_even_rounds_keep_shape_count(capsys, sample_dataset):
@@ -280,11 +313,13 @@ def test_extract_bench_rejects_bad_flags(capsys, tmp_path, monkeypatch, sample_d
     assert message in capsys.readouterr().err
 
 
-def test_extract_bench_unknown_model_exit_2(caplog, sample_dataset):
+def test_extract_bench_unknown_model_exit_2(capfd, caplog, sample_dataset):
     # Regression: an unknown model ended in a BackboneError traceback with exit status 1.
+    # The end-to-end round runs in its own process, which logs the error to the shared stderr.
     dataset_dir, _, _ = sample_dataset
     assert bench_extract.run([*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--model", "no_such_model"]) == 2
-    assert "--model 'no_such_model' is not a timm model" in caplog.text
+    assert "--model 'no_such_model' is not a timm model" in capfd.readouterr().err
+    assert "the end-to-end extraction exited with status 2" in caplog.text
 
 
 def test_extract_bench_profile_help_states_default_once():
