@@ -52,7 +52,7 @@ from feature_extraction.dataset import (  # noqa: E402
     split_windows,
 )
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
-from feature_extraction.extract import EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
+from feature_extraction.extract import EXIT_ERROR, EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
@@ -570,8 +570,8 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and check the arguments, set up logging and run main.
 
     Returns extract.py's exit statuses: 2 for invalid arguments such as an unknown model,
-    1 for a failed extraction, 130 for Ctrl-C, and 128 + the signal number for a round
-    process killed by a signal.
+    1 for a failed extraction or a --work_dir that cannot be written, 130 for Ctrl-C, and
+    128 + the signal number for a round process killed by a signal.
     """
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -587,6 +587,9 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_SIGINT
     except EXTRACTION_ERRORS as e:
         return log_extraction_error(e)
+    except OSError as e:
+        _logger.error("benchmark failed: %s", e)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -312,6 +312,17 @@ def test_extract_bench_killed_round_exit_137(monkeypatch, caplog, tmp_path, samp
     assert "the end-to-end extraction process was killed by SIGKILL" in caplog.text
 
 
+def test_extract_bench_uncreatable_work_dir_exit_1(caplog, tmp_path, sample_dataset):
+    # Regression: a --work_dir below a file ended in a NotADirectoryError traceback.
+    dataset_dir, list_path, _ = sample_dataset
+    (tmp_path / "file.txt").write_text("a file")
+    work_dir = tmp_path / "file.txt" / "work"
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path),
+            "--work_dir", str(work_dir)]
+    assert bench_extract.run(argv) == 1
+    assert f"benchmark failed: [Errno 20] Not a directory: {str(work_dir)!r}" in caplog.text
+
+
 def test_extract_bench_even_rounds_keep_shape_count(capsys, sample_dataset):
     dataset_dir, list_path, _ = sample_dataset
     argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path), "--rounds", "2",
