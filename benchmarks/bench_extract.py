@@ -158,9 +158,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "take the most time; 0 means no profile")
     run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
     run.add_argument("--work_dir", metavar="DIR",
-                     help="folder for the list and HDF5 outputs (list.txt, features_uned.hdf5 and, with "
-                          "--compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept after "
-                          "the run (default: a temporary folder, deleted)")
+                     help="folder for the list, the HDF5 outputs and the files that pass each round's settings "
+                          "and results (list.txt, features_uned.hdf5, round_request.json, round_result.json and, "
+                          "with --compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept "
+                          "after the run (default: a temporary folder, deleted)")
     run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
 
     parser.set_defaults(

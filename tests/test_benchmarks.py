@@ -582,7 +582,12 @@ def test_train_bench_accepts_trainer_flag_names():
     assert args.out_dim == 64
 
 
-@pytest.mark.parametrize("flag, name", [("--selected_ids", "list.txt"), ("--json", "features_uned.hdf5")])
+@pytest.mark.parametrize("flag, name", [
+    ("--selected_ids", "list.txt"),
+    ("--json", "features_uned.hdf5"),
+    ("--selected_ids", "round_request.json"),
+    ("--json", "round_result.json"),
+])
 def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, flag, name):
     # Regression: --selected_ids work_dir/list.txt was replaced by the benchmark's selection of it.
     # sample_dataset writes its list as tmp_path/list.txt, so that case needs no file of its own.
@@ -597,6 +602,14 @@ def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, 
     assert exit_info.value.code == 2
     assert f"{flag} {str(path)!r} is the {name} that the benchmark writes in --work_dir" in capsys.readouterr().err
     assert path.read_text() == text
+
+
+def test_extract_bench_work_dir_help_lists_files():
+    # Regression: the help of --work_dir left out round_request.json and round_result.json.
+    parser = bench_extract.get_args_parser()
+    work_dir_help = next(action.help for action in parser._actions if "--work_dir" in action.option_strings)
+    for name in bench_extract.WORK_DIR_FILES:
+        assert name in work_dir_help
 
 
 def run_gpu_script(tmp_path, dataset_dir, device="cpu", train_args=TINY_TRAIN, extract_args=TINY_EXTRACT,
