@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,10 +52,11 @@ from feature_extraction.dataset import (  # noqa: E402
     split_windows,
 )
 from feature_extraction.embedding import AMP_DTYPES, Embedder, resolve_autocast, resolve_device  # noqa: E402
-from feature_extraction.extract import EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
+from feature_extraction.extract import EXIT_ERROR, EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ListEntry, escape_id, read_image_list, scan_image_dir  # noqa: E402
 from feature_extraction.images import DEFAULT_MAX_IMAGE_PIXELS, DecodeOptions  # noqa: E402
+from feature_extraction.interrupts import EXIT_SIGINT, exit_status  # noqa: E402
 from feature_extraction.pipeline import DEFAULT_BATCH_SIZE, run_extraction  # noqa: E402
 from feature_extraction.transforms import InferenceTransform, TransformName, multiple_padding  # noqa: E402
 from linear_adaptation.arg_checks import (  # noqa: E402
@@ -156,9 +158,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "take the most time; 0 means no profile")
     run.add_argument("--profile_rows", metavar="N", type=int, help="operators listed in the profile table")
     run.add_argument("--work_dir", metavar="DIR",
-                     help="folder for the list and HDF5 outputs (list.txt, features_uned.hdf5 and, with "
-                          "--compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept after "
-                          "the run (default: a temporary folder, deleted)")
+                     help="folder for the list, the HDF5 outputs and the files that pass each round's settings "
+                          "and results (list.txt, features_uned.hdf5, round_request.json, round_result.json and, "
+                          "with --compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept "
+                          "after the run (default: a temporary folder, deleted)")
     run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
 
     parser.set_defaults(
@@ -241,11 +244,21 @@ def extract(settings: dict, list_path: Path, output: Path, *, cpu_bf16: bool, co
 
 
 class RoundFailed(Exception):
-    """An end-to-end round whose process exited with a non-zero status, which it has logged."""
+    """An end-to-end round whose process failed, with the exit status that extract.py gives that failure.
 
-    def __init__(self, exit_status: int):
-        super().__init__(f"the end-to-end extraction exited with status {exit_status}")
-        self.exit_status = exit_status
+    A process killed by a signal gets the shell's status for it, 128 + the signal number
+    (130 for SIGINT, 137 for SIGKILL).
+    """
+
+    def __init__(self, returncode: int):
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            message = f"the end-to-end extraction process was killed by {name}"
+            self.exit_status = exit_status(-returncode)
+        else:
+            message = f"the end-to-end extraction exited with status {returncode}; its log is above"
+            self.exit_status = returncode
+        super().__init__(message)
 
 
 def extract_in_new_process(settings: dict, list_path: Path, output: Path, work_dir: Path, *, cpu_bf16: bool,
@@ -253,17 +266,25 @@ def extract_in_new_process(settings: dict, list_path: Path, output: Path, work_d
     """Run run_extraction as `extract` does, but in a new Python process, and return its numbers.
 
     Returns the dict `extract_round.py` writes: the extraction's counts and seconds and the
-    peak memory of that process and its decode workers. Raises RoundFailed with the
-    process's exit status when it fails; its log goes to this process's stderr.
+    peak memory of that process and its decode workers. Raises RoundFailed when the process
+    fails or is killed; its log goes to this process's stderr.
     """
     request = {**settings, "selected_ids": str(list_path), "output": str(output), "cpu_bf16": cpu_bf16,
                "comp_fp16": comp_fp16, "store_fp16": store_fp16, "overwrite": True}
     request_path, result_path = work_dir / ROUND_REQUEST_NAME, work_dir / ROUND_RESULT_NAME
     request_path.write_text(json.dumps(request), encoding="utf-8")
     result_path.unlink(missing_ok=True)
-    completed = subprocess.run([sys.executable, str(ROUND_SCRIPT), str(request_path), str(result_path)])
-    if completed.returncode != 0:
-        raise RoundFailed(completed.returncode)
+    process = subprocess.Popen([sys.executable, str(ROUND_SCRIPT), str(request_path), str(result_path)])
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C sends SIGINT to the whole foreground process group, so the round process got it
+        # too and is stopping cleanly. Wait for it instead of killing it, as subprocess.run would.
+        # NOTE: a SIGINT sent to this process alone lets the round run to its end first.
+        process.wait()
+        raise
+    if returncode != 0:
+        raise RoundFailed(returncode)
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
@@ -550,7 +571,8 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and check the arguments, set up logging and run main.
 
     Returns extract.py's exit statuses: 2 for invalid arguments such as an unknown model,
-    1 for a failed extraction.
+    1 for a failed extraction or a --work_dir that cannot be written, 130 for Ctrl-C, and
+    128 + the signal number for a round process killed by a signal.
     """
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -559,10 +581,16 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(args)
     except RoundFailed as e:
-        _logger.error("%s; its log is above", e)
+        _logger.error("%s", e)
         return e.exit_status
+    except KeyboardInterrupt:
+        _logger.warning("stopped by SIGINT")
+        return EXIT_SIGINT
     except EXTRACTION_ERRORS as e:
         return log_extraction_error(e)
+    except OSError as e:
+        _logger.error("benchmark failed: %s", e)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

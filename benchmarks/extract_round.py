@@ -11,7 +11,8 @@ copied first (copy-on-write).
 
 REQUEST.json contains the keyword arguments of `run_extraction`. RESULT.json receives the
 extraction's counts and seconds and the peak memory of this process and its decode
-workers. The exit status is extract.py's: 0, 1 for a failed extraction, 2 for invalid settings.
+workers. The exit status is extract.py's: 0, 1 for a failed extraction, 2 for invalid settings,
+and 130, 143 or 129 when SIGINT, SIGTERM or SIGHUP stopped the round.
 """
 import json
 import logging
@@ -19,6 +20,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_extraction.interrupts import Interrupted, exit_quietly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_signals()  # until run_extraction's own handling starts, because importing torch takes seconds
 
 from benchmarks.memory import PeakMemorySampler  # noqa: E402
 from feature_extraction.extract import EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
@@ -55,6 +61,9 @@ def main(argv: list[str]) -> int:
     setup_logging()
     try:
         result = run_round(json.loads(request_path.read_text(encoding="utf-8")))
+    except Interrupted as e:
+        # run_extraction has logged what it saved
+        return e.exit_code
     except EXTRACTION_ERRORS as e:
         return log_extraction_error(e)
     except OSError as e:

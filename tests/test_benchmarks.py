@@ -251,6 +251,78 @@ def test_extract_bench_forward_sets_malloc(monkeypatch, capsys, sample_dataset):
     assert calls == [True]
 
 
+# Runs extract_round.py with Embedder.embed patched to send signals after its first batch.
+# Mode "self" sends SIGINT to the round process, and "parent" sends it to the benchmark's
+# process too, as a terminal's Ctrl-C reaches both. Mode "kill" sends SIGKILL to the round process.
+ROUND_WRAPPER = """
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+import feature_extraction.embedding as embedding
+mode = {mode!r}
+original = embedding.Embedder.embed
+def embed_then_signal(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "parent":
+        os.kill(os.getppid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    return result
+embedding.Embedder.embed = embed_then_signal
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def run_with_signalled_round(monkeypatch, tmp_path, sample_dataset, mode: str):
+    """Run the benchmark with the round wrapper above; return the exit status, or the exception it raised."""
+    wrapper = tmp_path / "round_wrapper.py"
+    wrapper.write_text(ROUND_WRAPPER.format(repo=str(REPO_ROOT), mode=mode, script=str(bench_extract.ROUND_SCRIPT)))
+    monkeypatch.setattr(bench_extract, "ROUND_SCRIPT", wrapper)
+    dataset_dir, list_path, _ = sample_dataset
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path)]
+    try:
+        return bench_extract.run(argv)
+    except KeyboardInterrupt as e:
+        return e
+
+
+def test_extract_bench_round_sigint_exit_130(monkeypatch, capfd, tmp_path, sample_dataset):
+    # Regression: the round process printed an Interrupted traceback and exited with status 1.
+    assert run_with_signalled_round(monkeypatch, tmp_path, sample_dataset, "self") == 130
+    err = capfd.readouterr().err
+    assert "stopped by SIGINT" in err
+    assert "Traceback" not in err
+
+
+def test_extract_bench_ctrl_c_waits_for_round(monkeypatch, capfd, caplog, tmp_path, sample_dataset):
+    # Regression: with SIGINT in both processes, subprocess.run killed the round process 0.25 s
+    # later and the benchmark ended in a KeyboardInterrupt traceback.
+    assert run_with_signalled_round(monkeypatch, tmp_path, sample_dataset, "parent") == 130
+    assert "stopped by SIGINT" in caplog.text
+    err = capfd.readouterr().err
+    assert "rows are saved in" in err  # the round process's own message on its way out
+    assert "Traceback" not in err
+
+
+def test_extract_bench_killed_round_exit_137(monkeypatch, caplog, tmp_path, sample_dataset):
+    # Regression: a round process killed by SIGKILL (return code -9) gave exit status 247 (-9 & 0xFF)
+    # and the message "exited with status -9; its log is above".
+    assert run_with_signalled_round(monkeypatch, tmp_path, sample_dataset, "kill") == 137
+    assert "the end-to-end extraction process was killed by SIGKILL" in caplog.text
+
+
+def test_extract_bench_uncreatable_work_dir_exit_1(caplog, tmp_path, sample_dataset):
+    # Regression: a --work_dir below a file ended in a NotADirectoryError traceback.
+    dataset_dir, list_path, _ = sample_dataset
+    (tmp_path / "file.txt").write_text("a file")
+    work_dir = tmp_path / "file.txt" / "work"
+    argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path),
+            "--work_dir", str(work_dir)]
+    assert bench_extract.run(argv) == 1
+    assert f"benchmark failed: [Errno 20] Not a directory: {str(work_dir)!r}" in caplog.text
+
+
 def test_extract_bench_even_rounds_keep_shape_count(capsys, sample_dataset):
     dataset_dir, list_path, _ = sample_dataset
     argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path), "--rounds", "2",
@@ -510,7 +582,12 @@ def test_train_bench_accepts_trainer_flag_names():
     assert args.out_dim == 64
 
 
-@pytest.mark.parametrize("flag, name", [("--selected_ids", "list.txt"), ("--json", "features_uned.hdf5")])
+@pytest.mark.parametrize("flag, name", [
+    ("--selected_ids", "list.txt"),
+    ("--json", "features_uned.hdf5"),
+    ("--selected_ids", "round_request.json"),
+    ("--json", "round_result.json"),
+])
 def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, flag, name):
     # Regression: --selected_ids work_dir/list.txt was replaced by the benchmark's selection of it.
     # sample_dataset writes its list as tmp_path/list.txt, so that case needs no file of its own.
@@ -525,6 +602,14 @@ def test_extract_bench_rejects_work_dir_files(capsys, tmp_path, sample_dataset, 
     assert exit_info.value.code == 2
     assert f"{flag} {str(path)!r} is the {name} that the benchmark writes in --work_dir" in capsys.readouterr().err
     assert path.read_text() == text
+
+
+def test_extract_bench_work_dir_help_lists_files():
+    # Regression: the help of --work_dir left out round_request.json and round_result.json.
+    parser = bench_extract.get_args_parser()
+    work_dir_help = next(action.help for action in parser._actions if "--work_dir" in action.option_strings)
+    for name in bench_extract.WORK_DIR_FILES:
+        assert name in work_dir_help
 
 
 def run_gpu_script(tmp_path, dataset_dir, device="cpu", train_args=TINY_TRAIN, extract_args=TINY_EXTRACT,
