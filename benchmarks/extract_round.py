@@ -15,24 +15,24 @@ workers. The exit status is extract.py's: 0, 1 for a failed extraction, 2 for in
 and 130, 143 or 129 when SIGINT, SIGTERM or SIGHUP stopped the round.
 """
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_extraction.interrupts import Interrupted, exit_quietly_on_signals  # noqa: E402
+from feature_extraction.interrupts import exit_quietly_on_signals  # noqa: E402
 
 if __name__ == "__main__":
     exit_quietly_on_signals()  # until run_extraction's own handling starts, because importing torch takes seconds
 
 from benchmarks.memory import PeakMemorySampler  # noqa: E402
-from feature_extraction.extract import EXTRACTION_ERRORS, log_extraction_error, setup_logging  # noqa: E402
+from feature_extraction.extract import (  # noqa: E402
+    EXIT_USAGE,
+    EXTRACTION_FAILURES,
+    extraction_exit_status,
+    setup_logging,
+)
 from feature_extraction.pipeline import run_extraction  # noqa: E402
-
-_logger = logging.getLogger("extract_round")
-
-EXIT_ERROR = 1
 
 
 def run_round(request: dict) -> dict:
@@ -56,19 +56,13 @@ def run_round(request: dict) -> dict:
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(f"usage: {Path(__file__).name} REQUEST.json RESULT.json", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     request_path, result_path = (Path(arg) for arg in argv)
     setup_logging()
     try:
         result = run_round(json.loads(request_path.read_text(encoding="utf-8")))
-    except Interrupted as e:
-        # run_extraction has logged what it saved
-        return e.exit_code
-    except EXTRACTION_ERRORS as e:
-        return log_extraction_error(e)
-    except OSError as e:
-        _logger.error("extraction failed: %s", e)
-        return EXIT_ERROR
+    except EXTRACTION_FAILURES as e:
+        return extraction_exit_status(e)
     result_path.write_text(json.dumps(result), encoding="utf-8")
     return 0
 

@@ -8,8 +8,8 @@ the same pages. A parent that has imported torch shares its library pages with t
 the tree's PSS sum leaves out the parent's part of them. A third measure does not depend on
 other processes: the RSS of the measured process, which counts every page it maps, plus
 the unique set size (USS, the pages no other process maps) of each descendant. All three
-are recorded, and a peak shorter than the sampling interval can be missed. Reading the PSS walks the page tables of each
-process: it took 18 ms for a 1.1 GiB torch process on a 2-core AMD EPYC, so at 10 Hz it
+are recorded, and a peak shorter than the sampling interval can be missed. Reading the PSS
+walks the page tables of each process: it took 18 ms for a 1.1 GiB torch process on a 2-core AMD EPYC, so at 10 Hz it
 would slow the measured run itself. The PSS is therefore read 20 times less often.
 """
 import resource

@@ -50,6 +50,8 @@ MAX_INT64 = 2**63 - 1
 USAGE_ERRORS = (BackboneError, DeviceError, SettingsMismatchError)
 RUN_ERRORS = (ExtractionError, ImageListError, CheckpointError, StoreError, WeightsUnavailableError)
 EXTRACTION_ERRORS = USAGE_ERRORS + RUN_ERRORS
+# everything extraction_exit_status turns into an exit status
+EXTRACTION_FAILURES = (Interrupted, *EXTRACTION_ERRORS, OSError)
 
 EPILOG = """\
 exit status:
@@ -256,6 +258,19 @@ def log_extraction_error(error: Exception) -> int:
     return EXIT_USAGE if isinstance(error, USAGE_ERRORS) else EXIT_ERROR
 
 
+def extraction_exit_status(error: Exception) -> int:
+    """Return the exit status for one of EXTRACTION_FAILURES, logging the error.
+
+    An interrupted run has already logged how to resume, so it gets its signal's status only.
+    """
+    if isinstance(error, Interrupted):
+        return error.exit_code
+    if isinstance(error, EXTRACTION_ERRORS):
+        return log_extraction_error(error)
+    _logger.error("extraction failed: %s", error)
+    return EXIT_ERROR
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the extraction for parsed arguments; return the exit status."""
     _logger.info("configuration:\n%s", "\n".join(f"  {key}: {value}" for key, value in sorted(vars(args).items())))
@@ -289,13 +304,8 @@ def main(args: argparse.Namespace) -> int:
             hdf5_compression=args.hdf5_compression,
             overwrite=args.overwrite,
         )
-    except Interrupted as e:
-        return e.exit_code
-    except EXTRACTION_ERRORS as e:
-        return log_extraction_error(e)
-    except OSError as e:
-        _logger.error("extraction failed: %s", e)
-        return EXIT_ERROR
+    except EXTRACTION_FAILURES as e:
+        return extraction_exit_status(e)
 
     if summary.already_complete:
         return EXIT_OK

@@ -244,7 +244,12 @@ def test_extract_bench_forward_sets_malloc(monkeypatch, capsys, sample_dataset):
     # Regression: with the end-to-end rounds in their own processes, this process never ran
     # run_extraction, which sets them, and the forward-only passes ran at about half speed.
     calls = []
-    monkeypatch.setattr(bench_extract, "keep_freed_memory_mapped", lambda: calls.append(True) or True)
+
+    def record_call() -> bool:
+        calls.append(True)
+        return True
+
+    monkeypatch.setattr(bench_extract, "keep_freed_memory_mapped", record_call)
     dataset_dir, list_path, _ = sample_dataset
     argv = [*TINY_EXTRACT, "--dataset_dir", str(dataset_dir), "--selected_ids", str(list_path), "--device", "cpu"]
     assert bench_extract.run(argv) == 0
