@@ -147,14 +147,20 @@ def _check_characters(path: str, list_path: str, line_no: int) -> None:
             f"{list_path}:{line_no}: path {path!r} contains the control character U+{ord(control):04X}; "
             "remove it from the list"
         )
+    # decoding drops a byte-order mark only at the start of the file, but joining lists with `cat` leaves others
+    if "\ufeff" in path:
+        raise ImageListError(
+            f"{list_path}:{line_no}: path {path!r} contains a byte-order mark (U+FEFF), as lists joined with "
+            "cat contain; remove it from the list"
+        )
 
 
 def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) -> list[ListEntry]:
     """Parse a list file into entries in file order.
 
     Raises ImageListError with the line number for a line that is not UTF-8, a
-    malformed line, a path with a control character or one that escapes the dataset
-    folder, and a duplicate path, a second spelling of a listed path ("./a.jpg" after
+    malformed line, a path with a control character or a byte-order mark or one that
+    escapes the dataset folder, and a duplicate path, a second spelling of a listed path ("./a.jpg" after
     "a.jpg") or a duplicate id. It also raises for a missing label when
     `require_labels` is set, and for a list without any entry.
     """

@@ -70,6 +70,11 @@ from linear_adaptation.eval_report import (  # noqa: E402
     write_ranks,
 )
 from linear_adaptation.database_subset import make_row_filter, read_selected_ids  # noqa: E402
+from linear_adaptation.embedding_space import (  # noqa: E402
+    read_embedding_space,
+    read_layer_space,
+    warn_if_spaces_differ,
+)
 from linear_adaptation.features_io import (  # noqa: E402
     DataError,
     check_finite_rows,
@@ -85,6 +90,7 @@ from linear_adaptation.ground_truth import (  # noqa: E402
 from linear_adaptation.hdf5_shards import HDF5Database, expand_database_paths  # noqa: E402
 from linear_adaptation.knn import DEFAULT_CHUNK_ROWS, iterate_chunks, knn_search  # noqa: E402
 from linear_adaptation.lin_adapt import apply_layer, load_lin_adapt_layer  # noqa: E402
+from linear_adaptation.outputs import sidecar_paths  # noqa: E402
 from linear_adaptation.metrics import (  # noqa: E402
     class_ids,
     labelled_set_metrics,
@@ -182,6 +188,7 @@ def evaluate_labelled_set(
     adapter = None
     if lin_adapt_path is not None:
         adapter = load_lin_adapt_layer(lin_adapt_path, device=device, expected_in_features=features.shape[1])
+        warn_if_layer_space_differs(lin_adapt_path, (f"the embeddings {features_path!r}", read_embedding_space(features_path)))
 
     variants = {"without_layer": l2_normalise(features)}
     if adapter is not None:
@@ -247,6 +254,9 @@ def evaluate_query_database(
             f"{database.dim} ({', '.join(repr(path) for path in database.paths)}); embed both with the same backbone"
         )
 
+    query_space = (f"the queries {query_path!r}", read_embedding_space(query_path))
+    warn_if_spaces_differ(query_space, [(f"the database file {path!r}", read_embedding_space(path)) for path in database.paths])
+
     database.check_unique_ids()
     matched = match_ground_truth(ground_truth, query_ids, database.ids, missing_positives, database_ids_checked=True)
     num_positives = matched.listed_positives if missing_positives == "count" else None
@@ -259,6 +269,7 @@ def evaluate_query_database(
     adapter = None
     if lin_adapt_path is not None:
         adapter = load_lin_adapt_layer(lin_adapt_path, device=device, expected_in_features=database.dim)
+        warn_if_layer_space_differs(lin_adapt_path, query_space)
 
     metrics, ranks = {}, {}
     for variant in ("without_layer", "with_layer") if adapter is not None else ("without_layer",):
@@ -290,6 +301,16 @@ def evaluate_query_database(
             **matched.counts(),
         },
     )
+
+
+def warn_if_layer_space_differs(lin_adapt_path: str, embeddings: tuple[str, dict]) -> None:
+    """Warn when the trainer's record beside the layer names a training embedding space other than `embeddings`.
+
+    Layers published without that record, such as the ILIAS ones, are not checked.
+    """
+    record_path = sidecar_paths(lin_adapt_path)[0]
+    layer_space = read_layer_space(record_path)
+    warn_if_spaces_differ(embeddings, [(f"the layer's training embeddings (recorded in {str(record_path)!r})", layer_space)])
 
 
 def _open_database(

@@ -296,6 +296,7 @@ def build_run_record(
     inputs: Mapping,
     output_paths: Mapping[str, Path],
     wall_seconds: float,
+    embedding_space: Mapping,
 ) -> dict:
     """Assemble the JSON record of a training run.
 
@@ -308,6 +309,8 @@ def build_run_record(
         inputs: {"path", "sha256"} per input flag name.
         output_paths: Paths of the written files per kind ("pth", "json", "png").
         wall_seconds: Seconds since the run started, up to writing the outputs.
+        embedding_space: The extraction settings recorded in the training file (embedding_space.py),
+            which the evaluator compares with the embeddings it applies the layer to.
     """
     import datetime
 
@@ -334,6 +337,7 @@ def build_run_record(
         "wall_seconds": wall_seconds,
         "args": dict(args),
         "inputs": dict(inputs),
+        "embedding_space": dict(embedding_space),
         "join": {name: _join_dict(report) for name, report in join_reports.items()},
         "versions": library_versions(),
     }

@@ -61,6 +61,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_output_path,
     check_seed,
 )
+from linear_adaptation.embedding_space import read_embedding_space  # noqa: E402
 from linear_adaptation.features_io import DataError  # noqa: E402
 from linear_adaptation.model import LOSS_TYPES  # noqa: E402
 from linear_adaptation.outputs import (  # noqa: E402
@@ -152,7 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "for validation and train on the rest")
     val.add_argument("--val_k", metavar="K", type=int,
                      help="ranking depth k of the held-out mAP@k, used only with validation data or --val_fraction; "
-                          "below 5, mMP@5 is not computed and is recorded as null")
+                          "below 5, mMP@5 is recorded as null when a held-out image has more than K positives")
     val.add_argument("--keep", metavar="WHICH", choices=KEEP_MODES,
                      help="save the last epoch, or the epoch with the best held-out mAP (needs validation)")
 
@@ -350,6 +351,7 @@ def main(args: argparse.Namespace) -> int:
             inputs=checksums,
             output_paths={"pth": pth_path, "json": json_path, "png": png_path},
             wall_seconds=time.perf_counter() - wall_start,
+            embedding_space=read_embedding_space(args.uned_features_path),
         )
         raise_if_signal_lost()
         if pth_path.exists():

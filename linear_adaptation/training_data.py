@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from feature_extraction.image_list import read_image_list
+from linear_adaptation.embedding_space import read_embedding_space, warn_if_spaces_differ
 from linear_adaptation.features_io import (
     DataError,
     JoinReport,
@@ -172,6 +173,10 @@ def load_training_inputs(
                 f"(validation file {str(val_features_path)!r}, training file {str(features_path)!r}); "
                 "extract both with the same backbone"
             )
+        warn_if_spaces_differ(
+            (f"the training file {str(features_path)!r}", read_embedding_space(features_path)),
+            [(f"the validation file {str(val_features_path)!r}", read_embedding_space(val_features_path))],
+        )
     elif val_fraction is not None:
         train, validation = split_heldout_classes(train, fraction=val_fraction, seed=seed)
 

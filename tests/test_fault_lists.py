@@ -40,6 +40,8 @@ REJECTED = [
     ("empty_path", "a/one.jpg,0,0\n,1,0\n", 2, "empty path"),
     # regression: a NUL byte ended the run with a ValueError traceback after the model was built
     ("nul_byte", "a/one.jpg,0,0\na/t\x00wo.png,1,0\n", 2, "contains the control character U+0000"),
+    # regression: a byte-order mark inside the list (two lists joined with cat) became part of the id
+    ("byte_order_mark_inside", "a/one.jpg,0,0\n\ufeffa/two.png,1,0\n", 2, "contains a byte-order mark (U+FEFF)"),
     ("blank_lines_counted", "\n\n   \na/one.jpg,0,0\n/abs.jpg,1,0\n", 5, "absolute path"),
     ("crlf_line_counted", "a/one.jpg,0,0\r\n\r\na/two.png,x,0\r\n", 3, "label 'x' is not an integer"),
 ]
@@ -205,6 +207,8 @@ TRAIN_REJECTED = [
     ("path_without_label", "train/extra.jpg", "has a path but no label and domain"),
     ("extra_columns", "train/extra.jpg,1,0,0", "got 4 fields"),
     ("text_label", "train/extra.jpg,one,0", "label 'one' is not an integer"),
+    # Regression: the evaluator reported the path as missing from the HDF5 file, with an invisible prefix.
+    ("byte_order_mark_inside", "\ufefftrain/extra.jpg,1,0", "contains a byte-order mark (U+FEFF)"),
     # Regression: labels beyond int64 ended in an OverflowError traceback without a line number.
     ("label_beyond_int64", "train/extra.jpg,99999999999999999999999,0",
      "label '99999999999999999999999' does not fit in a 64-bit integer"),

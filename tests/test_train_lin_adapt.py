@@ -557,3 +557,27 @@ def test_cli_nan_row_outside_list_ignored(data_dir, tmp_path, caplog):
     args[args.index("--uned_features_path") + 1] = str(tmp_path / "extra.hdf5")
     assert run(args) == 0
     assert json.loads((tmp_path / "layer.json").read_text())["num_images"] == 1500
+
+
+def test_cli_val_k_below_5_mmp(data_dir, tmp_path):
+    # with K below 5, MP@5 needs the top min(5, P) ranks, so it exists only while no query has more than K positives
+    kept_lines, per_class = [], {}
+    for line in (data_dir / "heldout.txt").read_text(encoding="utf-8").splitlines():
+        path, label, domain = line.split(",")
+        per_class[(domain, label)] = per_class.get((domain, label), 0) + 1
+        if per_class[(domain, label)] <= 3:
+            kept_lines.append(line)
+    kept_ids = {line.split(",")[0] for line in kept_lines}
+    (tmp_path / "small.txt").write_text("\n".join(kept_lines) + "\n", encoding="utf-8")
+    copy_hdf5(data_dir / "heldout.hdf5", tmp_path / "small.hdf5",
+              lambda features, ids: (features[[i in kept_ids for i in ids]], [i for i in ids if i in kept_ids]))
+    assert max(per_class.values()) > 4  # the full set has queries with more than 3 positives
+
+    small = ["--val_features_path", str(tmp_path / "small.hdf5"), "--val_info_path", str(tmp_path / "small.txt")]
+    assert run(train_args(data_dir, tmp_path / "small" / "layer.pth", *small, "--val_k", "3", with_val=False)) == 0
+    assert run(train_args(data_dir, tmp_path / "full" / "layer.pth", "--val_k", "3")) == 0
+
+    small_record = json.loads((tmp_path / "small" / "layer.json").read_text())
+    full_record = json.loads((tmp_path / "full" / "layer.json").read_text())
+    assert 0 <= small_record["val_kept"]["mmp@5"] <= 100
+    assert full_record["val_kept"]["mmp@5"] is None
