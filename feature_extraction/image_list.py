@@ -89,6 +89,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _DECIMAL_INT = re.compile(r"[+-]?[0-9]+")
 
 
+# the first 8 bytes of an HDF5 file that starts at offset 0, as h5py writes it
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _parse_int(value: str, field: str, list_path: str, line_no: int) -> int:
     if not _DECIMAL_INT.fullmatch(value.strip()):
         raise ImageListError(
@@ -112,6 +116,12 @@ def read_list_text(list_path: str) -> str:
             data = f.read()
     except OSError as e:
         raise ImageListError(f"cannot read the list {list_path!r}: {e.strerror or e}; check the path") from e
+    # the list and embedding flags sit side by side, so swapping them is an easy mistake
+    if data.startswith(HDF5_SIGNATURE):
+        raise ImageListError(
+            f"{list_path!r} is an HDF5 file, not a list of 'path,label,domain' lines; check that the list "
+            "flag names the list and the embeddings flag the HDF5 file"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -142,6 +152,11 @@ def _check_characters(path: str, list_path: str, line_no: int) -> None:
     # a NUL byte makes every file-system call on the path fail with ValueError, and other
     # control characters are never part of a real image path
     control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    if control == "\t":
+        raise ImageListError(
+            f"{list_path}:{line_no}: path {path!r} contains a tab; separate the fields of "
+            "'path,label,domain' with commas, not tabs"
+        )
     if control is not None:
         raise ImageListError(
             f"{list_path}:{line_no}: path {path!r} contains the control character U+{ord(control):04X}; "

@@ -82,6 +82,34 @@ def decode_ids(index: h5py.Dataset) -> list[str]:
     return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
 
 
+def _looks_like_text(path: str) -> bool:
+    """Return True when the file's first 4 KiB decode as UTF-8 and contain no NUL byte, as a list does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # the 4 KiB may end inside a multi-byte character
+        return e.start >= len(head) - 3
+    return True
+
+
+def open_error(path: str, error: OSError) -> DataError:
+    """Return the DataError for a file that h5py cannot open, naming a text file (a list passed by mistake) as such."""
+    # the list and embedding flags sit side by side, so swapping them is an easy mistake
+    if _looks_like_text(path):
+        return DataError(
+            f"{path!r} is a text file, not an HDF5 embedding file; pass the HDF5 file written by "
+            "feature_extraction/extract.py here and the list to the list flag"
+        )
+    return DataError(f"cannot open {path!r} as HDF5 ({error}); was it written completely?")
+
+
 def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tuple[np.ndarray, list[str]]:
     """Load `features` in their stored dtype, in native byte order, and the decoded `index` ids.
 
@@ -95,7 +123,7 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
+        raise open_error(path, e) from e
 
     with f:
         features_dataset, index = check_hdf5_layout(f, path)

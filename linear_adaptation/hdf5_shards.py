@@ -16,7 +16,13 @@ import h5py
 import numpy as np
 
 from feature_extraction.image_list import canonical_id
-from linear_adaptation.features_io import DataError, check_filters_available, check_hdf5_layout, decode_ids
+from linear_adaptation.features_io import (
+    DataError,
+    check_filters_available,
+    check_hdf5_layout,
+    decode_ids,
+    open_error,
+)
 from linear_adaptation.ground_truth import find_duplicates
 
 _logger = logging.getLogger(__name__)
@@ -151,7 +157,7 @@ class HDF5Database:
         try:
             f = h5py.File(path, "r")
         except OSError as e:
-            raise DataError(f"cannot open {path!r} as HDF5 ({e}); was it written completely?") from e
+            raise open_error(path, e) from e
 
         with f:
             features, index = check_hdf5_layout(f, path)

@@ -42,6 +42,7 @@ REJECTED = [
     ("nul_byte", "a/one.jpg,0,0\na/t\x00wo.png,1,0\n", 2, "contains the control character U+0000"),
     # regression: a byte-order mark inside the list (two lists joined with cat) became part of the id
     ("byte_order_mark_inside", "a/one.jpg,0,0\n\ufeffa/two.png,1,0\n", 2, "contains a byte-order mark (U+FEFF)"),
+    ("tab_separated", "a/one.jpg,0,0\na/two.png\t1\t0\n", 2, "separate the fields of 'path,label,domain' with commas"),
     ("blank_lines_counted", "\n\n   \na/one.jpg,0,0\n/abs.jpg,1,0\n", 5, "absolute path"),
     ("crlf_line_counted", "a/one.jpg,0,0\r\n\r\na/two.png,x,0\r\n", 3, "label 'x' is not an integer"),
 ]
@@ -226,6 +227,17 @@ def test_train_rejects_list_line(labelled, tmp_path, caplog, line, message):
     assert code == 1
     assert f"{hostile}:3: " in caplog.text
     assert message in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_swapped_list_and_hdf5(labelled, tmp_path, caplog):
+    features, clean_list = labelled["train"]
+    with caplog.at_level(logging.ERROR):
+        code = _train(clean_list, features, tmp_path / "out" / "layer.pth")
+    assert code == 1
+    # the list is read first, so the HDF5 file in its place is named
+    assert f"{str(features)!r} is an HDF5 file, not a list of 'path,label,domain' lines" in caplog.text
+    assert "invalid UTF-8" not in caplog.text
     assert not (tmp_path / "out").exists()
 
 
