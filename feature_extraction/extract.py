@@ -64,7 +64,9 @@ exit status:
        memory), or another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
        absent, an output path that is a folder, or settings that differ from the partial
-       run being resumed or from the existing output
+       run being resumed or from the existing output. For a file of the older ILIAS
+       tools, which records no settings, ids that are not the list's in list order
+       count as such a difference
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM; 129: stopped by SIGHUP (the
        terminal closed). Finished windows are kept in <output>.parts/ and rerunning the
        same command resumes from them. Drop --overwrite true from it first, because that

@@ -145,6 +145,51 @@ def read_attributes(path: Path) -> dict:
         ) from e
 
 
+def read_ids(path: Path) -> list[str]:
+    """Return the `index` ids of an existing output as text, raising OutputError if they cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "index" not in f:
+                raise OutputError(
+                    f"the existing output {path} has no `index` dataset, so it is not an ILIAS embeddings file; "
+                    "pass --overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name"
+                )
+            raw_ids = f["index"][:]
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(
+            f"cannot read the index of the existing output {path}: {e}; pass --overwrite true to replace it, "
+            "or choose another --hdf5_dir or --hdf5_name"
+        ) from e
+    # the ILIAS tools store ASCII bytes, and backslash escapes keep any other byte visible in messages
+    return [i.decode("utf-8", "backslashreplace") if isinstance(i, bytes) else str(i) for i in raw_ids]
+
+
+def describe_compression(compression: str | None, level) -> str:
+    """Return "no compression", "gzip level N" or the filter name, as h5py reports a dataset's compression."""
+    if compression is None:
+        return "no compression"
+    if compression == "gzip":
+        return f"gzip level {level}"
+    return str(compression)
+
+
+def read_compression(path: Path) -> str | None:
+    """Return `describe_compression` of the `features` dataset of an existing output, or None when it has none."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                return None
+            features = f["features"]
+            return describe_compression(features.compression, features.compression_opts)
+    except OSError as e:
+        raise OutputError(
+            f"cannot read the existing output {path}: {e}; pass --overwrite true to replace it, or choose "
+            "another --hdf5_dir or --hdf5_name"
+        ) from e
+
+
 def write_failure_report(path: Path, failures: list[tuple[str, str]]) -> None:
     """Write `path,reason` lines atomically, or remove a stale report when nothing failed."""
     if not failures:

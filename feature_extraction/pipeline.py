@@ -11,6 +11,7 @@ back after a kill between the two renames.
 """
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,16 @@ from feature_extraction.dataset import (
     split_windows,
 )
 from feature_extraction.embedding import Embedder, resolve_autocast, resolve_device
+from feature_extraction.existing_output import (
+    compare_output,
+    kept_output_message,
+    output_mismatch_error,
+    warn_if_compression_differs,
+)
 from feature_extraction.hdf5_output import (
     assemble_hdf5,
     failures_path_for,
     publish,
-    read_attributes,
     restore_replaced_report,
     save_replaced_report,
     temporary_path_for,
@@ -48,6 +54,7 @@ from feature_extraction.image_list import (
     escape_id,
     file_sha256,
     read_image_list,
+    resolve_image_path,
     scan_image_dir,
 )
 from feature_extraction.images import DecodeOptions
@@ -154,65 +161,44 @@ def _remove_stale_files(output: Path, store: PartStore) -> None:
         store.remove()
 
 
-def _plain(value):
-    """Convert an HDF5 attribute (numpy scalar or array) to the Python value a fingerprint contains."""
-    return value.tolist() if hasattr(value, "tolist") else value
+def _unwritable_folder_error(folder: Path, error: OSError) -> ExtractionError:
+    """Return the error for an output folder that cannot be created or written, naming a file in its place."""
+    # os.path.exists returns False where Path.exists() raises, as inside a folder without search permission
+    existing = next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
+    if existing is not None and not os.path.isdir(existing):
+        reason = "it is a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"
+    else:
+        reason = str(error)
+    return ExtractionError(f"cannot write in {folder}: {reason}; choose a writable --hdf5_dir")
 
 
-def _output_differences(output: Path, fingerprint: dict) -> tuple[list[str], list[str]]:
-    """Return the keys of the settings that `output` records with other values than `fingerprint`, and descriptions.
-
-    Files of the older ILIAS tools record no settings, and files of earlier versions of this
-    extractor record fewer. The missing ones are logged as unchecked.
-    """
-    stored = read_attributes(output)
-    # the window size only groups rows into resumable parts, so it does not define the embeddings
-    ignored = ("format_version", "num_rows", "window_size")
-    requested = {key: value for key, value in fingerprint.items() if key not in ignored}
-    # the attributes store the dtype as `dtype` and the model as typed, tag included
-    requested["dtype"] = requested.pop("store_dtype")
-    if "model" in stored:
-        stored["model"] = str(stored["model"]).partition(".")[0]
-
-    differing = [key for key, value in sorted(requested.items()) if key in stored and _plain(stored[key]) != value]
-    unchecked = sorted(key for key in requested if key not in stored)
-    if unchecked:
-        _logger.warning("%s does not record %s, so these settings could not be compared with this command's "
-                        "(files of the older ILIAS tools record no settings, and files of earlier versions of "
-                        "this extractor record fewer)", output, ", ".join(unchecked))
-    differences = [f"{key}: {_plain(stored[key])!r} in the file, {requested[key]!r} now" for key in differing]
-    return differing, differences
-
-
-def _output_mismatch(output: Path, differing: list[str], differences: list[str]) -> SettingsMismatchError:
-    return SettingsMismatchError(
-        f"{output} exists and was extracted with other settings (" + "; ".join(differences) + ")."
-        + list_change_note(differing) + " Pass --overwrite true to replace it, or choose another "
-        "--hdf5_dir or --hdf5_name to keep it"
-    )
-
-
-def _complete_in_unwritable_folder(output: Path, store: PartStore, fingerprint: dict) -> bool:
+def _complete_in_unwritable_folder(
+    output: Path, store: PartStore, fingerprint: dict, entries: list[ListEntry], hdf5_compression: int
+) -> bool:
     """Return True when `output` is complete with this command's settings and nothing else of a run lies beside it.
 
     For a folder where the lock cannot be taken, such as a shared read-only copy of the
     embeddings: a rerun that finds its output complete needs no write. Raises
-    SettingsMismatchError when the output records other settings.
+    SettingsMismatchError when the output records other settings, or ids that contradict the list.
     """
     if not output.exists() or store.directory.exists() or temporary_path_for(output).exists():
         return False
-    differing, differences = _output_differences(output, fingerprint)
-    if differing:
-        raise _output_mismatch(output, differing, differences)
-    _logger.info("%s exists with the same settings and is left untouched (its folder cannot be written, which "
-                 "this run does not need); pass --overwrite true in a writable folder to extract again", output)
+    comparison = compare_output(output, fingerprint, entries)
+    if comparison.differing:
+        raise output_mismatch_error(output, comparison)
+    warn_if_compression_differs(output, hdf5_compression)
+    _logger.info("%s (its folder cannot be written, which this run does not need); pass --overwrite true in a "
+                 "writable folder to extract again", kept_output_message(output, comparison))
     return True
 
 
 def _keep_existing_output(
-    output: Path, store: PartStore, fingerprint: dict, saved_run: SavedRun | None, summary: ExtractionSummary
+    output: Path, store: PartStore, fingerprint: dict, entries: list[ListEntry], hdf5_compression: int,
+    saved_run: SavedRun | None, summary: ExtractionSummary,
 ) -> ExtractionSummary:
     """Leave the complete `output` untouched, or raise SettingsMismatchError when it records other settings.
+
+    A file that records no list hash also raises when its ids contradict the list in `entries`.
 
     `saved_run` is the partial run in the parts folder, if any. When it is a run of
     --overwrite true, the caller has found that its settings differ from this command's.
@@ -225,10 +211,11 @@ def _keep_existing_output(
     if temporary.exists():
         _logger.info("removing %s, left by a run stopped before it could replace %s", temporary, output)
         temporary.unlink()
-    differing, differences = _output_differences(output, fingerprint)
+    comparison = compare_output(output, fingerprint, entries)
+    differing, differences = comparison.differing, comparison.differences
     if replacement is None:
         if differing:
-            raise _output_mismatch(output, differing, differences)
+            raise output_mismatch_error(output, comparison)
     else:
         run_differing = fingerprint_differences(replacement.fingerprint, fingerprint)
         run_differences = describe_differences(run_differing, replacement.fingerprint, fingerprint,
@@ -242,8 +229,8 @@ def _keep_existing_output(
                 "it and extract with these settings, or choose another --hdf5_dir or --hdf5_name"
             )
 
-    _logger.info("%s exists with the same settings and is left untouched; pass --overwrite true to "
-                 "extract again", output)
+    warn_if_compression_differs(output, hdf5_compression)
+    _logger.info("%s; pass --overwrite true to extract again", kept_output_message(output, comparison))
     if replacement is not None:
         # Kept, not deleted, because a command that lacks one flag of the stopped --overwrite run
         # would otherwise discard the windows that run saved.
@@ -445,9 +432,18 @@ def _saved_rows(store: PartStore, windows: list[Window]) -> int:
     return sum(window.stop - window.start for window in windows if store.part_path(window.index).exists())
 
 
+def _first_failure(failures: list[tuple[int, str]], entries: list[ListEntry], dataset_dir: str | Path) -> str:
+    """Return "<reason>, for <absolute path>" for the first failed row, the path read under `dataset_dir`."""
+    row, reason = failures[0]
+    # NOTE: a row of a window saved by an earlier run was read under that run's --dataset_dir,
+    # which may differ from this one
+    tried = resolve_image_path(dataset_dir, entries[row].path).absolute()
+    return f"{reason}, for {tried}"
+
+
 def _assemble_output(
-    *, store: PartStore, windows: list[Window], entries: list[ListEntry], output: Path, store_dtype: np.dtype,
-    hdf5_compression: int, attributes: dict,
+    *, store: PartStore, windows: list[Window], entries: list[ListEntry], dataset_dir: str | Path, output: Path,
+    store_dtype: np.dtype, hdf5_compression: int, attributes: dict,
 ) -> tuple[int, list[tuple[int, str]]]:
     """Write the HDF5 file under its temporary name, ready for the failure report and `publish`.
 
@@ -466,15 +462,17 @@ def _assemble_output(
         temporary.unlink(missing_ok=True)
         restore_replaced_report(output, store.replaced_report_path)
         store.remove()
+        first_failure = _first_failure(failures, entries, dataset_dir)
+        check = f"check --dataset_dir {str(dataset_dir)!r} and the list paths"
         if output.exists():
             raise ExtractionError(
-                f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}), so {output} "
-                "and its failure report are left as they were; check --dataset_dir and the list paths"
+                f"none of the {len(entries)} images could be read (first reason: {first_failure}), so {output} "
+                f"and its failure report are left as they were; {check}"
             )
         write_failure_report(report, failure_lines)
         raise ExtractionError(
-            f"none of the {len(entries)} images could be read (first reason: {failures[0][1]}; "
-            f"all are listed in {report}); check --dataset_dir and the list paths"
+            f"none of the {len(entries)} images could be read (first reason: {first_failure}; "
+            f"all are listed in {report}); {check}"
         )
     if output.exists():
         save_replaced_report(output, store.replaced_report_path)
@@ -561,10 +559,10 @@ def run_extraction(
         # the lock comes first, so --overwrite never deletes the files of a run in progress
         store.lock()
     except OSError as e:
-        if not overwrite and _complete_in_unwritable_folder(output, store, fingerprint):
+        if not overwrite and _complete_in_unwritable_folder(output, store, fingerprint, entries, hdf5_compression):
             summary.already_complete = True
             return summary
-        raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
+        raise _unwritable_folder_error(output.parent, e) from e
     try:
         return _extract_locked(
             store=store, summary=summary, start_time=start_time, overwrite=overwrite, fingerprint=fingerprint,
@@ -599,7 +597,7 @@ def _extract_locked(
         saved_run = store.read_manifest()
         if not (saved_run is not None and saved_run.replaces_output
                 and not fingerprint_differences(saved_run.fingerprint, fingerprint)):
-            return _keep_existing_output(output, store, fingerprint, saved_run, summary)
+            return _keep_existing_output(output, store, fingerprint, entries, hdf5_compression, saved_run, summary)
         _logger.info("resuming the partial run of --overwrite true in %s; %s stays as it is until the new "
                      "output replaces it", store.directory, output)
     replacing = output.exists()
@@ -609,7 +607,7 @@ def _extract_locked(
             _remove_stale_files(output, store)
         store.open(fingerprint, info=info, replaces_output=overwrite)
     except OSError as e:
-        raise ExtractionError(f"cannot write in {output.parent}: {e}; choose a writable --hdf5_dir") from e
+        raise _unwritable_folder_error(output.parent, e) from e
 
     windows = split_windows(len(entries), window_size)
     finished = store.finished_windows(windows)
@@ -644,8 +642,8 @@ def _extract_locked(
 
             # assembly of the final file
             num_embedded, failures = _assemble_output(
-                store=store, windows=windows, entries=entries, output=output, store_dtype=store_dtype,
-                hdf5_compression=hdf5_compression, attributes=attributes,
+                store=store, windows=windows, entries=entries, dataset_dir=dataset_dir, output=output,
+                store_dtype=store_dtype, hdf5_compression=hdf5_compression, attributes=attributes,
             )
             raise_if_signal_lost()
             # The report first, then the rename: a kill in between leaves the new report beside the

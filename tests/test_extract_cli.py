@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from feature_extraction.existing_output import index_mismatch
 from feature_extraction.extract import bool_flag, check_args, get_args_parser, main
 from feature_extraction.image_list import escape_id
 
@@ -158,6 +159,20 @@ def test_all_images_unreadable_fails(tmp_path):
     assert (tmp_path / "out/features_uned.hdf5.failed.txt").read_text().count("file not found") == 2
 
 
+def test_all_images_unreadable_names_paths(tmp_path, monkeypatch, caplog):
+    # a relative --dataset_dir is resolved against the working folder, so the message shows both
+    (tmp_path / "images").mkdir()
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("a.jpg,0,0\nb.jpg,0,0\n")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", "images", "--selected_ids", list_path, "--hdf5_dir", tmp_path / "out", *TINY)
+    assert code == 1
+    assert "none of the 2 images could be read" in caplog.text
+    assert f"first reason: file not found, for {tmp_path / 'images/a.jpg'}" in caplog.text
+    assert "--dataset_dir 'images'" in caplog.text
+
+
 @pytest.mark.parametrize("bad_path", ["../outside.jpg", "/etc/passwd", "a/../../outside.jpg"])
 def test_path_escaping_dataset_dir_rejected(extract, tmp_path, bad_path, caplog):
     list_path = tmp_path / "escape.txt"
@@ -257,6 +272,113 @@ def test_existing_ilias_output_without_attributes_kept(extract, caplog):
     assert output.read_bytes() == before
     assert "files of the older ILIAS tools record no settings" in caplog.text
     assert "left untouched" in caplog.text
+    assert "only its ids were compared with the list" in caplog.text
+    assert "exists with the same settings" not in caplog.text
+
+
+def _remove_attributes(output):
+    """Make `output` look like a file of the older ILIAS extractor, which records no settings."""
+    with h5py.File(output, "a") as f:
+        for key in list(f.attrs):
+            del f.attrs[key]
+
+
+def _write_list(path, image_paths):
+    path.write_text("".join(f"{p},0,0\n" for p in image_paths), encoding="utf-8")
+    return path
+
+
+def test_existing_ilias_output_other_images_exit_two(extract, sample_dataset, tmp_path, caplog):
+    # Regression: a file without settings was kept for any list, and the log stated that the settings matched
+    root, _, paths = sample_dataset
+    _, output = extract()
+    _remove_attributes(output)
+    before = output.read_bytes()
+    others = [f"d/other_{i}.jpg" for i in range(4)]
+    for seed, relative in enumerate(others):
+        write_image(root / relative, (48, 40), seed=100 + seed)
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract(list_file=_write_list(tmp_path / "others.txt", others))
+    assert code == 2
+    assert f"{output} records no settings" in caplog.text
+    assert "10 of its 10 ids are not in the list" in caplog.text
+    assert repr(escape_id(paths[0])) in caplog.text
+    assert "--overwrite true" in caplog.text
+    assert "--hdf5_dir" in caplog.text
+    assert "exists with the same settings" not in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_ilias_output_other_order_exit_two(extract, sample_dataset, tmp_path, caplog):
+    _, _, paths = sample_dataset
+    _, output = extract()
+    _remove_attributes(output)
+    before = output.read_bytes()
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract(list_file=_write_list(tmp_path / "reversed.txt", paths[::-1]))
+    assert code == 2
+    assert "9 of its 10 ids are repeated or in another order than in the list" in caplog.text
+    assert repr(escape_id(paths[1])) in caplog.text
+    assert "--overwrite true" in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_ilias_output_missing_rows_kept(extract, sample_dataset, tmp_path, caplog):
+    # rows of images that failed are left out, so an older file may lack some list ids
+    _, _, paths = sample_dataset
+    _, output = extract(list_file=_write_list(tmp_path / "some.txt", paths[:3] + paths[5:]))
+    _remove_attributes(output)
+    before = output.read_bytes()
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "only its ids were compared with the list" in caplog.text
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("file_ids, expected", [
+    (["a.jpg", "b.jpg", "c.jpg"], None),
+    # rows of failed images are left out
+    (["a.jpg", "c.jpg"], None),
+    ([], None),
+    # the ILIAS trainer and evaluator accept unescaped ids, so they match their escaped list ids
+    (["a.jpg", "café.jpg"], None),
+    (["a.jpg", "x.jpg", "y.jpg"], "2 of its 3 ids are not in the list, such as 'x.jpg'"),
+    (["a.jpg", "a.jpg"], "1 of its 2 ids are repeated or in another order than in the list, such as 'a.jpg'"),
+    (["c.jpg", "a.jpg", "b.jpg"], "2 of its 3 ids are repeated or in another order than in the list, such as 'a.jpg'"),
+])
+def test_index_mismatch_cases(file_ids, expected):
+    list_ids = [escape_id(p) for p in ["a.jpg", "b.jpg", "c.jpg", "café.jpg"]]
+    assert index_mismatch(file_ids, list_ids) == expected
+
+
+@pytest.mark.parametrize("first, second, kept, requested", [
+    ("0", "4", "no compression", "gzip level 4"),
+    ("4", "0", "gzip level 4", "no compression"),
+    ("4", "6", "gzip level 4", "gzip level 6"),
+])
+def test_existing_output_other_compression_warns(extract, caplog, first, second, kept, requested):
+    # Regression: the requested compression was ignored without a word
+    _, output = extract("--hdf5_compression", first)
+    before = output.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract("--hdf5_compression", second)
+    assert code == 0
+    assert output.read_bytes() == before
+    assert f"{output} keeps its compression ({kept})" in caplog.text
+    assert f"--hdf5_compression {second} ({requested})" in caplog.text
+    assert "--overwrite true" in caplog.text
+
+
+def test_existing_output_same_compression_no_warning(extract, caplog):
+    _, output = extract("--hdf5_compression", "4")
+    with caplog.at_level(logging.WARNING):
+        code, _ = extract("--hdf5_compression", "4")
+    assert code == 0
+    assert "keeps its compression" not in caplog.text
 
 
 def test_existing_output_of_earlier_version_compares_recorded(extract, caplog):

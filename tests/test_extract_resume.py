@@ -697,6 +697,19 @@ def test_unusable_output_folder_fails_cleanly(sample_dataset, tmp_path, caplog):
         code = run_cli("--dataset_dir", root, "--selected_ids", list_path, "--hdf5_dir", tmp_path / "a_file/out", *TINY)
     assert code == 1
     assert "choose a writable --hdf5_dir" in caplog.text
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in caplog.text
+
+
+def test_output_folder_that_is_file_named(sample_dataset, tmp_path, caplog):
+    # Regression: the message showed only "[Errno 17] File exists"
+    root, list_path, _ = sample_dataset
+    (tmp_path / "a_file").write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        code = run_cli("--dataset_dir", root, "--selected_ids", list_path, "--hdf5_dir", tmp_path / "a_file", *TINY)
+    assert code == 1
+    assert f"cannot write in {tmp_path / 'a_file'}: it is a file, not a folder" in caplog.text
+    assert "choose a writable --hdf5_dir" in caplog.text
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 # ---------------------------------------------------------------------------- real signals
@@ -769,6 +782,31 @@ def test_unwritable_folder_with_output(extract, monkeypatch, caplog, extra, exit
         code, _ = extract(*extra)
     assert code == exit_status
     assert message in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_unwritable_folder_ilias_output_other_list(extract, monkeypatch, sample_dataset, tmp_path, caplog):
+    # a file of the older ILIAS tools records no list hash, so its ids are compared with the list
+    _, _, paths = sample_dataset
+    _, output = extract()
+    with h5py.File(output, "a") as f:
+        for key in list(f.attrs):
+            del f.attrs[key]
+    before = output.read_bytes()
+    reversed_list = tmp_path / "reversed.txt"
+    reversed_list.write_text("".join(f"{p},0,0\n" for p in paths[::-1]), encoding="utf-8")
+    _unwritable_folder(monkeypatch)
+
+    with caplog.at_level(logging.INFO):
+        same_list_status, _ = extract()
+        same_list_log = caplog.text
+        caplog.clear()
+        reversed_list_status, _ = extract("--selected_ids", reversed_list)
+    assert same_list_status == 0
+    assert "only its ids were compared with the list" in same_list_log
+    assert "its folder cannot be written" in same_list_log
+    assert reversed_list_status == 2
+    assert "9 of its 10 ids are repeated or in another order than in the list" in caplog.text
     assert output.read_bytes() == before
 
 
