@@ -10,7 +10,7 @@ from pathlib import Path
 
 from feature_extraction.hdf5_output import describe_compression, read_attributes, read_compression, read_ids
 from feature_extraction.image_list import ListEntry, canonical_id, escape_id
-from feature_extraction.store import SettingsMismatchError, list_change_note
+from feature_extraction.store import SettingsMismatchError, list_change_note, list_keys_ignored
 
 _logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) ->
     """
     stored = read_attributes(output)
     # the window size only groups rows into resumable parts, so it does not define the embeddings
-    ignored = ("format_version", "num_rows", "window_size")
+    ignored = {"format_version", "num_rows", "window_size", *list_keys_ignored(stored, fingerprint)}
     requested = {key: value for key, value in fingerprint.items() if key not in ignored}
     # the attributes store the dtype as `dtype` and the model as typed, tag included
     requested["dtype"] = requested.pop("store_dtype")

@@ -45,9 +45,22 @@ class SettingsMismatchError(Exception):
     """The parts folder belongs to a run with other settings; the message names them and the fix."""
 
 
+def list_keys_ignored(previous: dict, current: dict) -> set[str]:
+    """Return the list hash that a comparison of the two settings leaves out.
+
+    A list saved again with other line endings, blank lines or spaces around its fields has
+    other bytes (list_sha256) but the same entries (list_entries_sha256). Runs and outputs
+    written before list_entries_sha256 existed are compared by list_sha256.
+    """
+    if "list_entries_sha256" in previous and "list_entries_sha256" in current:
+        return {"list_sha256"}
+    return {"list_entries_sha256"}
+
+
 def fingerprint_differences(previous: dict, current: dict) -> list[str]:
     """Return the sorted keys whose values differ between two fingerprints, keys in only one included."""
-    return [key for key in sorted(set(previous) | set(current)) if previous.get(key) != current.get(key)]
+    keys = (set(previous) | set(current)) - list_keys_ignored(previous, current)
+    return [key for key in sorted(keys) if previous.get(key) != current.get(key)]
 
 
 def describe_differences(keys: list[str], previous: dict, current: dict, previous_label: str = "before") -> str:
@@ -56,11 +69,15 @@ def describe_differences(keys: list[str], previous: dict, current: dict, previou
 
 
 def list_change_note(differing_keys: list[str]) -> str:
-    """Return a sentence on what a changed list_sha256 means, or "" when it did not change."""
-    if "list_sha256" not in differing_keys:
-        return ""
-    return (" The list_sha256 is the hash of the --selected_ids file or, without that flag, of the image "
-            "files found under --dataset_dir, so a list was edited or images were added, removed or renamed.")
+    """Return a sentence on what a changed list hash means, or "" when neither list hash changed."""
+    if "list_entries_sha256" in differing_keys:
+        return (" The list_entries_sha256 is the hash of the paths, labels and domains of the --selected_ids "
+                "file or, without that flag, of the image files found under --dataset_dir, so list lines were "
+                "added, removed, reordered or changed, or images were added, removed or renamed.")
+    if "list_sha256" in differing_keys:
+        return (" The list_sha256 is the hash of the --selected_ids file or, without that flag, of the image "
+                "files found under --dataset_dir, so a list was edited or images were added, removed or renamed.")
+    return ""
 
 
 class StoreError(Exception):

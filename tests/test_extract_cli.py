@@ -244,7 +244,7 @@ def test_existing_output_other_list_exit_two(extract, sample_dataset, tmp_path, 
     with caplog.at_level(logging.ERROR):
         code, _ = extract(list_file=shorter)
     assert code == 2
-    assert "list_sha256" in caplog.text
+    assert "list_entries_sha256" in caplog.text
 
 
 def test_existing_output_still_checks_inputs(extract, tmp_path, caplog):
@@ -818,7 +818,7 @@ def test_output_path_folder_exit_two(extract, tmp_path, capsys, overwrite):
 
 def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):
     # Without --selected_ids the list is the image files found under --dataset_dir. A rerun after
-    # an image was added exited 2 naming only list_sha256, which did not say what had changed.
+    # an image was added exited 2 naming only the list hash, which did not say what had changed.
     root, _, _ = sample_dataset
     out_dir = tmp_path / "out"
     assert run_cli("--dataset_dir", root, "--hdf5_dir", out_dir, *TINY) == 0
@@ -826,5 +826,5 @@ def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         code = run_cli("--dataset_dir", root, "--hdf5_dir", out_dir, *TINY)
     assert code == 2
-    assert "list_sha256" in caplog.text
+    assert "list_entries_sha256" in caplog.text
     assert "image files found under --dataset_dir" in caplog.text

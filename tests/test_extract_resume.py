@@ -18,7 +18,7 @@ import feature_extraction.pipeline as pipeline
 from feature_extraction.embedding import Embedder
 from feature_extraction.hdf5_output import restore_replaced_report, save_replaced_report
 from feature_extraction.interrupts import Interrupted
-from feature_extraction.store import PartStore, SettingsMismatchError
+from feature_extraction.store import PartStore, SettingsMismatchError, fingerprint_differences
 
 from conftest import REPO_ROOT, write_image
 from test_extract_cli import TINY, read_output, run_cli
@@ -505,9 +505,87 @@ def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_datase
     with caplog.at_level(logging.ERROR):
         code, _ = extract()
     assert code == 2
-    assert "list_sha256" in caplog.text
+    assert "list_entries_sha256" in caplog.text
     assert "num_rows: 10 before, 11 now" in caplog.text
     assert "image files found under --dataset_dir" in caplog.text
+
+
+def _reformat_list(list_path) -> None:
+    """Save the list again with a byte-order mark, CRLF line endings, blank lines and spaces around fields."""
+    lines = list_path.read_text(encoding="utf-8").splitlines()
+    spaced = [" , ".join(line.split(",")) for line in lines]
+    list_path.write_bytes(("\ufeff" + "\r\n\r\n".join(spaced) + "\r\n\r\n").encode("utf-8"))
+
+
+def test_reformatted_list_resumes(extract, monkeypatch, sample_dataset, caplog):
+    # regression: a list saved again with a blank line blocked the resume, and the advice was --overwrite true
+    _, list_path, _ = sample_dataset
+    _, reference = extract(name="reference")
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    before = list_path.read_bytes()
+    _reformat_list(list_path)
+    assert list_path.read_bytes() != before
+
+    with caplog.at_level(logging.INFO):
+        code, output = extract()
+    assert code == 0
+    assert "resuming: 1 of 3 windows" in caplog.text
+    reference_features, reference_ids, _ = read_output(reference)
+    features, ids, _ = read_output(output)
+    assert ids == reference_ids
+    np.testing.assert_array_equal(features, reference_features)
+
+
+def test_reformatted_list_keeps_output(extract, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    code, output = extract()
+    assert code == 0
+    stored = output.read_bytes()
+    _reformat_list(list_path)
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "exists with the same settings and is left untouched" in caplog.text
+    assert output.read_bytes() == stored
+
+
+def test_changed_label_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    lines = list_path.read_text(encoding="utf-8").splitlines()
+    path, label, domain = lines[0].split(",")
+    lines[0] = f"{path},{int(label) + 1},{domain}"
+    list_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 2
+    assert "list_entries_sha256" in caplog.text
+    assert "num_rows" not in caplog.text
+
+
+def test_older_partial_run_compared_by_file_hash(extract, monkeypatch, sample_dataset, caplog):
+    # manifests written before list_entries_sha256 existed record only the hash of the list file
+    _, list_path, _ = sample_dataset
+    _stop_after_windows(monkeypatch, 1)
+    _, output = extract()
+    monkeypatch.undo()
+    manifest_path = output.with_name(output.name + ".parts") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["fingerprint"]["list_entries_sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+    _reformat_list(list_path)
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 2
+    assert "list_sha256:" in caplog.text
+    assert "list_entries_sha256" not in caplog.text
 
 
 def test_changed_tag_with_checkpoint_rejected(extract, monkeypatch, tmp_path, caplog):
@@ -844,3 +922,15 @@ def test_read_only_folder_exit_zero(extract):
         output.parent.chmod(0o755)
     assert code == 0
     assert output.read_bytes() == before
+
+
+def test_list_hash_compared_by_what_both_record():
+    older = {"list_sha256": "file-a", "resolution": 32}
+    newer = {"list_sha256": "file-b", "list_entries_sha256": "entries-a", "resolution": 32}
+
+    # both record the entries' hash: the file's bytes may differ
+    assert fingerprint_differences(newer, {**newer, "list_sha256": "file-c"}) == []
+    assert fingerprint_differences(newer, {**newer, "list_entries_sha256": "entries-b"}) == ["list_entries_sha256"]
+    # one records only the file's hash: that is compared, and the missing key is not a difference
+    assert fingerprint_differences(older, {**newer, "list_sha256": "file-a"}) == []
+    assert fingerprint_differences(older, newer) == ["list_sha256"]
