@@ -30,8 +30,12 @@ class OutputComparison:
 
 
 def _plain(value):
-    """Convert an HDF5 attribute (numpy scalar or array) to the Python value a fingerprint contains."""
-    return value.tolist() if hasattr(value, "tolist") else value
+    """Convert an HDF5 attribute to the Python value a fingerprint contains.
+
+    h5py returns numpy scalars and arrays, and bytes for strings stored as fixed-length byte strings.
+    """
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) -> OutputComparison:
@@ -48,7 +52,7 @@ def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) ->
     # the attributes store the dtype as `dtype` and the model as typed, tag included
     requested["dtype"] = requested.pop("store_dtype")
     if "model" in stored:
-        stored["model"] = str(stored["model"]).partition(".")[0]
+        stored["model"] = str(_plain(stored["model"])).partition(".")[0]
 
     differing = [key for key, value in sorted(requested.items()) if key in stored and _plain(stored[key]) != value]
     unchecked = sorted(key for key in requested if key not in stored)
@@ -60,10 +64,13 @@ def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) ->
 
     index_difference = None
     if "list_sha256" not in stored:
-        index_difference = index_mismatch(read_ids(output), [escape_id(entry.path) for entry in entries])
+        file_ids, list_ids = read_ids(output), [escape_id(entry.path) for entry in entries]
+        index_difference = index_mismatch(file_ids, list_ids)
         if index_difference is not None:
             differing.append("index")
             differences.append(f"index: {index_difference}")
+        else:
+            _warn_if_ids_missing(output, file_ids, list_ids)
     records_settings = any(key in stored for key in requested)
     return OutputComparison(differing, differences, records_settings, index_difference)
 
@@ -74,6 +81,8 @@ def index_mismatch(file_ids: list[str], list_ids: list[str]) -> str | None:
     They agree when the file's ids are the list's ids in list order, some possibly missing,
     because the rows of images that failed are left out of an output.
     """
+    if not file_ids and list_ids:
+        return "it has no ids"
     list_rows = {image_id: row for row, image_id in enumerate(list_ids)}
     unknown = [image_id for image_id in file_ids if canonical_id(image_id) not in list_rows]
     if unknown:
@@ -90,6 +99,16 @@ def index_mismatch(file_ids: list[str], list_ids: list[str]) -> str | None:
         return (f"{len(out_of_order)} of its {len(file_ids)} ids are repeated or in another order than in the "
                 f"list, such as {out_of_order[0]!r}")
     return None
+
+
+def _warn_if_ids_missing(output: Path, file_ids: list[str], list_ids: list[str]) -> None:
+    """Warn when a kept file lacks list ids: failed images are left out, but so are those of a shorter list."""
+    stored = {canonical_id(image_id) for image_id in file_ids}
+    missing = [image_id for image_id in list_ids if image_id not in stored]
+    if missing:
+        _logger.warning("%s lacks %d of the list's %d ids, such as %r. Outputs leave out images that could not be "
+                        "read, but if these were not such failures, pass --overwrite true to extract them",
+                        output, len(missing), len(list_ids), missing[0])
 
 
 def output_mismatch_error(output: Path, comparison: OutputComparison) -> SettingsMismatchError:

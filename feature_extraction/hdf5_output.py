@@ -149,12 +149,14 @@ def read_ids(path: Path) -> list[str]:
     """Return the `index` ids of an existing output as text, raising OutputError if they cannot be read."""
     try:
         with h5py.File(path, "r") as f:
-            if "index" not in f:
+            index = f.get("index")
+            # a group or a scalar in place of the (N,) dataset
+            if not isinstance(index, h5py.Dataset) or index.ndim != 1:
                 raise OutputError(
-                    f"the existing output {path} has no `index` dataset, so it is not an ILIAS embeddings file; "
-                    "pass --overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name"
+                    f"the existing output {path} has no one-dimensional `index` dataset, so it is not an ILIAS "
+                    "embeddings file; pass --overwrite true to replace it, or choose another --hdf5_dir or --hdf5_name"
                 )
-            raw_ids = f["index"][:]
+            raw_ids = index[:]
     except OutputError:
         raise
     except OSError as e:

@@ -58,17 +58,14 @@ def canonical_id(image_id: str) -> str:
     return image_id if image_id.isascii() else escape_id(image_id)
 
 
-def entries_sha256(entries: list[ListEntry]) -> str:
-    """Return the hex SHA-256 of the entries' paths, labels and domains in list order.
+def paths_sha256(entries: list[ListEntry]) -> str:
+    """Return the hex SHA-256 of the entries' paths in list order.
 
     It does not depend on how the file is laid out (line endings, blank lines, a byte-order
-    mark, spaces around fields), and paths contain no comma or newline, so the text is unambiguous.
+    mark, spaces around fields) or on the labels and domains, which extraction does not use.
+    Paths contain no newline, so the joined text is unambiguous.
     """
-    lines = (
-        f"{entry.path},{'' if entry.label is None else entry.label},{'' if entry.domain is None else entry.domain}"
-        for entry in entries
-    )
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    return hashlib.sha256("\n".join(entry.path for entry in entries).encode("utf-8")).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -51,9 +51,9 @@ from feature_extraction.hdf5_output import (
 )
 from feature_extraction.image_list import (
     ListEntry,
-    entries_sha256,
     escape_id,
     file_sha256,
+    paths_sha256,
     read_image_list,
     resolve_image_path,
     scan_image_dir,
@@ -379,7 +379,8 @@ def _embed_windows(
 def _fingerprint(
     *, framework: str, backbone: Backbone, model: str, checkpoint_sha256: str, transform: InferenceTransform,
     pooling: str, multiscale: bool, store_dtype: np.dtype, autocast_dtype: torch.dtype | None,
-    decode_options: DecodeOptions, list_sha256: str, list_entries_sha256: str, num_rows: int, window_size: int,
+    decode_options: DecodeOptions, list_sha256: str, list_paths_sha256: str, num_rows: int,
+    window_size: int,
 ) -> dict:
     return {
         "format_version": FORMAT_VERSION,
@@ -401,7 +402,7 @@ def _fingerprint(
         "max_image_pixels": decode_options.max_image_pixels,
         "jpeg_draft": decode_options.jpeg_draft,
         "list_sha256": list_sha256,
-        "list_entries_sha256": list_entries_sha256,
+        "list_paths_sha256": list_paths_sha256,
         "num_rows": num_rows,
         "window_size": window_size,
     }
@@ -554,7 +555,7 @@ def run_extraction(
         framework=framework, backbone=backbone, model=model, checkpoint_sha256=checkpoint_sha256,
         transform=transform, pooling=pooling, multiscale=multiscale, store_dtype=store_dtype,
         autocast_dtype=autocast_dtype, decode_options=decode_options, list_sha256=list_sha256,
-        list_entries_sha256=entries_sha256(entries), num_rows=len(entries), window_size=window_size,
+        list_paths_sha256=paths_sha256(entries), num_rows=len(entries), window_size=window_size,
     )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

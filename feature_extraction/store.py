@@ -48,13 +48,13 @@ class SettingsMismatchError(Exception):
 def list_keys_ignored(previous: dict, current: dict) -> set[str]:
     """Return the list hash that a comparison of the two settings leaves out.
 
-    A list saved again with other line endings, blank lines or spaces around its fields has
-    other bytes (list_sha256) but the same entries (list_entries_sha256). Runs and outputs
-    written before list_entries_sha256 existed are compared by list_sha256.
+    A list saved again with other line endings, blank lines or spaces around its fields, or
+    with other labels, has other bytes (list_sha256) but the same paths (list_paths_sha256).
+    Runs and outputs written before list_paths_sha256 existed are compared by list_sha256.
     """
-    if "list_entries_sha256" in previous and "list_entries_sha256" in current:
+    if "list_paths_sha256" in previous and "list_paths_sha256" in current:
         return {"list_sha256"}
-    return {"list_entries_sha256"}
+    return {"list_paths_sha256"}
 
 
 def fingerprint_differences(previous: dict, current: dict) -> list[str]:
@@ -70,10 +70,10 @@ def describe_differences(keys: list[str], previous: dict, current: dict, previou
 
 def list_change_note(differing_keys: list[str]) -> str:
     """Return a sentence on what a changed list hash means, or "" when neither list hash changed."""
-    if "list_entries_sha256" in differing_keys:
-        return (" The list_entries_sha256 is the hash of the paths, labels and domains of the --selected_ids "
-                "file or, without that flag, of the image files found under --dataset_dir, so list lines were "
-                "added, removed, reordered or changed, or images were added, removed or renamed.")
+    if "list_paths_sha256" in differing_keys:
+        return (" The list_paths_sha256 is the hash of the paths of the --selected_ids file or, without that "
+                "flag, of the image files found under --dataset_dir, in order, so list paths were added, removed, "
+                "reordered or changed, or images were added, removed or renamed.")
     if "list_sha256" in differing_keys:
         return (" The list_sha256 is the hash of the --selected_ids file or, without that flag, of the image "
                 "files found under --dataset_dir, so a list was edited or images were added, removed or renamed.")

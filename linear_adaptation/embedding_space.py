@@ -26,8 +26,10 @@ MAX_LOGGED_DIFFERENCES = 3
 
 
 def _plain(value):
-    # h5py returns numpy scalars for numbers and booleans
-    return value.tolist() if hasattr(value, "tolist") else value
+    # h5py returns numpy scalars for numbers and booleans, and bytes for strings that other writers
+    # store as fixed-length byte strings
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def read_embedding_space(path: str | os.PathLike) -> dict:
@@ -41,9 +43,13 @@ def read_embedding_space(path: str | os.PathLike) -> dict:
             space = {key: _plain(f.attrs[key]) for key in SPACE_ATTRIBUTES if key in f.attrs}
     except (OSError, ValueError):
         return {}
-    # extract.py stores the model name as typed, so a tag ("model.tag") is compared through pretrained_cfg
+    # extract.py stores the model name as typed, so a tag ("model.tag") is compared through pretrained_cfg.
+    # Files of its first version lack pretrained_cfg, and there the typed "model.tag" is timm's name for it.
     if "model" in space:
-        space["model"] = str(space["model"]).partition(".")[0]
+        model, dot, tag = str(space["model"]).partition(".")
+        space["model"] = model
+        if tag and "pretrained_cfg" not in space:
+            space["pretrained_cfg"] = f"{model}{dot}{tag}"
     return space
 
 
@@ -52,7 +58,7 @@ def read_layer_space(record_path: str | os.PathLike) -> dict:
     try:
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return {}
     space = record.get("embedding_space") if isinstance(record, dict) else None
     return space if isinstance(space, dict) else {}

@@ -10,6 +10,7 @@ from feature_extraction.image_list import escape_id
 from linear_adaptation.embedding_space import (
     MAX_LOGGED_DIFFERENCES,
     read_embedding_space,
+    read_layer_space,
     space_differences,
     warn_if_spaces_differ,
 )
@@ -208,3 +209,50 @@ def test_many_differing_shards_one_count(caplog):
     assert len(messages) == MAX_LOGGED_DIFFERENCES + 1
     assert "shard 2" in messages[2]
     assert messages[-1] == f"{10 - MAX_LOGGED_DIFFERENCES} more files differ from the queries in their settings"
+
+
+def test_read_space_bytes_attributes(tmp_path):
+    # regression: strings stored as fixed-length bytes gave false warnings and an unwritable record
+    as_bytes = {key: np.bytes_(value.encode()) if isinstance(value, str) else value for key, value in LITE0.items()}
+    _write_embeddings(tmp_path / "bytes.hdf5", ["x.jpg"], np.ones((1, DIM), np.float32), as_bytes)
+    _write_embeddings(tmp_path / "text.hdf5", ["x.jpg"], np.ones((1, DIM), np.float32), LITE0)
+
+    space = read_embedding_space(tmp_path / "bytes.hdf5")
+    assert space["model"] == "tf_efficientnet_lite0"
+    assert space["framework"] == "timm"
+    assert space_differences(space, read_embedding_space(tmp_path / "text.hdf5")) == []
+    json.dumps(space)
+
+
+def test_read_space_first_version_tag(tmp_path):
+    # files of the first extractor version lack pretrained_cfg, and the typed tag is the only record of it
+    first_version = {key: value for key, value in LITE0.items() if key != "pretrained_cfg"}
+    for name, model in (("augreg", "vit_base_patch16_224.augreg_in21k"), ("orig", "vit_base_patch16_224.orig_in21k")):
+        _write_embeddings(tmp_path / f"{name}.hdf5", ["x.jpg"], np.ones((1, DIM), np.float32),
+                          {**first_version, "model": model})
+    augreg = read_embedding_space(tmp_path / "augreg.hdf5")
+    orig = read_embedding_space(tmp_path / "orig.hdf5")
+
+    assert augreg["model"] == "vit_base_patch16_224"
+    assert augreg["pretrained_cfg"] == "vit_base_patch16_224.augreg_in21k"
+    assert space_differences(augreg, orig) == [
+        "pretrained_cfg 'vit_base_patch16_224.augreg_in21k' against 'vit_base_patch16_224.orig_in21k'"
+    ]
+
+
+def test_layer_record_nested_too_deeply(tmp_path):
+    (tmp_path / "layer.json").write_text("[" * 50_000)
+
+    assert read_layer_space(tmp_path / "layer.json") == {}
+
+
+def test_trainer_bytes_attributes_record(training_files, caplog):
+    with h5py.File(training_files / "train.hdf5", "a") as f:
+        for key in ("framework", "model", "pooling"):
+            f.attrs[key] = np.bytes_(f.attrs[key].encode())
+    with caplog.at_level(logging.WARNING):
+        assert _train(training_files, training_files / "out" / "layer.pth") == 0
+
+    record = json.loads((training_files / "out" / "layer.json").read_text())
+    assert record["embedding_space"]["model"] == "tf_efficientnet_lite0"
+    assert "extracted with different settings" not in caplog.text

@@ -244,7 +244,7 @@ def test_existing_output_other_list_exit_two(extract, sample_dataset, tmp_path, 
     with caplog.at_level(logging.ERROR):
         code, _ = extract(list_file=shorter)
     assert code == 2
-    assert "list_entries_sha256" in caplog.text
+    assert "list_paths_sha256" in caplog.text
 
 
 def test_existing_output_still_checks_inputs(extract, tmp_path, caplog):
@@ -336,6 +336,44 @@ def test_existing_ilias_output_missing_rows_kept(extract, sample_dataset, tmp_pa
         code, _ = extract()
     assert code == 0
     assert "only its ids were compared with the list" in caplog.text
+    # a shorter earlier list looks the same, so the count of missing ids is logged
+    assert f"lacks 2 of the list's {len(paths)} ids, such as {escape_id(paths[3])!r}" in caplog.text
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["group", "scalar"])
+def test_existing_output_unusable_index_named(extract, caplog, damage):
+    # regression: a group or a scalar in place of `index` ended in a traceback
+    _, output = extract()
+    _remove_attributes(output)
+    with h5py.File(output, "a") as f:
+        del f["index"]
+        if damage == "group":
+            f.create_group("index")
+        else:
+            f.create_dataset("index", data=b"a.jpg")
+    before = output.read_bytes()
+
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    assert "has no one-dimensional `index` dataset" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert output.read_bytes() == before
+
+
+def test_existing_output_bytes_attributes_kept(extract, caplog):
+    # regression: strings stored as fixed-length bytes, as other writers do, read as other settings
+    _, output = extract()
+    with h5py.File(output, "a") as f:
+        for key in ("framework", "model", "transforms", "pooling", "list_sha256"):
+            f.attrs[key] = np.bytes_(f.attrs[key].encode())
+    before = output.read_bytes()
+
+    with caplog.at_level(logging.INFO):
+        code, _ = extract()
+    assert code == 0
+    assert "exists with the same settings and is left untouched" in caplog.text
     assert output.read_bytes() == before
 
 
@@ -343,7 +381,8 @@ def test_existing_ilias_output_missing_rows_kept(extract, sample_dataset, tmp_pa
     (["a.jpg", "b.jpg", "c.jpg"], None),
     # rows of failed images are left out
     (["a.jpg", "c.jpg"], None),
-    ([], None),
+    # regression: an output without rows was kept as matching any list
+    ([], "it has no ids"),
     # the ILIAS trainer and evaluator accept unescaped ids, so they match their escaped list ids
     (["a.jpg", "café.jpg"], None),
     (["a.jpg", "x.jpg", "y.jpg"], "2 of its 3 ids are not in the list, such as 'x.jpg'"),
@@ -826,5 +865,5 @@ def test_changed_folder_named_in_mismatch(sample_dataset, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         code = run_cli("--dataset_dir", root, "--hdf5_dir", out_dir, *TINY)
     assert code == 2
-    assert "list_entries_sha256" in caplog.text
+    assert "list_paths_sha256" in caplog.text
     assert "image files found under --dataset_dir" in caplog.text

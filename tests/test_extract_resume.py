@@ -505,7 +505,7 @@ def test_changed_list_rejected_while_partial(extract, monkeypatch, sample_datase
     with caplog.at_level(logging.ERROR):
         code, _ = extract()
     assert code == 2
-    assert "list_entries_sha256" in caplog.text
+    assert "list_paths_sha256" in caplog.text
     assert "num_rows: 10 before, 11 now" in caplog.text
     assert "image files found under --dataset_dir" in caplog.text
 
@@ -552,8 +552,10 @@ def test_reformatted_list_keeps_output(extract, sample_dataset, caplog):
     assert output.read_bytes() == stored
 
 
-def test_changed_label_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
+def test_changed_label_resumes(extract, monkeypatch, sample_dataset, caplog):
+    # extraction does not use labels, so a label corrected during a long run must not block the resume
     _, list_path, _ = sample_dataset
+    _, reference = extract(name="reference")
     _stop_after_windows(monkeypatch, 1)
     extract()
     monkeypatch.undo()
@@ -562,22 +564,38 @@ def test_changed_label_rejected_while_partial(extract, monkeypatch, sample_datas
     lines[0] = f"{path},{int(label) + 1},{domain}"
     list_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
+    with caplog.at_level(logging.INFO):
+        code, output = extract()
+    assert code == 0
+    assert "resuming: 1 of 3 windows" in caplog.text
+    assert read_output(output)[1] == read_output(reference)[1]
+
+
+def test_reordered_paths_rejected_while_partial(extract, monkeypatch, sample_dataset, caplog):
+    _, list_path, _ = sample_dataset
+    _stop_after_windows(monkeypatch, 1)
+    extract()
+    monkeypatch.undo()
+    lines = list_path.read_text(encoding="utf-8").splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    list_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
     with caplog.at_level(logging.ERROR):
         code, _ = extract()
     assert code == 2
-    assert "list_entries_sha256" in caplog.text
+    assert "list_paths_sha256" in caplog.text
     assert "num_rows" not in caplog.text
 
 
 def test_older_partial_run_compared_by_file_hash(extract, monkeypatch, sample_dataset, caplog):
-    # manifests written before list_entries_sha256 existed record only the hash of the list file
+    # manifests written before list_paths_sha256 existed record only the hash of the list file
     _, list_path, _ = sample_dataset
     _stop_after_windows(monkeypatch, 1)
     _, output = extract()
     monkeypatch.undo()
     manifest_path = output.with_name(output.name + ".parts") / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    del manifest["fingerprint"]["list_entries_sha256"]
+    del manifest["fingerprint"]["list_paths_sha256"]
     manifest_path.write_text(json.dumps(manifest))
     _reformat_list(list_path)
 
@@ -585,7 +603,7 @@ def test_older_partial_run_compared_by_file_hash(extract, monkeypatch, sample_da
         code, _ = extract()
     assert code == 2
     assert "list_sha256:" in caplog.text
-    assert "list_entries_sha256" not in caplog.text
+    assert "list_paths_sha256" not in caplog.text
 
 
 def test_changed_tag_with_checkpoint_rejected(extract, monkeypatch, tmp_path, caplog):
@@ -926,11 +944,11 @@ def test_read_only_folder_exit_zero(extract):
 
 def test_list_hash_compared_by_what_both_record():
     older = {"list_sha256": "file-a", "resolution": 32}
-    newer = {"list_sha256": "file-b", "list_entries_sha256": "entries-a", "resolution": 32}
+    newer = {"list_sha256": "file-b", "list_paths_sha256": "entries-a", "resolution": 32}
 
     # both record the entries' hash: the file's bytes may differ
     assert fingerprint_differences(newer, {**newer, "list_sha256": "file-c"}) == []
-    assert fingerprint_differences(newer, {**newer, "list_entries_sha256": "entries-b"}) == ["list_entries_sha256"]
+    assert fingerprint_differences(newer, {**newer, "list_paths_sha256": "entries-b"}) == ["list_paths_sha256"]
     # one records only the file's hash: that is compared, and the missing key is not a difference
     assert fingerprint_differences(older, {**newer, "list_sha256": "file-a"}) == []
     assert fingerprint_differences(older, newer) == ["list_sha256"]
