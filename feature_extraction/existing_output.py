@@ -29,15 +29,6 @@ class OutputComparison:
     index_difference: str | None = None
 
 
-def _plain(value):
-    """Convert an HDF5 attribute to the Python value a fingerprint contains.
-
-    h5py returns numpy scalars and arrays, and bytes for strings stored as fixed-length byte strings.
-    """
-    value = value.tolist() if hasattr(value, "tolist") else value
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) -> OutputComparison:
     """Compare the settings that `output` records with `fingerprint`, and its ids with `entries` when needed.
 
@@ -52,15 +43,15 @@ def compare_output(output: Path, fingerprint: dict, entries: list[ListEntry]) ->
     # the attributes store the dtype as `dtype` and the model as typed, tag included
     requested["dtype"] = requested.pop("store_dtype")
     if "model" in stored:
-        stored["model"] = str(_plain(stored["model"])).partition(".")[0]
+        stored["model"] = str(stored["model"]).partition(".")[0]
 
-    differing = [key for key, value in sorted(requested.items()) if key in stored and _plain(stored[key]) != value]
+    differing = [key for key, value in sorted(requested.items()) if key in stored and stored[key] != value]
     unchecked = sorted(key for key in requested if key not in stored)
     if unchecked:
         _logger.warning("%s does not record %s, so these settings could not be compared with this command's "
                         "(files of the older ILIAS tools record no settings, and files of earlier versions of "
                         "this extractor record fewer)", output, ", ".join(unchecked))
-    differences = [f"{key}: {_plain(stored[key])!r} in the file, {requested[key]!r} now" for key in differing]
+    differences = [f"{key}: {stored[key]!r} in the file, {requested[key]!r} now" for key in differing]
 
     index_difference = None
     if "list_sha256" not in stored:
@@ -102,7 +93,7 @@ def index_mismatch(file_ids: list[str], list_ids: list[str]) -> str | None:
 
 
 def _warn_if_ids_missing(output: Path, file_ids: list[str], list_ids: list[str]) -> None:
-    """Warn when a kept file lacks list ids: failed images are left out, but so are those of a shorter list."""
+    """Warn when a kept file lacks list ids, because a shorter earlier list leaves them out as failed images do."""
     stored = {canonical_id(image_id) for image_id in file_ids}
     missing = [image_id for image_id in list_ids if image_id not in stored]
     if missing:

@@ -133,11 +133,21 @@ def _assemble(
     return num_rows, sorted(failures)
 
 
+def plain_attribute(value):
+    """Convert an HDF5 attribute to the Python value that a fingerprint contains.
+
+    h5py returns numpy scalars and arrays, and bytes for strings that other writers store as
+    fixed-length byte strings.
+    """
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def read_attributes(path: Path) -> dict:
-    """Return the file attributes of an existing output, raising OutputError if it cannot be read."""
+    """Return the file attributes of an existing output as Python values, raising OutputError if it cannot be read."""
     try:
         with h5py.File(path, "r") as f:
-            return dict(f.attrs)
+            return {key: plain_attribute(value) for key, value in f.attrs.items()}
     except OSError as e:
         raise OutputError(
             f"cannot read the existing output {path}: {e}; pass --overwrite true to replace it, or choose "

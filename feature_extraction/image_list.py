@@ -185,8 +185,8 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
 
     Raises ImageListError with the line number for a line that is not UTF-8, a
     malformed line, a path with a control character or a byte-order mark or one that
-    escapes the dataset folder, and a duplicate path, a second spelling of a listed path ("./a.jpg" after
-    "a.jpg") or a duplicate id. It also raises for a missing label when
+    escapes the dataset folder, and a duplicate path, a second spelling of a listed path
+    ("./a.jpg" after "a.jpg") or a duplicate id. It also raises for a missing label when
     `require_labels` is set, and for a list without any entry.
     """
     list_path = str(list_path)

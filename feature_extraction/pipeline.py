@@ -9,7 +9,6 @@ With `--overwrite true` an existing output stays in place until that rename repl
 and its failure report is copied into the parts folder first, so that a rerun can put it
 back after a kill between the two renames.
 """
-import hashlib
 import logging
 import os
 import time
@@ -125,8 +124,7 @@ def load_entries(dataset_dir: str | Path, selected_ids: str | Path | None) -> tu
         )
     if selected_ids is None:
         entries = scan_image_dir(dataset_dir)
-        digest = hashlib.sha256("\n".join(entry.path for entry in entries).encode("utf-8")).hexdigest()
-        return entries, digest, "all image files under --dataset_dir, sorted by path"
+        return entries, paths_sha256(entries), "all image files under --dataset_dir, sorted by path"
     if not Path(selected_ids).is_file():
         raise ExtractionError(f"--selected_ids {str(selected_ids)!r} is not a file; pass the image list")
     return read_image_list(selected_ids), file_sha256(selected_ids), str(selected_ids)

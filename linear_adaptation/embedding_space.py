@@ -12,6 +12,8 @@ import os
 
 import h5py
 
+from feature_extraction.hdf5_output import plain_attribute
+
 _logger = logging.getLogger(__name__)
 
 # the extraction settings that define the embedding space, unlike the list, precision, window
@@ -25,13 +27,6 @@ SPACE_ATTRIBUTES = (
 MAX_LOGGED_DIFFERENCES = 3
 
 
-def _plain(value):
-    # h5py returns numpy scalars for numbers and booleans, and bytes for strings that other writers
-    # store as fixed-length byte strings
-    value = value.tolist() if hasattr(value, "tolist") else value
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def read_embedding_space(path: str | os.PathLike) -> dict:
     """Return the SPACE_ATTRIBUTES that the HDF5 file records, as plain Python values.
 
@@ -40,7 +35,7 @@ def read_embedding_space(path: str | os.PathLike) -> dict:
     """
     try:
         with h5py.File(path, "r") as f:
-            space = {key: _plain(f.attrs[key]) for key in SPACE_ATTRIBUTES if key in f.attrs}
+            space = {key: plain_attribute(f.attrs[key]) for key in SPACE_ATTRIBUTES if key in f.attrs}
     except (OSError, ValueError):
         return {}
     # extract.py stores the model name as typed, so a tag ("model.tag") is compared through pretrained_cfg.
