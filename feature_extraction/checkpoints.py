@@ -45,7 +45,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 # torch 2.14) when it meets an object it does not allow. Its other errors, such as
 # "Unsupported operand", come from bytes that are not a torch pickle at all.
 _FORBIDDEN_OBJECT_PHRASES = ("GLOBAL", "add_safe_globals", "Can only build", "Can only create")
-_BOILERPLATE_PREFIXES = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_BOILERPLATE_PREFIXES = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+# The text after this prefix names the rejected object.
+_REASON_PREFIX = "WeightsUnpickler error:"
 
 
 def explain_weights_only_error(error: pickle.UnpicklingError) -> tuple[bool, str]:
@@ -56,7 +58,12 @@ def explain_weights_only_error(error: pickle.UnpicklingError) -> tuple[bool, str
     """
     text = str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    detail = next((line for line in lines if not line.startswith(_BOILERPLATE_PREFIXES)), lines[-1] if lines else "")
+    reason = next((line for line in lines if line.startswith(_REASON_PREFIX)), None)
+    if reason is not None:
+        # Keep the first sentence, because the rest advises allowlisting the object.
+        detail = reason[len(_REASON_PREFIX):].strip().split(". ")[0].rstrip(".")
+    else:
+        detail = next((line for line in lines if not line.startswith(_BOILERPLATE_PREFIXES)), lines[-1] if lines else "")
     return any(phrase in text for phrase in _FORBIDDEN_OBJECT_PHRASES), detail
 
 

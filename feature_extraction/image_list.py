@@ -82,12 +82,12 @@ def _check_relative(path: str, list_path: str, line_no: int) -> None:
     if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", path) or path.startswith("\\"):
         raise ImageListError(
             f"{list_path}:{line_no}: absolute path {path!r} is not allowed; "
-            "write paths relative to --dataset_dir"
+            "write paths relative to the image folder (extract.py's --dataset_dir)"
         )
     if ".." in pure.parts or ".." in path.split("\\"):
         raise ImageListError(
-            f"{list_path}:{line_no}: path {path!r} contains '..' and could leave --dataset_dir; "
-            "write paths relative to --dataset_dir without '..'"
+            f"{list_path}:{line_no}: path {path!r} contains '..' and could leave the image folder; "
+            "write paths relative to that folder (extract.py's --dataset_dir) without '..'"
         )
 
 

@@ -52,9 +52,10 @@ def check_output_path(parser: argparse.ArgumentParser, flag: str, path: str | os
         parser.error(f"{flag} {str(path)!r} is a folder; give the path of {description}")
 
 
-def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
+def check_output_file(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike,
+                      description: str = "the file to write") -> None:
     """Reject an empty output path, a folder, or a path whose folder cannot be created or written."""
-    check_output_path(parser, flag, path)
+    check_output_path(parser, flag, path, description)
     path = Path(path)
     folder = Path(os.path.abspath(path)).parent
     existing = next(p for p in [folder, *folder.parents] if p.exists())

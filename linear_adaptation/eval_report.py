@@ -37,15 +37,17 @@ RANK_EXTENSIONS = (".json", ".npz", ".hdf5", ".h5")
 TIE_BREAK = "equal scores are ordered by lower database row"
 
 _VARIANT_HEADERS = {"without_layer": "without", "with_layer": "with"}
-_VALUE_WIDTH = 9
+_VALUE_WIDTH = 9  # the minimum: a label such as mAP@100000 widens the value columns
+_TITLE_WIDTH = 14
+_COUNT_WIDTH = 8
 
 
 def _metric_labels(k: int) -> dict[str, str]:
     return {"map": f"mAP@{k}", "recall@1": "recall@1", "mmp@5": "mMP@5"}
 
 
-def _format_value(value: float) -> str:
-    return f"{'n/a':>{_VALUE_WIDTH}}" if math.isnan(value) else f"{value:{_VALUE_WIDTH}.2f}"
+def _format_value(value: float, width: int) -> str:
+    return f"{'n/a':>{width}}" if math.isnan(value) else f"{value:{width}.2f}"
 
 
 def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
@@ -61,16 +63,7 @@ def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
         groups = [(f"domain {d}", d) for d in first["per_domain"]] + [("macro average", None), ("all queries", "all")]
     else:
         groups = [("all queries", None)]
-
-    labels = _metric_labels(k)
-    left = f"{'':<14}{'queries':>8}"
-    if len(variants) == 1:
-        lines = [left + "".join(f"{label:>{_VALUE_WIDTH}}" for label in labels.values())]
-    else:
-        span = _VALUE_WIDTH * len(variants)
-        sub = "".join(f"{_VARIANT_HEADERS[v]:>{_VALUE_WIDTH}}" for v in variants)
-        lines = [" " * len(left) + "".join(f"{label:>{span}}" for label in labels.values()), left + sub * len(labels)]
-
+    rows = []
     for title, key in groups:
         if key is None:
             summaries = [metrics[v] for v in variants]
@@ -78,8 +71,24 @@ def format_metrics_table(metrics: dict[str, dict], k: int) -> str:
             summaries = [metrics[v]["all_queries"] for v in variants]
         else:
             summaries = [metrics[v]["per_domain"][key] for v in variants]
-        values = "".join(_format_value(s[name]) for name in labels for s in summaries)
-        lines.append(f"{title:<14}{summaries[0]['num_queries']:>8}" + values)
+        rows.append((title, summaries))
+
+    # every column keeps at least one space before its text
+    labels = _metric_labels(k)
+    width = max(_VALUE_WIDTH, -(-(max(map(len, labels.values())) + 1) // len(variants)))
+    title_width = max(_TITLE_WIDTH, *(len(title) + 1 for title, _ in rows))
+    count_width = max(_COUNT_WIDTH, *(len(str(summaries[0]["num_queries"])) + 1 for _, summaries in rows))
+    left = f"{'':<{title_width}}{'queries':>{count_width}}"
+    if len(variants) == 1:
+        lines = [left + "".join(f"{label:>{width}}" for label in labels.values())]
+    else:
+        span = width * len(variants)
+        sub = "".join(f"{_VARIANT_HEADERS[v]:>{width}}" for v in variants)
+        lines = [" " * len(left) + "".join(f"{label:>{span}}" for label in labels.values()), left + sub * len(labels)]
+
+    for title, summaries in rows:
+        values = "".join(_format_value(s[name], width) for name in labels for s in summaries)
+        lines.append(f"{title:<{title_width}}{summaries[0]['num_queries']:>{count_width}}" + values)
     return "\n".join(lines)
 
 

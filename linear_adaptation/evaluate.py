@@ -501,9 +501,27 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for flag, path in outputs.items():
         check_output_file(parser, flag, path)
         check_not_an_input(parser, flag, path, inputs)
+        check_not_layer_record(parser, flag, path, args.lin_adapt_path)
     for first, second in itertools.combinations(outputs, 2):
         if same_file(outputs[first], outputs[second]):
             parser.error(f"{first} and {second} both name {outputs[first]!r}; give two different files")
+
+
+def check_not_layer_record(parser: argparse.ArgumentParser, flag: str, path: str, lin_adapt_path: str | None) -> None:
+    """Reject an output path that is the training record beside the layer.
+
+    train_lin_adapt.py writes that record as the layer's name with .json, and this script
+    reads it to compare embedding spaces, so replacing it with metrics loses both.
+    """
+    if lin_adapt_path is None:
+        return
+    record_path = sidecar_paths(lin_adapt_path)[0]
+    if same_file(path, record_path):
+        parser.error(
+            f"{flag} would write {path!r}, the name of the training record that train_lin_adapt.py keeps beside "
+            f"the layer --lin_adapt_path {lin_adapt_path!r}; choose another output path, "
+            f"such as {str(record_path.with_name(record_path.stem + '_eval.json'))!r}"
+        )
 
 
 def _input_files(args: argparse.Namespace) -> dict[str, list[str]]:

@@ -77,9 +77,25 @@ def check_filters_available(datasets: tuple[h5py.Dataset, ...], path: str) -> No
         )
 
 
-def decode_ids(index: h5py.Dataset) -> list[str]:
-    """Read an `index` dataset as text ids, whether stored as bytes or str."""
-    return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in index[()]]
+def decode_ids(index: h5py.Dataset, path: str) -> list[str]:
+    """Read an `index` dataset of the file `path` as text ids, whether stored as bytes or str.
+
+    Raises DataError naming the row of an id that is not UTF-8, and lets h5py's errors
+    of a damaged file pass.
+    """
+    ids = []
+    for row, value in enumerate(index[()]):
+        if not isinstance(value, bytes):
+            ids.append(str(value))
+            continue
+        try:
+            ids.append(value.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"id {row} of {path!r} is not UTF-8 text ({value[:80]!r}: {e.reason} at byte {e.start}); ids must "
+                "be stored as UTF-8, as extract.py writes them: write the file again with its ids encoded as UTF-8"
+            ) from e
+    return ids
 
 
 def _looks_like_text(path: str) -> bool:
@@ -105,7 +121,7 @@ def open_error(path: str, error: OSError) -> DataError:
     if _looks_like_text(path):
         return DataError(
             f"{path!r} is a text file, not an HDF5 embedding file; pass the HDF5 file written by "
-            "feature_extraction/extract.py here and the list to the list flag"
+            "feature_extraction/extract.py here, not a list"
         )
     return DataError(f"cannot open {path!r} as HDF5 ({error}); was it written completely?")
 
@@ -129,7 +145,9 @@ def load_hdf5_features(path: str | os.PathLike, check_finite: bool = True) -> tu
         features_dataset, index = check_hdf5_layout(f, path)
         try:
             features = features_dataset[()]
-            ids = decode_ids(index)
+            ids = decode_ids(index, path)
+        except DataError:
+            raise
         except (OSError, ValueError) as e:
             # a damaged chunk fails only when it is read (h5py raises OSError)
             check_filters_available((features_dataset, index), path)

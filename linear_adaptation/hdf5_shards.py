@@ -99,6 +99,11 @@ def expand_database_paths(patterns: list[str]) -> list[str]:
             if not matches:
                 raise DataError(f"no file matches the database glob {pattern!r}")
             paths.extend(matches)
+        elif os.path.isdir(pattern):
+            raise DataError(
+                f"database path {pattern!r} is a folder; give its HDF5 files, a glob such as "
+                f"{os.path.join(pattern, '*.hdf5')!r} or a shard pattern with {SHARD_PLACEHOLDER}"
+            )
         else:
             raise DataError(f"database file {pattern!r} not found; check the path")
 
@@ -167,7 +172,9 @@ class HDF5Database:
                     f"{self.dim}; all database files must come from the same backbone"
                 )
             try:
-                ids = decode_ids(index)
+                ids = decode_ids(index, path)
+            except DataError:
+                raise
             except (OSError, ValueError) as e:
                 check_filters_available((index,), path)
                 raise DataError(f"cannot read the ids of {path!r} ({e}); the file is damaged, copy it again") from e

@@ -54,7 +54,8 @@ def per_query_metrics(
     relevant = np.asarray(relevant, dtype=bool)
     num_positives = np.asarray(num_positives, dtype=np.int64)
     num_queries, n = relevant.shape
-    k = n if k is None else k
+    # Positives are counted in int64, so a larger k (which cuts nothing) would overflow np.minimum.
+    k = n if k is None else min(k, np.iinfo(np.int64).max)
     if n > k:
         raise ValueError(f"relevant has {n} ranks, more than k = {k}")
     if num_positives.shape != (num_queries,):

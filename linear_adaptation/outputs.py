@@ -62,6 +62,7 @@ def prepare_output_folder(pth_path: str | os.PathLike) -> Path | None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{pth_path.name}.", suffix=".tmp"):
             pass
     except OSError as e:
+        remove_created_folder(created)
         raise OutputError(f"cannot write to the output folder {str(folder)!r} ({e}); choose a writable --save_dir") from e
     return created
 

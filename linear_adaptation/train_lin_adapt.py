@@ -58,7 +58,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_finite,
     check_input_files,
     check_not_an_input,
-    check_output_path,
+    check_output_file,
     check_seed,
 )
 from linear_adaptation.embedding_space import read_embedding_space  # noqa: E402
@@ -220,7 +220,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.keep == "best" and not has_val_file and args.val_fraction is None:
         parser.error("--keep best needs validation: give --val_features_path/--val_info_path or --val_fraction")
 
-    check_output_path(parser, "--save_dir", args.save_dir, "the .pth file to write")
+    check_output_file(parser, "--save_dir", args.save_dir, "the .pth file to write")
     check_paths(parser, args)
 
 
@@ -252,7 +252,7 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     pth_path = Path(args.save_dir)
     for output in (pth_path, *sidecar_paths(pth_path)):
         check_not_an_input(parser, "--save_dir", output, inputs)
-    # check_output_path has checked the .pth. A folder in place of a sidecar would fail only after training.
+    # check_output_file has checked the .pth. A folder in place of a sidecar would fail only after training.
     for output in sidecar_paths(pth_path):
         if output.is_dir():
             parser.error(f"--save_dir would write {str(output)!r}, which is a folder; move it or choose another "
@@ -354,8 +354,9 @@ def main(args: argparse.Namespace) -> int:
             embedding_space=read_embedding_space(args.uned_features_path),
         )
         raise_if_signal_lost()
-        if pth_path.exists():
-            _logger.warning("replacing the existing %s", pth_path)
+        replaced = [str(path) for path in (pth_path, json_path, png_path) if path.exists()]
+        if replaced:
+            _logger.warning("replacing the existing %s", ", ".join(replaced))
         late_signal = write_files_atomically({
             pth_path: state_dict_bytes(result.state_dict),
             json_path: json_bytes(record),

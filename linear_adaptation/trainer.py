@@ -335,6 +335,18 @@ def _plan_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None, wa
     return total_steps, num_epochs
 
 
+def describe_schedule(total_steps: int, num_epochs: int, steps_per_epoch: int) -> str:
+    """Describe the steps to run, e.g. "5 epochs of 24 steps" or "30 steps (--max_steps): 1 epoch of 24 steps and 6 steps"."""
+    epochs = f"{num_epochs} {_plural(num_epochs, 'epoch')} of {steps_per_epoch} steps"
+    if total_steps == num_epochs * steps_per_epoch:
+        return epochs
+    full_epochs, last = divmod(total_steps, steps_per_epoch)
+    if full_epochs == 0:
+        return f"{total_steps} steps (--max_steps) of an epoch of {steps_per_epoch}"
+    return (f"{total_steps} steps (--max_steps): {full_epochs} {_plural(full_epochs, 'epoch')} of {steps_per_epoch} "
+            f"steps and {last} {_plural(last, 'step')}")
+
+
 def _plural(count: int, noun: str) -> str:
     return noun if count == 1 else noun + "s"
 
@@ -489,10 +501,10 @@ def train_linear_adapter(
     batch_generator = torch.Generator().manual_seed(seed)
 
     _logger.info(
-        "training on %s: %d images, %d classes, %d -> %d, %d %s of %d steps (batch %d), "
+        "training on %s: %d images, %d classes, %d -> %d, %s (batch %d), "
         "loss %s (scale %g, margin %g), Adam lr %g (%s, warmup %d steps), weight decay %g, amp %s, optimizer %s",
-        device, train.num_images, num_classes, train.dim, out_dim, num_epochs, _plural(num_epochs, "epoch"),
-        steps_per_epoch, batch_size,
+        device, train.num_images, num_classes, train.dim, out_dim,
+        describe_schedule(total_steps, num_epochs, steps_per_epoch), batch_size,
         loss_type, scale, margin, lr, lr_schedule, warmup_steps, weight_decay, amp, optimizer_impl,
     )
 

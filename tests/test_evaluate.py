@@ -696,6 +696,9 @@ def test_shard_pattern_errors(tmp_path):
         expand_database_paths([str(tmp_path / "b*.h5")])
     with pytest.raises(DataError, match="not found"):
         expand_database_paths([str(tmp_path / "b.h5")])
+    # Regression: a folder was reported as a missing file.
+    with pytest.raises(DataError, match="is a folder; give its HDF5 files, a glob such as"):
+        expand_database_paths([str(tmp_path)])
     with pytest.raises(DataError, match="given more than once"):
         expand_database_paths([str(tmp_path / "a.h5"), str(tmp_path / "*.h5")])
 
@@ -856,6 +859,57 @@ def test_output_naming_input_exit_2(labelled_set, tmp_path, capsys, flag, victim
     input_flag = "--info_path" if victim == "list" else "--features_path"
     assert f"{flag} would write {str(target)!r}, which is the {input_flag} input" in error
     assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["--save_json", "--save_ranks"])
+def test_output_naming_layer_record_exit_2(labelled_set, tmp_path, capsys, layer_params, flag):
+    # Regression: --save_json lay.json beside lay.pth replaced the trainer's record, which the
+    # evaluator reads to compare embedding spaces, with the metrics.
+    layer = tmp_path / "lay.pth"
+    _save_layer(layer, *layer_params)
+    record = tmp_path / "lay.json"
+    record.write_text('{"embedding_space": {"model": "a"}}\n')
+    before = record.read_bytes()
+
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--lin_adapt_path", layer, flag, record), capsys)
+    assert code == 2
+    assert f"{flag} would write {str(record)!r}, the name of the training record" in error
+    assert str(tmp_path / "lay_eval.json") in error
+    assert record.read_bytes() == before
+
+    # another name beside the layer is fine
+    assert _run(_labelled_args(labelled_set, "--lin_adapt_path", layer, flag, tmp_path / "lay_eval.json")) == 0
+    assert record.read_bytes() == before
+
+
+def _column_ends(line):
+    """Return the end position of every space-separated token of a table line."""
+    ends, inside = [], False
+    for i, char in enumerate(line + " "):
+        if char == " " and inside:
+            ends.append(i)
+        inside = char != " "
+    return ends
+
+
+@pytest.mark.parametrize("with_layer", [False, True])
+def test_table_columns_for_long_labels(labelled_set, tmp_path, layer_params, capsys, with_layer):
+    # Regression: --k 100000 printed the header "queriesmAP@100000".
+    extra = ["--k", "100000"]
+    if with_layer:
+        _save_layer(tmp_path / "lay.pth", *layer_params)
+        extra += ["--lin_adapt_path", tmp_path / "lay.pth"]
+    assert _run(_labelled_args(labelled_set, *extra)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("domain", "macro average", "all queries"))]
+    header = lines[lines.index(rows[0]) - 1]
+
+    assert "queries" in header.split()
+    assert "mAP@100000" in " ".join(lines[: lines.index(header) + 1]).split()
+    # the numbers of every row end where the header's columns end
+    assert len(rows) == 4
+    for row in rows:
+        assert _column_ends(row)[-len(_column_ends(header)):] == _column_ends(header)
 
 
 def test_empty_output_path_exit_2(labelled_set, capsys):

@@ -110,7 +110,7 @@ BAD_FILES = [
     ("not_hdf5", lambda p, x, i: p.write_bytes(np.random.default_rng(0).bytes(5000)), "cannot open"),
     # regression: a list passed to the embeddings flag was reported as an incompletely written HDF5 file
     ("list_in_place", lambda p, x, i: p.write_text("".join(f"{image_id},0,0\n" for image_id in i), encoding="utf-8"),
-     "is a text file, not an HDF5 embedding file"),
+     ("is a text file, not an HDF5 embedding file", "extract.py here, not a list")),
 ]
 
 

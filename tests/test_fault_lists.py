@@ -203,8 +203,10 @@ def _hostile_list(clean_list, tmp_path, line: str):
 
 
 TRAIN_REJECTED = [
-    ("absolute_path", "/data/x.jpg,1,0", "absolute path '/data/x.jpg' is not allowed"),
-    ("parent_folder", "../x.jpg,1,0", "contains '..'"),
+    # the trainer has no --dataset_dir flag, so the advice names extract.py's
+    ("absolute_path", "/data/x.jpg,1,0",
+     "absolute path '/data/x.jpg' is not allowed; write paths relative to the image folder (extract.py's --dataset_dir)"),
+    ("parent_folder", "../x.jpg,1,0", "contains '..' and could leave the image folder"),
     ("path_without_label", "train/extra.jpg", "has a path but no label and domain"),
     ("extra_columns", "train/extra.jpg,1,0,0", "got 4 fields"),
     ("text_label", "train/extra.jpg,one,0", "label 'one' is not an integer"),

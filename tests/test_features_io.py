@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from feature_extraction.image_list import ListEntry
-from linear_adaptation.features_io import DataError, join_by_id
+from linear_adaptation.features_io import DataError, join_by_id, load_hdf5_features
+from linear_adaptation.hdf5_shards import HDF5Database
 from linear_adaptation.training_data import load_labelled_embeddings
 
 # one path per form of the ILIAS id encoding, plus spaces and single quotes that stay as they are
@@ -69,3 +70,19 @@ def test_ilias_file_rows_join_odd_ids(tmp_path):
     assert report.ok
     assert data.labels.tolist() == list(range(len(ODD_PATHS)))
     assert data.features[data.rows].argmax(axis=1).tolist() == data.labels.tolist()
+
+
+def test_non_utf8_ids_named(tmp_path):
+    # Regression: a Latin-1 id was reported as a damaged file, to be copied again.
+    path = tmp_path / "latin1.hdf5"
+    with h5py.File(path, "w") as f:
+        f["features"] = np.eye(3, dtype=np.float32)
+        f["index"] = np.array([b"a.jpg", "caf\u00e9.jpg".encode("latin-1"), b"c.jpg"], dtype="S")
+
+    for read in (load_hdf5_features, lambda p: HDF5Database([p])):
+        with pytest.raises(DataError) as excinfo:
+            read(str(path))
+        message = str(excinfo.value)
+        assert f"id 1 of {str(path)!r} is not UTF-8 text" in message
+        assert "caf\\xe9.jpg" in message
+        assert "damaged" not in message

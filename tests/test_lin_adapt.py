@@ -95,6 +95,23 @@ def test_weights_only_rejects_code(tmp_path):
     assert marker.exists()
 
 
+class _PickledModule(torch.nn.Module):
+    pass
+
+
+def test_weights_only_error_names_class(tmp_path):
+    path = tmp_path / "module.pth"
+    torch.save(_PickledModule(), path)
+
+    with pytest.raises(LayerLoadError) as excinfo:
+        load_lin_adapt_layer(path)
+    message = str(excinfo.value)
+    # torch's message opens with advice to set weights_only=False, but the reason is the class
+    assert "_PickledModule" in message
+    assert "weights_only` set to `False`" not in message
+    assert "In PyTorch 2.6" not in message
+
+
 @pytest.mark.parametrize(
     "state",
     [

@@ -60,6 +60,17 @@ def test_per_query_short_list_uses_nominal_k():
     assert short["map"][0] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("k", [2**63, 10**30])
+def test_per_query_k_beyond_int64(k):
+    # Regression: --k 2**63 overflowed in np.minimum(num_positives, k)
+    relevant = np.array([[False, True, True], [True, False, False]])
+    huge = per_query_metrics(relevant, np.array([2, 3]), k=k)
+    nominal = per_query_metrics(relevant, np.array([2, 3]), k=1000)
+    for name in ("map", "recall@1", "mmp@5"):
+        np.testing.assert_array_equal(huge[name], nominal[name])
+    assert huge["map"][0] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
 def test_per_query_rejects_more_ranks_than_k():
     with pytest.raises(ValueError, match="more than k = 2"):
         per_query_metrics(np.zeros((1, 3), dtype=bool), np.array([1]), k=2)

@@ -263,10 +263,27 @@ def test_cli_single_class_stops(data_dir, tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_unwritable_output_stops(data_dir, tmp_path, caplog):
+def test_cli_save_dir_under_a_file_exit_2(data_dir, tmp_path, capsys):
+    # Regression: this stopped after loading the data with an errno message (File exists).
     (tmp_path / "file").write_text("not a folder")
-    assert run(train_args(data_dir, tmp_path / "file" / "sub" / "layer.pth", with_val=False)) == 1
+    save_path = tmp_path / "file" / "sub" / "layer.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_args(data_dir, save_path, with_val=False))
+    assert exit_info.value.code == 2
+    assert f"--save_dir {str(save_path)!r}: {str(tmp_path / 'file')!r} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_cli_unwritable_output_stops(data_dir, tmp_path, caplog, monkeypatch):
+    # a folder that passes the argument checks but cannot be written, as on a full or read-only disk
+    def fail_to_open(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("linear_adaptation.outputs.tempfile.NamedTemporaryFile", fail_to_open)
+    assert run(train_args(data_dir, tmp_path / "out" / "layer.pth", with_val=False)) == 1
     assert "cannot write to the output folder" in caplog.text
+    assert "Read-only file system" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_failure_keeps_existing_folder(data_dir, tmp_path):
@@ -499,6 +516,16 @@ def test_cli_save_dir_replaces_older_layer(data_dir, tmp_path, caplog):
         assert run(train_args(data_dir, save_path, with_val=False)) == 0
     assert "replacing the existing" in caplog.text
     assert sorted(torch.load(save_path, weights_only=True)) == ["layer.bias", "layer.weight"]
+
+
+def test_cli_save_dir_names_replaced_sidecars(data_dir, tmp_path, caplog):
+    # Regression: an unrelated run.json beside the new run.pth was replaced without a warning.
+    (tmp_path / "run.json").write_text('{"my": "metrics"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert run(train_args(data_dir, tmp_path / "run.pth", with_val=False)) == 0
+    assert f"replacing the existing {tmp_path / 'run.json'}" in caplog.text
+    assert "run.png" not in caplog.text
+    assert "embedding_space" in (tmp_path / "run.json").read_text()
 
 
 @pytest.mark.parametrize("flag", ["--uned_features_path", "--uned_info_path", "--val_info_path"])

@@ -1,3 +1,4 @@
+import logging
 import math
 
 import numpy as np
@@ -259,12 +260,15 @@ def test_class_mean_init_starts_lower(synthetic):
     assert class_mean.history[1].loss < random_init.history[1].loss - 0.5
 
 
-def test_max_steps_ends_within_epoch(synthetic):
+def test_max_steps_ends_within_epoch(synthetic, caplog):
     # 2000 images in batches of 64 give 31 steps per epoch
-    result = train_linear_adapter(
-        as_labelled(synthetic.train), max_steps=40, lr_schedule="cosine", **{**TRAIN_ARGS, "num_epochs": 5}
-    )
+    with caplog.at_level(logging.INFO, logger="linear_adaptation.trainer"):
+        result = train_linear_adapter(
+            as_labelled(synthetic.train), max_steps=40, lr_schedule="cosine", **{**TRAIN_ARGS, "num_epochs": 5}
+        )
     assert [record.steps for record in result.history[1:]] == [31, 9]
+    # Regression: the start line printed "2 epochs of 31 steps", 62 steps
+    assert "40 steps (--max_steps): 1 epoch of 31 steps and 9 steps (batch 64)" in caplog.text
     assert result.kept_epoch == 2
     assert result.history[2].lr == pytest.approx(lr_at_step(39, 40, 3e-3, "cosine", 0))
 
