@@ -137,7 +137,8 @@ class WindowedImageDataset(IterableDataset):
                 buffered -= len(groups[largest])
                 yield _make_batch(window.index, groups.pop(largest))
 
-        for group in groups.values():
+        # largest first, so the common shapes reach the model before odd ones (see pipeline._FirstFailures)
+        for group in sorted(groups.values(), key=len, reverse=True):
             yield _make_batch(window.index, group)
         yield WindowEnd(window.index, torch.tensor(failed_rows, dtype=torch.int64), failed_reasons)
 

@@ -61,7 +61,8 @@ exit status:
   1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
        that could not be downloaded, unwritable output folder, no readable image, NaN or
        Inf embeddings from every image of the first batches, a fatal model error (out of
-       memory), or another process extracting into the same output
+       memory), a decode worker that died (the saved windows are kept; rerun to resume), or
+       another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
        absent, an output path that is a folder, or settings that differ from the partial
        run being resumed or from the existing output. For a file of the older ILIAS

@@ -11,6 +11,7 @@ back after a kill between the two renames.
 """
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from feature_extraction.dataset import (
     ImageBatch,
     Window,
     WindowedImageDataset,
+    WindowEnd,
     auto_window_size,
     make_loader,
     resolve_worker_priority,
@@ -89,6 +91,12 @@ MAX_LOGGED_FAILURES = 20
 # a model that rejects this many batches, or returns only NaN or Inf for them, before
 # embedding any is broken, not the images
 MAX_FAILED_FIRST_BATCHES = 3
+# seconds to wait for a decode worker after SIGKILL, which it cannot ignore
+_WORKER_KILL_TIMEOUT_SECONDS = 10
+# seconds to wait for a decode worker to exit after the main process lost its connection
+_WORKER_EXIT_WAIT_SECONDS = 1
+# how DataLoader's errors about a dead worker start, in torch 2.x
+_WORKER_DEATH_PREFIX = "DataLoader worker (pid"
 # failure reason of a row whose embedding is not finite; later rows of the run are kept
 NON_FINITE_REASON = (
     "the model returned NaN or Inf values for this image; pass --comp_fp16 false if float16 overflowed"
@@ -259,37 +267,60 @@ def _log_failures(failed_rows: list[int], reasons: list[str], entries: list[List
             _logger.warning("more images are skipped; they are not logged one by one but listed in %s", report)
 
 
-def _shape_failure_reason(error: RuntimeError, shape: torch.Size, embedded_batches: int, failed_batches: int) -> str:
+def _describe_batch(shape: torch.Size) -> str:
+    """Describe a (B, H, W, 3) uint8 batch as its image count and size."""
+    count, height, width = shape[:3]
+    return f"{count} {'image' if count == 1 else 'images'} of {height}x{width} pixels"
+
+
+@dataclass
+class _FirstFailures:
+    """Batches and images that failed before any batch was embedded, to tell a broken model from odd images."""
+
+    batch_size: int
+    batches: int = 0
+    images: int = 0
+
+    def add(self, shape: torch.Size) -> bool:
+        """Count a failed batch; return True when the failures so far mean that the model is broken."""
+        self.batches += 1
+        self.images += shape[0]
+        # a few odd images (panoramas, tiny crops) may come first, so a whole batch's worth must fail too
+        return self.batches >= MAX_FAILED_FIRST_BATCHES and self.images >= self.batch_size
+
+
+def _shape_failure_reason(error: RuntimeError, shape: torch.Size, first_failures: _FirstFailures | None) -> str:
     """Return the skip reason for a batch the model rejected, or raise ExtractionError for a fatal error.
 
     Some architectures reject extreme shapes, e.g. when a feature map is pooled below one
     pixel, and those images are skipped like unreadable ones. Memory and CUDA errors, and a
-    model that has failed on every one of the first batches, end the run instead.
+    model that has failed on every batch so far (`first_failures`, None once a batch was
+    embedded), end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     # "an illegal memory access" is a faulting kernel, which a smaller batch does not fix
     if "memory" in message.lower() and "illegal memory access" not in message.lower():
         raise ExtractionError(
-            f"the model failed on a batch of shape {tuple(shape)}: {message}; lower --batch_size or --resolution"
+            f"the model failed on a batch of {_describe_batch(shape)}: {message}; lower --batch_size or --resolution"
         ) from error
     if "CUDA" in message:
-        raise ExtractionError(f"the model failed on a batch of shape {tuple(shape)}: {message}") from error
-    if embedded_batches == 0 and failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
+        raise ExtractionError(f"the model failed on a batch of {_describe_batch(shape)}: {message}") from error
+    if first_failures is not None and first_failures.add(shape):
         raise ExtractionError(
-            f"the model failed on each of the first {MAX_FAILED_FIRST_BATCHES} batches, last on shape "
-            f"{tuple(shape)}: {message}"
+            f"the model failed on each of the first {first_failures.batches} batches ({first_failures.images} "
+            f"images), last on {_describe_batch(shape)}: {message}"
         ) from error
     height, width = shape[1:3]
     return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
 
 
-def _check_first_non_finite_batch(shape: torch.Size, failed_batches: int) -> None:
-    """Raise ExtractionError when NaN or Inf embeddings fill each of the first batches: the model is broken."""
-    if failed_batches + 1 >= MAX_FAILED_FIRST_BATCHES:
+def _check_first_non_finite_batch(shape: torch.Size, first_failures: _FirstFailures) -> None:
+    """Raise ExtractionError when NaN or Inf embeddings fill every batch so far: the model is broken."""
+    if first_failures.add(shape):
         raise ExtractionError(
-            f"the model returned NaN or Inf embeddings for every image of the first {MAX_FAILED_FIRST_BATCHES} "
-            f"batches, last of shape {tuple(shape)}. Check the weights (--checkpoint), or pass --comp_fp16 false "
-            "if float16 overflowed"
+            f"the model returned NaN or Inf embeddings for every image of the first {first_failures.batches} "
+            f"batches ({first_failures.images} images), last of {_describe_batch(shape)}. Check the weights "
+            "(--checkpoint), or pass --comp_fp16 false if float16 overflowed"
         )
 
 
@@ -303,6 +334,7 @@ def _embed_windows(
     entries: list[ListEntry],
     progress: tqdm,
     report: Path,
+    batch_size: int,
 ) -> int:
     """Embed every batch the loader yields and save each window once all its rows are in.
 
@@ -310,7 +342,8 @@ def _embed_windows(
     """
     collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     model_failures: dict[int, list[tuple[int, str]]] = {}
-    embedded_batches = failed_batches = 0
+    embedded_batches = 0
+    first_failures = _FirstFailures(batch_size)
     failure_log = {"logged": 0}
     finished_rows = 0
     iterator = iter(loader)
@@ -330,14 +363,14 @@ def _embed_windows(
                                           f"{e}; lower --batch_size or --resolution") from e
                 except RuntimeError as e:
                     raise_wrapped_interrupt(e)
-                    reason = _shape_failure_reason(e, record.images.shape, embedded_batches, failed_batches)
+                    if str(e).startswith(_WORKER_DEATH_PREFIX):
+                        raise_if_worker_died(e, iterator)
+                    reason = _shape_failure_reason(e, record.images.shape, first_failures if embedded_batches == 0 else None)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
-                    failed_batches += 1
                     continue
                 finite = torch.isfinite(vectors).all(dim=1)  # (B,)
                 if not bool(finite.any()) and embedded_batches == 0:
-                    _check_first_non_finite_batch(record.images.shape, failed_batches)
-                    failed_batches += 1
+                    _check_first_non_finite_batch(record.images.shape, first_failures)
                 rows = record.rows[finite]
                 model_failures.setdefault(record.window, []).extend(
                     (row, NON_FINITE_REASON) for row in record.rows[~finite].tolist()
@@ -368,10 +401,55 @@ def _embed_windows(
             finished_rows += window.stop - window.start
             progress.update(len(failed_rows))
             _log_failures(failed_rows.tolist(), failed_reasons, entries, failure_log, report)
+    except (RuntimeError, OSError, EOFError) as e:
+        raise_if_worker_died(e, iterator)
+        raise
     finally:
-        # shuts the worker processes down now rather than when the traceback is freed
-        del iterator
+        _shut_down_workers(iterator)
     return finished_rows
+
+
+def raise_if_worker_died(error: Exception, iterator) -> None:
+    """Raise ExtractionError if `error` comes from a decode worker that died, for example by the OOM killer.
+
+    DataLoader reports a dead worker with a RuntimeError from next() or, through its SIGCHLD
+    handler, at whatever line the main process is running. A batch that was being received
+    from it fails instead with a connection or EOF error, so the workers' exit codes decide.
+    """
+    workers = getattr(iterator, "_workers", [])
+    reported = str(error).startswith(_WORKER_DEATH_PREFIX)
+    if not reported and not workers:
+        return
+    if not reported:
+        # the error may arrive while the killed worker is still exiting
+        for worker in workers:
+            worker.join(timeout=_WORKER_EXIT_WAIT_SECONDS)
+    codes = [worker.exitcode for worker in workers if worker.exitcode is not None]
+    if not reported and not any(code != 0 for code in codes):
+        return
+    signals = sorted({signal.Signals(-code).name for code in codes if code < 0 and -code in signal.valid_signals()})
+    cause = f"was killed by {', '.join(signals)}" if signals else "exited"
+    raise ExtractionError(
+        f"a decode worker process {cause} during the run ({str(error).splitlines()[0].strip()}). The saved windows "
+        "are kept: rerun the same command to resume. A worker killed by SIGKILL often means that the machine ran "
+        "out of memory, so also lower --num_workers or --window_size, or ask for more memory"
+    ) from error
+
+
+def _shut_down_workers(iterator) -> None:
+    """Stop the loader's decode workers now, also when an error raised inside the loader keeps it referenced.
+
+    The workers ignore SIGTERM (see dataset._init_worker), so DataLoader's terminate() cannot stop one
+    that missed its stop message, and multiprocessing would then wait for it forever at exit.
+    """
+    workers = list(getattr(iterator, "_workers", []))
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=_WORKER_KILL_TIMEOUT_SECONDS)
 
 
 def _fingerprint(
@@ -638,6 +716,7 @@ def _extract_locked(
                     summary.rows_this_run = _embed_windows(
                         loader=loader, embedder=embedder, store=store, windows={w.index: w for w in pending},
                         store_dtype=store_dtype, entries=entries, progress=progress, report=report,
+                        batch_size=batch_size,
                     )
                     summary.embed_seconds = time.monotonic() - embed_start
 

@@ -642,6 +642,39 @@ def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
     assert report.startswith("b/wide.jpg,the model cannot embed a 21x64 input")
 
 
+def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path):
+    # Regression: three panoramas at the top of the list became the first three batches, so their
+    # failures ended the run as a broken model. Listed last, they were skipped.
+    root, _, paths = sample_dataset
+    panoramas = [f"odd/pano_{i}.jpg" for i in range(3)]
+    # three shapes after resizing (64x6, 64x10 and 64x14), so three batches of one image
+    for i, (name, size) in enumerate(zip(panoramas, [(320, 30), (192, 30), (137, 30)])):
+        write_image(root / name, size, seed=100 + i)
+    list_path = tmp_path / "panoramas_first.txt"
+    list_path.write_text("".join(f"{p},0,0\n" for p in panoramas + paths), encoding="utf-8")
+
+    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size", "8",
+                           "--window_size", "16", list_file=list_path)
+    assert code == 0
+    _, ids, attrs = read_output(output)
+    assert attrs["num_failed"] == 4
+    assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
+    report = output.with_name(output.name + ".failed.txt").read_text()
+    assert report.count("the model cannot embed a") == 4
+
+
+def test_broken_model_needs_failed_batch():
+    from feature_extraction.pipeline import _FirstFailures
+
+    # three single odd images do not yet mean a broken model at batch size 16
+    first = _FirstFailures(batch_size=16)
+    assert [first.add(torch.Size([1, 64, 6, 3])) for _ in range(3)] == [False, False, False]
+    assert first.add(torch.Size([13, 64, 64, 3])) is True
+    # full batches: the third failure ends the run
+    full = _FirstFailures(batch_size=16)
+    assert [full.add(torch.Size([16, 64, 64, 3])) for _ in range(3)] == [False, False, True]
+
+
 @pytest.mark.parametrize(
     "error, message, absent",
     [

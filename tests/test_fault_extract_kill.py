@@ -342,6 +342,50 @@ def test_sigkill_releases_parts_lock_at_once(images, tmp_path):
     process.communicate(timeout=60)
 
 
+def _worker_pids(pid: int) -> list[int]:
+    """Return the child processes of `pid` that run its own command line: the forked decode workers."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read()
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(child) for child in f.read().split()]
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if f.read() == cmdline:
+                    workers.append(child)
+        except FileNotFoundError:
+            pass
+    return workers
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux /proc children lists")
+def test_killed_decode_worker_stops_run(images, reference, tmp_path):
+    # Regression: after the kernel killed a decode worker (SIGKILL, as the OOM killer does), the
+    # main process printed a traceback and then waited forever for the other worker, which
+    # ignores the SIGTERM that DataLoader and multiprocessing send at shutdown.
+    out_dir = tmp_path / "out"
+    argv, env = _paced(images, out_dir, "--num_workers", "2")
+    process = start(argv, env=env)
+    assert wait_for(lambda: _saved_windows(out_dir) >= 1, process)
+    assert wait_for(lambda: len(_worker_pids(process.pid)) == 2, process)
+    os.kill(_worker_pids(process.pid)[0], signal.SIGKILL)
+
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "a decode worker process was killed by SIGKILL during the run" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    _assert_nothing_final(out_dir)
+
+    result = run(command(EXTRACT, _args(images, out_dir)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_final_files(out_dir, reference)
+
+
 @pytest.mark.parametrize("point, signal_name, exit_status", [("decode", "SIGINT", 130), ("exif", "SIGTERM", 143)])
 def test_signal_while_decoding_in_main_process_stops(point, signal_name, exit_status, images, reference, tmp_path):
     # With --num_workers 0 the images are decoded in the main process, inside load_image's
