@@ -4,7 +4,11 @@ timm models are built with `num_classes=0`, so `head` pooling returns the pre-lo
 embedding, except CLIP-style models (name containing 'clip' or 'siglip') whose default
 head is an image-text projection rather than a classifier: they keep it. ViT-style
 models get `dynamic_img_size=True` so non-square inputs work. open_clip models use
-`encode_image` without its normalisation (the caller L2-normalises).
+`encode_image` without its normalisation (the caller L2-normalises), and their image
+towers are adapted to any input size where the architecture allows
+(`positional_embeddings.enable_dynamic_input_size`). A tower that keeps a fixed size
+records it in `Backbone.fixed_input_size`, and `check_input_size` rejects transforms that
+give other sizes.
 
 Weights: a pretrained tag (downloaded or taken from the local cache by timm/open_clip),
 a local `--checkpoint` state dict loaded into the model built without weights, or
@@ -19,6 +23,7 @@ from torch import nn
 
 from feature_extraction.checkpoints import load_state_dict_strict, read_state_dict
 from feature_extraction.interrupts import raise_wrapped_interrupt
+from feature_extraction.transforms import InferenceTransform
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class Backbone:
     description: dict[str, str] = field(default_factory=dict)
     # NAME.TAG of the pretrained config whose preprocessing applies, also with --checkpoint
     pretrained_cfg: str = ""
+    # the only (height, width) input the model accepts, or None for a model that takes any size
+    fixed_input_size: tuple[int, int] | None = None
 
 
 def canonical_framework(framework: str) -> str:
@@ -167,6 +174,14 @@ def _create_timm(full_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     return timm.create_model(full_name, pretrained=pretrained, **kwargs)
 
 
+def _timm_patch_size(net: nn.Module) -> tuple[int, int] | None:
+    """Return the patch size of a timm model's patch embedding, or None for a model without one."""
+    patch_embed = getattr(net, "patch_embed", None)
+    if patch_embed is None or getattr(patch_embed, "patch_size", None) is None:
+        return None
+    return tuple(int(s) for s in patch_embed.patch_size)
+
+
 def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooling: str) -> Backbone:
     """Build a timm model, load its weights and wrap it with the pooling."""
     import timm
@@ -222,17 +237,12 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
             "use --pooling head, gap or gem"
         )
 
-    patch_size = None
-    patch_embed = getattr(net, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "patch_size", None) is not None:
-        patch_size = tuple(int(s) for s in patch_embed.patch_size)
-
     cfg = net.pretrained_cfg
     return Backbone(
         module=TimmPooled(net, pooling),
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
-        patch_size=patch_size,
+        patch_size=_timm_patch_size(net),
         description=description,
         pretrained_cfg=f"{name}.{cfg['tag']}" if cfg.get("tag") else name,
     )
@@ -241,11 +251,72 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
 # ---------------------------------------------------------------------------- open_clip
 
 
+def _missing_weights_error(name: str, tag: str | None, known_tags: list[str]) -> BackboneError:
+    """Return the error for an open_clip model given without a tag, or with a tag open_clip does not list."""
+    fallback = "--checkpoint PATH with a local state dict, or --pretrained none for random weights"
+    if tag is None and known_tags:
+        return BackboneError(
+            f"open_clip model {name!r} needs weights: pass --model {name}.TAG or --pretrained TAG "
+            f"(known tags: {', '.join(known_tags)}), {fallback}"
+        )
+    if tag is None:
+        return BackboneError(
+            f"open_clip model {name!r} needs weights, and open_clip lists no pretrained tags for it; pass {fallback}"
+        )
+    if known_tags:
+        return BackboneError(
+            f"--pretrained tag {tag!r} is unknown for open_clip model {name!r}; known tags: {', '.join(known_tags)}"
+        )
+    return BackboneError(
+        f"--pretrained tag {tag!r} is unknown for open_clip model {name!r}, and open_clip lists no pretrained "
+        f"tags for it; pass {fallback}"
+    )
+
+
+def _load_open_clip_checkpoint(clip: nn.Module, checkpoint: str) -> None:
+    """Load a state dict of the whole CLIP model, or of its image tower with or without the 'visual.' prefix."""
+    state_dict = read_state_dict(checkpoint)
+    visual_keys = [key for key in state_dict if key.startswith("visual.")]
+    if visual_keys and len(visual_keys) == len(state_dict):
+        # the image tower's entries of a whole model's state dict
+        state_dict = {key.removeprefix("visual."): value for key, value in state_dict.items()}
+        load_state_dict_strict(clip.visual, state_dict, source=repr(checkpoint))
+    elif visual_keys:
+        load_state_dict_strict(clip, state_dict, source=repr(checkpoint))
+    else:
+        load_state_dict_strict(clip.visual, state_dict, source=repr(checkpoint))
+
+
+def _adapt_input_size(visual: nn.Module, name: str) -> tuple[int, int] | None:
+    """Let an open_clip image tower take any input size.
+
+    Returns None, or the (height, width) that a tower keeps where it cannot take other sizes.
+    """
+    from open_clip.timm_model import TimmModel
+
+    from feature_extraction.positional_embeddings import enable_dynamic_input_size
+
+    if enable_dynamic_input_size(visual):
+        return None
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+        # the size the trunk checks its input against, which can differ from the open_clip config's image_size
+        size = getattr(getattr(trunk, "patch_embed", None), "img_size", None) or visual.image_size
+        size = (int(size[0]), int(size[1]))
+        _logger.info("open_clip model %s takes only %dx%d inputs: its timm trunk %s cannot be built with "
+                     "dynamic_img_size", name, size[0], size[1], type(trunk).__name__)
+        return size
+    _logger.warning(
+        "open_clip image tower %s of %s is a type that this toolkit does not adapt to other input sizes, so "
+        "inputs other than %s may fail", type(visual).__name__, name, getattr(visual, "image_size", "its own"),
+    )
+    return None
+
+
 def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, pooling: str) -> Backbone:
     """Build an open_clip image tower, load its weights and allow any input size where possible."""
     import open_clip
-
-    from feature_extraction.positional_embeddings import enable_dynamic_input_size
+    from open_clip.timm_model import TimmModel
 
     if pooling != "head":
         raise BackboneError(f"--pooling {pooling} is available for timm models only; use --pooling head with open_clip")
@@ -256,15 +327,8 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
             "python -c \"import open_clip; print(open_clip.list_models())\""
         )
     known_tags = open_clip.list_pretrained_tags_by_model(name)
-    if tag is None and checkpoint is None:
-        raise BackboneError(
-            f"open_clip model {name!r} needs weights: pass --model {name}.TAG or --pretrained TAG "
-            f"(known tags: {', '.join(known_tags) or 'none'}), or --checkpoint PATH"
-        )
-    if tag not in (None, NO_WEIGHTS) and tag not in known_tags:
-        raise BackboneError(
-            f"--pretrained tag {tag!r} is unknown for open_clip model {name!r}; known tags: {', '.join(known_tags)}"
-        )
+    if (tag is None and checkpoint is None) or (tag not in (None, NO_WEIGHTS) and tag not in known_tags):
+        raise _missing_weights_error(name, tag, known_tags)
 
     # the tag's mean/std apply even when the weights come from --checkpoint
     force_preprocess = {}
@@ -285,11 +349,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
     description = {"pretrained": tag or ""}
     if checkpoint is not None:
         description["pretrained"] = ""
-        state_dict = read_state_dict(checkpoint)
-        if any(key.startswith("visual.") for key in state_dict):
-            load_state_dict_strict(clip, state_dict, source=repr(checkpoint))
-        else:
-            load_state_dict_strict(clip.visual, state_dict, source=repr(checkpoint))
+        _load_open_clip_checkpoint(clip, checkpoint)
     elif tag == NO_WEIGHTS:
         _logger.warning("open_clip model %s has random weights (--pretrained none): embeddings are meaningless", name)
 
@@ -299,13 +359,11 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
     mean = tuple(float(v) for v in preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in preprocess.get("std", open_clip.OPENAI_DATASET_STD))
 
-    if not enable_dynamic_input_size(visual):
-        size = getattr(visual, "image_size", None)
-        _logger.warning(
-            "open_clip image tower %s takes only its training input size %s; use --transforms "
-            "RESIZE_SQUARE or RESIZE_CENTER with that --resolution", type(visual).__name__, size,
-        )
-    patch_size = tuple(int(s) for s in visual.patch_size) if hasattr(visual, "patch_size") else None
+    fixed_input_size = _adapt_input_size(visual, name)
+    if isinstance(visual, TimmModel):
+        patch_size = _timm_patch_size(visual.trunk)
+    else:
+        patch_size = tuple(int(s) for s in visual.patch_size) if hasattr(visual, "patch_size") else None
     return Backbone(
         module=OpenClipImageEncoder(visual),
         mean=mean,
@@ -313,7 +371,35 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
         patch_size=patch_size,
         description=description,
         pretrained_cfg=f"{name}.{tag}" if force_preprocess else name,
+        fixed_input_size=fixed_input_size,
     )
+
+
+def check_input_size(backbone: Backbone, transform: InferenceTransform, multiscale: bool, model: str) -> None:
+    """Raise BackboneError when the model takes one input size and the transform or --multiscale gives others."""
+    if backbone.fixed_input_size is None:
+        return
+    height, width = backbone.fixed_input_size
+    output_size = transform.fixed_output_size()
+    if output_size == (height, width) and not multiscale:
+        return
+
+    if height != width:
+        raise BackboneError(
+            f"--model {model!r} takes only {height}x{width} inputs, and every --transforms gives square or "
+            "variable sizes; choose another --model"
+        )
+    if output_size == (height, width):
+        problem = "--multiscale true rescales them"
+    else:
+        transform_flags = f"--transforms {transform.name.value} with --resolution {transform.resolution}"
+        if transform.min_size:
+            transform_flags += f" and --min_size {transform.min_size}"
+        problem = f"{transform_flags} gives other sizes"
+    fix = f"--transforms RESIZE_SQUARE, RESIZE_CENTER or RESIZE_PAD with --resolution {height}"
+    if multiscale:
+        fix += ", and --multiscale false"
+    raise BackboneError(f"--model {model!r} takes only {height}x{width} inputs, but {problem}; pass {fix}")
 
 
 def build_backbone(

@@ -159,8 +159,9 @@ def fold_backbone_batchnorm(module: nn.Module, resolution: int) -> tuple[nn.Modu
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(1, 3, resolution, resolution, generator=generator)
         folded, count = fold_batchnorm(module, example)
-    except RuntimeError as e:
-        # folding only saves time, so the run goes on and the extraction reports its own error on this model
+    except Exception as e:
+        # Folding only saves time, so the run goes on and the extraction reports its own error on this
+        # model. timm rejects input sizes with assert statements too. Signal exceptions are raised again.
         raise_wrapped_interrupt(e)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         _logger.warning("BatchNorm folding skipped: the model failed on a %dx%d test input (%s)",

@@ -63,7 +63,8 @@ exit status:
        Inf embeddings from every image of the first batches, a fatal model error (out of
        memory), a decode worker that died (the saved windows are kept; rerun to resume), or
        another process extracting into the same output
-  2    invalid arguments: a bad flag value, an unknown model or tag, CUDA requested but
+  2    invalid arguments: a bad flag value, an unknown model or tag, transforms that give
+       other input sizes than a fixed-size model takes, CUDA requested but
        absent, an output path that is a folder, or settings that differ from the partial
        run being resumed or from the existing output. For a file of the older ILIAS
        tools, which records no settings, ids that are not the list's in list order

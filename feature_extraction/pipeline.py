@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from feature_extraction.allocator import keep_freed_memory_mapped
-from feature_extraction.backbones import Backbone, build_backbone, canonical_framework
+from feature_extraction.backbones import Backbone, build_backbone, canonical_framework, check_input_size
 from feature_extraction.batchnorm_folding import fold_backbone_batchnorm
 from feature_extraction.dataset import (
     ImageBatch,
@@ -289,7 +289,7 @@ class _FirstFailures:
         return self.batches >= MAX_FAILED_FIRST_BATCHES and self.images >= self.batch_size
 
 
-def _shape_failure_reason(error: RuntimeError, shape: torch.Size, first_failures: _FirstFailures | None) -> str:
+def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _FirstFailures | None) -> str:
     """Return the skip reason for a batch the model rejected, or raise ExtractionError for a fatal error.
 
     Some architectures reject extreme shapes, e.g. when a feature map is pooled below one
@@ -361,11 +361,15 @@ def _embed_windows(
                 except torch.cuda.OutOfMemoryError as e:
                     raise ExtractionError(f"out of memory on a batch of {tuple(record.images.shape)} images: "
                                           f"{e}; lower --batch_size or --resolution") from e
-                except RuntimeError as e:
+                except Exception as e:
+                    # torch raises RuntimeError for input shapes it rejects, timm's input checks AssertionError,
+                    # and other model code any Exception. The first batches decide whether the model is broken.
+                    # Signal exceptions, Interrupted (an Exception) included, are raised again.
                     raise_wrapped_interrupt(e)
                     if str(e).startswith(_WORKER_DEATH_PREFIX):
                         raise_if_worker_died(e, iterator)
-                    reason = _shape_failure_reason(e, record.images.shape, first_failures if embedded_batches == 0 else None)
+                    still_first = first_failures if embedded_batches == 0 else None
+                    reason = _shape_failure_reason(e, record.images.shape, still_first)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     continue
                 finite = torch.isfinite(vectors).all(dim=1)  # (B,)
@@ -610,11 +614,12 @@ def run_extraction(
     # seeded so that --pretrained none gives the same random weights on every run
     torch.manual_seed(0)
     backbone = build_backbone(framework, model, pretrained, checkpoint, pooling)
+    transform = InferenceTransform(TransformName(transforms), resolution, min_size)
+    check_input_size(backbone, transform, multiscale, model)
     folded_layers = 0
     if fold_batchnorm:
         backbone.module, folded_layers = fold_backbone_batchnorm(backbone.module, resolution)
     checkpoint_sha256 = file_sha256(checkpoint) if checkpoint else ""
-    transform = InferenceTransform(TransformName(transforms), resolution, min_size)
     decode_options = DecodeOptions(transform, max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft)
     store_dtype = np.dtype(np.float16 if store_fp16 else np.float32)
     embedder = Embedder(backbone, transform, torch_device, autocast_dtype=autocast_dtype, multiscale=multiscale)

@@ -4,12 +4,19 @@ open_clip's ViT and its ResNet attention pool add a learned embedding for a fixe
 (7x7 for RN50 at 224 px), so any other input size fails. Here the grid part of that
 embedding is resized bicubically to the grid of each incoming input, as the ILIAS
 extractor does for RN50's attention pool. The class position is kept unchanged.
+
+Towers built on timm (open_clip's TimmModel) get a copy of their timm trunk built with
+`dynamic_img_size=True`, which resamples the positional embedding (or the RoPE grid) to
+each input in timm's own way. timm CNNs take any size as they are.
 """
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_logger = logging.getLogger(__name__)
 
 
 def resize_positional_embedding(
@@ -51,13 +58,86 @@ def _make_dynamic(module: nn.Module, source_grid: tuple[int, int], grid_of_input
     module.register_forward_pre_hook(_GridHook(source_grid, grid_of_input))
 
 
-def enable_dynamic_input_size(visual: nn.Module) -> bool:
-    """Let an open_clip image tower take any input size; return False for unsupported towers.
+def _takes_any_size(trunk: nn.Module) -> bool:
+    # timm's default config sets fixed_input_size for architectures with a fixed token grid (ViTs,
+    # Swin), and a model built to resample that grid has dynamic_img_size set
+    if getattr(trunk, "dynamic_img_size", False):
+        return True
+    pretrained_cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    return not pretrained_cfg.get("fixed_input_size", False)
 
-    Call after loading weights, because the positional embedding leaves the state dict.
+
+def _fill_missing_buffers(copy: nn.Module, source: nn.Module) -> bool:
+    """Set each buffer of `copy` still on the meta device to `source`'s buffer of the same name and shape.
+
+    Returns False when `source` has no such buffer for one of them.
+    """
+    source_buffers = dict(source.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        replacement = source_buffers.get(name)
+        if replacement is None or replacement.shape != buffer.shape:
+            return False
+        module_name, _, buffer_name = name.rpartition(".")
+        copy.get_submodule(module_name)._buffers[buffer_name] = replacement
+    return True
+
+
+def dynamic_img_size_copy(trunk: nn.Module) -> nn.Module | None:
+    """Return a copy of a timm model, built with `dynamic_img_size=True`, that uses the model's tensors.
+
+    Returns None when the architecture has no such option, or when this timm release cannot
+    list the model's construction arguments (`timm.models.get_model_args`, present in timm
+    1.0.31). The copy may share tensors with `trunk`, so use it in place of `trunk`.
+    """
+    import timm
+    import timm.models
+
+    get_model_args = getattr(timm.models, "get_model_args", None)
+    architecture = (getattr(trunk, "pretrained_cfg", None) or {}).get("architecture")
+    if get_model_args is None or not architecture:
+        return None
+    # num_classes, global_pool and img_size as the trunk has them now, without the drop rates
+    kwargs = {**get_model_args(trunk), "dynamic_img_size": True}
+
+    try:
+        # built without memory or initialisation, because the tensors come from `trunk`
+        with torch.device("meta"):
+            copy = timm.create_model(architecture, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise
+        return None
+    # assign=True takes the trunk's tensors in place of the meta ones. Buffers left out of the
+    # state dict (index tables, RoPE frequencies) come from the trunk by name.
+    copy.load_state_dict(trunk.state_dict(), strict=True, assign=True)
+    if not _fill_missing_buffers(copy, trunk):
+        _logger.info("building %s with dynamic_img_size=True again with initialised tensors, because the "
+                     "trunk lacks some of its buffers", architecture)
+        copy = timm.create_model(architecture, pretrained=False, **kwargs)
+        copy.load_state_dict(trunk.state_dict(), strict=True)
+    return copy.train(trunk.training)
+
+
+def enable_dynamic_input_size(visual: nn.Module) -> bool:
+    """Let an open_clip image tower take any input size. Returns False where it keeps a fixed size.
+
+    Call after loading weights, because the positional embedding of open_clip's own ViT
+    and ResNet leaves the state dict, and a timm trunk is replaced by a copy.
     """
     from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, TimmModel):
+        if _takes_any_size(visual.trunk):
+            return True
+        copy = dynamic_img_size_copy(visual.trunk)
+        if copy is None:
+            return False
+        visual.trunk = copy
+        return True
 
     if isinstance(visual, ModifiedResNet):
         pool = visual.attnpool

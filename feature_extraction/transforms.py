@@ -99,6 +99,15 @@ class InferenceTransform:
             image = image.crop((left, top, left + self.resolution, top + self.resolution))
         return image
 
+    def fixed_output_size(self) -> tuple[int, int] | None:
+        """Return the (height, width) of every model input when all images get the same size, else None."""
+        if self.name in (TransformName.RESIZE_CENTER, TransformName.RESIZE_SQUARE, TransformName.RESIZE_PAD):
+            return self.resolution, self.resolution
+        # the longer side is at the resolution, so padding both sides to min_size gives a square
+        if self.name == TransformName.RESIZE_LARGE and self.min_size >= self.resolution:
+            return self.min_size, self.min_size
+        return None
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """Return the (height, width) after the centred zero padding of the batch stage."""
         if self.name == TransformName.RESIZE_LARGE:

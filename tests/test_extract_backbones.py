@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import pytest
@@ -9,6 +10,7 @@ from feature_extraction.backbones import (
     TimmPooled,
     _timm_keeps_head,
     build_backbone,
+    check_input_size,
     gem_pool,
     split_model_tag,
 )
@@ -289,3 +291,218 @@ def test_checkpoint_changes_embedding(tmp_path):
         b = F.normalize(build_backbone("timm", CNN, None, str(tmp_path / "b.pth"), "head").module(images))
     assert torch.allclose(a, a_again)
     assert (a * b).sum(dim=1).max() < 0.999
+
+
+# ---------------------------------------------------------------------------- open_clip towers built on timm
+
+# the smallest open_clip config with a timm ViT trunk (an Eva at 384 px), and the one config
+# whose trunk (a VisionTransformerRelPos) has no dynamic_img_size option
+TIMM_VIT_TOWER = "PE-Core-T-16-384"
+FIXED_TRUNK_TOWER = "vit_relpos_medium_patch16_cls_224"
+
+
+@pytest.fixture(scope="module")
+def open_clip_timm_vit():
+    torch.manual_seed(0)
+    return build_backbone("och", TIMM_VIT_TOWER, "none", None, "head")
+
+
+def test_open_clip_timm_vit_takes_other_sizes(open_clip_timm_vit):
+    backbone = open_clip_timm_vit
+    transform = InferenceTransform(TransformName.RESIZE_LARGE, 64)
+    embedder = Embedder(backbone, transform, torch.device("cpu"))
+    landscape = embedder.embed(torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8))
+    portrait = embedder.embed(torch.randint(0, 256, (2, 64, 40, 3), dtype=torch.uint8))  # 40 is no multiple of 16
+
+    assert backbone.fixed_input_size is None
+    assert backbone.patch_size == (16, 16)
+    assert tuple(landscape.shape) == tuple(portrait.shape) == (2, 512)
+    assert torch.isfinite(landscape).all()
+    assert torch.isfinite(portrait).all()
+
+
+def test_open_clip_timm_vit_native_size_unchanged(open_clip_timm_vit):
+    # the same weights in the tower as open_clip builds it, which only takes its native 384 px input
+    import open_clip
+
+    reference = open_clip.create_model(TIMM_VIT_TOWER, pretrained=None).visual.eval()
+    reference.load_state_dict(open_clip_timm_vit.module.visual.state_dict())
+    assert not reference.trunk.dynamic_img_size
+    assert open_clip_timm_vit.module.visual.trunk.dynamic_img_size
+    images = _images(384, 384, batch=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(open_clip_timm_vit.module(images), reference(images), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pe_core_trunks():
+    """A random timm PE-Core tiny trunk as open_clip builds it, and the same weights built with dynamic_img_size."""
+    import timm
+
+    name = "vit_pe_core_tiny_patch16_384"
+    torch.manual_seed(0)
+    trunk = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    reference = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    reference.load_state_dict(trunk.state_dict())
+    return trunk, reference
+
+
+@pytest.mark.parametrize("buffers", ["kept", "missing"])
+def test_dynamic_trunk_copy_equals_timm_build(pe_core_trunks, buffers):
+    # The copy is built on the meta device and takes the trunk's buffers, or is built again with
+    # initialised tensors when the trunk lacks one (rope.bands is not in the state dict).
+    import copy
+
+    from feature_extraction.positional_embeddings import dynamic_img_size_copy
+
+    trunk, reference = pe_core_trunks
+    trunk = copy.deepcopy(trunk)
+    if buffers == "missing":
+        del trunk.rope._buffers["bands"]
+
+    dynamic = dynamic_img_size_copy(trunk)
+
+    assert dynamic.dynamic_img_size
+    assert not any(tensor.is_meta for tensor in [*dynamic.parameters(), *dynamic.buffers()])
+    images = _images(128, 96, batch=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(dynamic.eval()(images), reference(images), rtol=0, atol=1e-5)
+
+
+def test_dynamic_trunk_copy_unavailable_for_relpos_vit():
+    import timm
+
+    from feature_extraction.positional_embeddings import dynamic_img_size_copy
+
+    trunk = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=0)
+    assert dynamic_img_size_copy(trunk) is None
+
+
+@pytest.mark.parametrize("model, dim", [("convnext_tiny", 1024), ("MobileCLIP-S1", 512)])
+def test_open_clip_timm_cnn_towers_take_any_size(model, dim, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="feature_extraction.backbones"):
+        backbone = build_backbone("och", model, "none", None, "head")
+    assert "input size" not in caplog.text
+    assert backbone.fixed_input_size is None
+
+    embedder = Embedder(backbone, InferenceTransform(TransformName.RESIZE_LARGE, 64), torch.device("cpu"))
+    vectors = embedder.embed(torch.randint(0, 256, (2, 40, 64, 3), dtype=torch.uint8))
+    assert tuple(vectors.shape) == (2, dim)
+
+
+@pytest.fixture(scope="module")
+def open_clip_fixed_trunk():
+    torch.manual_seed(0)
+    return build_backbone("och", FIXED_TRUNK_TOWER, "none", None, "head")
+
+
+def test_open_clip_fixed_trunk_records_its_size(open_clip_fixed_trunk):
+    assert open_clip_fixed_trunk.fixed_input_size == (224, 224)
+    vectors = open_clip_fixed_trunk.module(_images(224, 224, batch=1))
+    assert tuple(vectors.shape) == (1, 512)
+
+
+@pytest.mark.parametrize(
+    "transforms, resolution, min_size, multiscale",
+    [
+        ("RESIZE_LARGE", 128, 0, False),
+        ("RESIZE_SQUARE", 128, 0, False),
+        ("RESIZE_SMALL", 224, 0, False),
+        ("RESIZE_LARGE", 224, 0, False),
+        ("RESIZE_SQUARE", 224, 0, True),
+    ],
+)
+def test_open_clip_fixed_trunk_rejects_other_sizes(open_clip_fixed_trunk, transforms, resolution, min_size,
+                                                   multiscale):
+    transform = InferenceTransform(TransformName(transforms), resolution, min_size)
+    with pytest.raises(BackboneError) as info:
+        check_input_size(open_clip_fixed_trunk, transform, multiscale, FIXED_TRUNK_TOWER)
+    message = str(info.value)
+    assert "takes only 224x224 inputs" in message
+    assert "--resolution 224" in message
+    assert "RESIZE_SQUARE" in message
+    assert ("--multiscale false" in message) == multiscale
+
+
+@pytest.mark.parametrize(
+    "transforms, resolution, min_size",
+    [("RESIZE_SQUARE", 224, 0), ("RESIZE_CENTER", 224, 0), ("RESIZE_PAD", 224, 0), ("RESIZE_LARGE", 200, 224)],
+)
+def test_open_clip_fixed_trunk_accepts_its_size(open_clip_fixed_trunk, transforms, resolution, min_size):
+    transform = InferenceTransform(TransformName(transforms), resolution, min_size)
+    check_input_size(open_clip_fixed_trunk, transform, False, FIXED_TRUNK_TOWER)
+
+
+def test_any_size_backbone_passes_size_check(open_clip_vit):
+    check_input_size(open_clip_vit, InferenceTransform(TransformName.RESIZE_LARGE, 50), True, "ViT-S-32")
+
+
+# ---------------------------------------------------------------------------- open_clip tags and checkpoints
+
+
+@pytest.mark.parametrize("pretrained", [None, "nonexistent"])
+def test_open_clip_model_without_tags_message(pretrained):
+    with pytest.raises(BackboneError) as info:
+        build_backbone("openclip", "ViT-S-32", pretrained, None, "head")
+    message = str(info.value)
+    assert "open_clip lists no pretrained tags for it" in message
+    assert "known tags" not in message
+    assert "--pretrained none for random weights" in message
+    assert "--checkpoint PATH" in message
+
+
+def test_open_clip_needs_weights_lists_tags():
+    with pytest.raises(BackboneError) as info:
+        build_backbone("openclip", "RN50", None, None, "head")
+    message = str(info.value)
+    assert "known tags: openai, yfcc15m" in message
+    assert "--pretrained none for random weights" in message
+
+
+@pytest.fixture(scope="module")
+def open_clip_state(tmp_path_factory):
+    """The state dict of a random ViT-S-32 CLIP model saved in several layouts; returns {layout: path}."""
+    import open_clip
+
+    torch.manual_seed(5)
+    state = open_clip.create_model("ViT-S-32", pretrained=None).state_dict()
+    visual = {key: value for key, value in state.items() if key.startswith("visual.")}
+    layouts = {
+        "full": state,
+        "visual_prefixed": visual,
+        "visual": {key.removeprefix("visual."): value for key, value in visual.items()},
+        "module_full": {"module." + key: value for key, value in state.items()},
+        "module_visual_prefixed": {"module." + key: value for key, value in visual.items()},
+    }
+    folder = tmp_path_factory.mktemp("open_clip_state")
+    paths = {}
+    for layout, tensors in layouts.items():
+        paths[layout] = folder / f"{layout}.pth"
+        torch.save(tensors, paths[layout])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def open_clip_full_state_embeddings(open_clip_state):
+    """Embeddings of `_images(64, 64)` by ViT-S-32 with the whole model's state dict loaded."""
+    with torch.inference_mode():
+        return build_backbone("och", "ViT-S-32", None, str(open_clip_state["full"]), "head").module(_images(64, 64))
+
+
+@pytest.mark.parametrize("layout", ["visual_prefixed", "visual", "module_full", "module_visual_prefixed"])
+def test_open_clip_checkpoint_layouts_equal_full(open_clip_state, open_clip_full_state_embeddings, layout):
+    with torch.inference_mode():
+        embeddings = build_backbone("och", "ViT-S-32", None, str(open_clip_state[layout]), "head").module(
+            _images(64, 64)
+        )
+    assert torch.equal(embeddings, open_clip_full_state_embeddings)
+
+
+def test_open_clip_partial_text_tower_rejected(open_clip_state, tmp_path):
+    # a dict with some text-tower keys is loaded into the whole model, so the other text keys are missing
+    state = torch.load(open_clip_state["full"], weights_only=True)
+    partial = {key: value for key, value in state.items() if key.startswith("visual.") or key == "logit_scale"}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: .*token_embedding.weight"):
+        build_backbone("och", "ViT-S-32", None, str(tmp_path / "partial.pth"), "head")

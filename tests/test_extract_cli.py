@@ -630,16 +630,20 @@ def test_open_clip_alias_and_model_tag(extract):
     assert attrs["model"] == "RN50.none"
 
 
-def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
-    # RN50's stride-2 average pools fail below about 32 px per side; the 90x30 image becomes 64x21
-    _, _, paths = sample_dataset
-    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64")
+def _assert_only_wide_image_skipped(code, output, paths, reason):
     _, ids, attrs = read_output(output)
     assert code == 0
     assert attrs["num_failed"] == 1
     assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
     report = output.with_name(output.name + ".failed.txt").read_text()
-    assert report.startswith("b/wide.jpg,the model cannot embed a 21x64 input")
+    assert report.startswith(f"b/wide.jpg,{reason}")
+
+
+def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
+    # RN50's stride-2 average pools fail below about 32 px per side; the 90x30 image becomes 64x21
+    _, _, paths = sample_dataset
+    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64")
+    _assert_only_wide_image_skipped(code, output, paths, "the model cannot embed a 21x64 input")
 
 
 def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path):
@@ -678,20 +682,25 @@ def test_broken_model_needs_failed_batch():
 @pytest.mark.parametrize(
     "error, message, absent",
     [
-        ("mat1 and mat2 shapes cannot be multiplied", "failed on each of the first 3 batches", None),
-        ("DefaultCPUAllocator: can't allocate memory", "can't allocate memory; lower --batch_size or --resolution",
-         None),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "failed on each of the first 3 batches", None),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+         "can't allocate memory; lower --batch_size or --resolution", None),
         # a faulting kernel is not an allocation failure, so a smaller batch or resolution does not fix it
-        ("CUDA error: an illegal memory access was encountered", "an illegal memory access was encountered",
-         "lower --batch_size"),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"),
+         "an illegal memory access was encountered", "lower --batch_size"),
+        # timm checks input sizes with assert statements
+        (AssertionError("Input height (32) doesn't match model (384)."), "failed on each of the first 3 batches",
+         None),
+        (ValueError("Input image size (32*24) doesn't match model (224*224)."),
+         "failed on each of the first 3 batches", None),
     ],
-    ids=["shape", "allocation", "illegal_memory_access"],
+    ids=["shape", "allocation", "illegal_memory_access", "assertion", "value_error"],
 )
 def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, message, absent):
     from feature_extraction.embedding import Embedder
 
     def broken(self, images):
-        raise RuntimeError(error)
+        raise error
 
     monkeypatch.setattr(Embedder, "embed", broken)
     with caplog.at_level(logging.ERROR):
@@ -701,6 +710,70 @@ def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, mess
     if absent is not None:
         assert absent not in caplog.text
     assert not output.exists()
+
+
+def test_assertion_on_one_shape_skips_its_images(extract, monkeypatch, sample_dataset):
+    from feature_extraction.embedding import Embedder
+
+    embed = Embedder.embed
+
+    def rejects_wide(self, images):
+        if images.shape[1] * 2 < images.shape[2]:  # the 90x30 image, 32x10 after resizing
+            raise AssertionError(f"Input height ({images.shape[1]}) doesn't match model (32).")
+        return embed(self, images)
+
+    monkeypatch.setattr(Embedder, "embed", rejects_wide)
+    _, _, paths = sample_dataset
+    code, output = extract()
+    _assert_only_wide_image_skipped(code, output, paths, "the model cannot embed a 10x32 input (Input height (10)")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)], ids=["keyboard_interrupt", "system_exit"])
+def test_stop_in_model_forward_propagates(extract, monkeypatch, stop):
+    from feature_extraction.embedding import Embedder
+
+    def stopped(self, images):
+        raise stop
+
+    monkeypatch.setattr(Embedder, "embed", stopped)
+    with pytest.raises(type(stop)):
+        extract()
+
+
+def test_interrupt_in_model_forward_stops_run(extract, monkeypatch, caplog):
+    # Interrupted is an Exception, so the handler of model errors must re-raise it
+    from feature_extraction.embedding import Embedder
+    from feature_extraction.interrupts import Interrupted
+
+    def interrupted(self, images):
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(Embedder, "embed", interrupted)
+    with caplog.at_level(logging.WARNING):
+        code, output = extract()
+    assert code == 130
+    assert "cannot embed" not in caplog.text
+    assert not output.exists()
+
+
+def test_open_clip_timm_vit_at_other_resolution(extract):
+    # PE-Core-T-16-384's timm trunk takes 384x384 inputs unless built with dynamic_img_size
+    code, output = extract("--framework", "openclip", "--model", "PE-Core-T-16-384")
+    features, _, attrs = read_output(output)
+    assert code == 0
+    assert features.shape == (10, 512)
+    assert attrs["num_failed"] == 0
+
+
+def test_open_clip_fixed_size_tower_exits_two(extract, caplog):
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--framework", "openclip", "--model", "vit_relpos_medium_patch16_cls_224")
+    assert code == 2
+    assert "takes only 224x224 inputs" in caplog.text
+    assert "--resolution 224" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not output.exists()
+    assert not output.with_name(output.name + ".parts").exists()
 
 
 def test_unknown_model_exit_two(extract):

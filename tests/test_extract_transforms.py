@@ -84,6 +84,33 @@ def test_transform_output_shape(name, min_size, size, expected_hw):
     assert tuple(embedder.prepare(pixels).shape) == (1, 3, *expected_hw)
 
 
+@pytest.mark.parametrize(
+    "name, min_size, expected",
+    [
+        (TransformName.RESIZE_LARGE, 0, None),
+        (TransformName.RESIZE_LARGE, 30, None),
+        (TransformName.RESIZE_LARGE, 32, (32, 32)),
+        (TransformName.RESIZE_LARGE, 40, (40, 40)),
+        (TransformName.RESIZE_SMALL, 0, None),
+        (TransformName.RESIZE_CENTER, 0, (32, 32)),
+        (TransformName.RESIZE_SQUARE, 0, (32, 32)),
+        (TransformName.RESIZE_PAD, 0, (32, 32)),
+    ],
+)
+def test_fixed_output_size_matches_prepared_shapes(name, min_size, expected):
+    transform = InferenceTransform(name, 32, min_size)
+    embedder = Embedder(_identity_backbone(), transform, torch.device("cpu"))
+    shapes = set()
+    for size in SIZES:
+        pixels = torch.from_numpy(np.array(transform.resize(_random_image(size))))[None]
+        shapes.add(tuple(embedder.prepare(pixels).shape[-2:]))
+    assert transform.fixed_output_size() == expected
+    if expected is None:
+        assert len(shapes) > 1
+    else:
+        assert shapes == {expected}
+
+
 def test_padding_fills_mean_colour_centred():
     transform = InferenceTransform(TransformName.RESIZE_PAD, 8)
     pixels = torch.full((1, 4, 8, 3), 255, dtype=torch.uint8)  # a white 8x4 band
