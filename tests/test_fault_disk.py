@@ -160,12 +160,13 @@ def test_train_full_tmpfs_writes_nothing(labelled, tmp_path, caplog):
         assert not save.parent.exists() or list(save.parent.iterdir()) == []
 
 
-def test_train_output_parent_is_file(labelled, tmp_path, caplog):
+def test_train_output_parent_is_file(labelled, tmp_path, capsys):
+    # rejected with the arguments, before any data is loaded
     (tmp_path / "a_file").write_text("not a folder")
-    with caplog.at_level(logging.ERROR):
-        code = _train(labelled, tmp_path / "a_file" / "layer.pth")
-    assert code == 1
-    assert "choose a writable --save_dir" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        _train(labelled, tmp_path / "a_file" / "layer.pth")
+    assert exit_info.value.code == 2
+    assert f"{str(tmp_path / 'a_file')!r} is a file, not a folder; choose another path" in capsys.readouterr().err
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
