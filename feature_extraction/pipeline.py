@@ -135,7 +135,8 @@ def load_entries(dataset_dir: str | Path, selected_ids: str | Path | None) -> tu
         return entries, paths_sha256(entries), "all image files under --dataset_dir, sorted by path"
     if not Path(selected_ids).is_file():
         raise ExtractionError(f"--selected_ids {str(selected_ids)!r} is not a file; pass the image list")
-    return read_image_list(selected_ids), file_sha256(selected_ids), str(selected_ids)
+    # resolved, so the recorded source names the file from any working folder
+    return read_image_list(selected_ids), file_sha256(selected_ids), str(Path(selected_ids).resolve())
 
 
 def library_versions() -> dict[str, str]:
@@ -498,7 +499,7 @@ def _output_attributes(
         **{key: value for key, value in fingerprint.items() if key not in internal},
         "model": model,
         "dtype": store_dtype.name,
-        "checkpoint": checkpoint or "",
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else "",
         "list_source": list_source,
         "mean": np.array(backbone.mean),
         "std": np.array(backbone.std),

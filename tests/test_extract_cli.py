@@ -498,6 +498,23 @@ def test_checkpoint_changes_embedding_and_is_recorded(extract, tmp_path):
     assert cosines.max() < 0.999
 
 
+def test_recorded_paths_are_absolute(sample_dataset, tmp_path, monkeypatch):
+    # Regression: the checkpoint and list attributes kept the paths as typed, relative to the
+    # folder the run started in.
+    import timm
+
+    root, list_path, _ = sample_dataset
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    code = run_cli("--dataset_dir", root, "--selected_ids", list_path.name, "--hdf5_dir", "out", *options,
+                   "--checkpoint", "w.pth")
+    assert code == 0
+    _, _, attrs = read_output(tmp_path / "out" / "features_uned.hdf5")
+    assert attrs["checkpoint"] == str(tmp_path / "w.pth")
+    assert attrs["list_source"] == str(list_path)
+
+
 def test_nan_checkpoint_ends_run(extract, tmp_path, caplog):
     # Regression: a checkpoint with one NaN weight gave all-NaN embeddings, written with exit 0
     import timm
