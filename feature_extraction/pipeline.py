@@ -614,6 +614,9 @@ def run_extraction(
         keep_freed_memory_mapped()
     # seeded so that --pretrained none gives the same random weights on every run
     torch.manual_seed(0)
+    # NOTE: the model is built before an existing output is compared, because the compared settings
+    # include its mean and std. So a rerun over a complete output also loads the weights, and exits 1
+    # where pretrained weights are neither cached nor downloadable.
     backbone = build_backbone(framework, model, pretrained, checkpoint, pooling)
     transform = InferenceTransform(TransformName(transforms), resolution, min_size)
     check_input_size(backbone, transform, multiscale, model)
