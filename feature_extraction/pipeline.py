@@ -101,6 +101,8 @@ _WORKER_DEATH_PREFIX = "DataLoader worker (pid"
 NON_FINITE_REASON = (
     "the model returned NaN or Inf values for this image; pass --comp_fp16 false if float16 overflowed"
 )
+# how the reasons of images that were read but that the model failed on start
+_MODEL_REASON_PREFIX = "the model "
 
 
 class ExtractionError(Exception):
@@ -299,6 +301,13 @@ def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _
     embedded), end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, AssertionError):
+        # timm asserts the input size in models that take one size only, so skipping would drop every
+        # image of another shape
+        raise ExtractionError(
+            f"the model rejected a batch of {_describe_batch(shape)} ({message}): it takes inputs of one size "
+            "only. Pass --transforms RESIZE_SQUARE, RESIZE_CENTER or RESIZE_PAD with --resolution set to that size"
+        ) from error
     # "an illegal memory access" is a faulting kernel, which a smaller batch does not fix
     if "memory" in message.lower() and "illegal memory access" not in message.lower():
         raise ExtractionError(
@@ -547,15 +556,19 @@ def _assemble_output(
         restore_replaced_report(output, store.replaced_report_path)
         store.remove()
         first_failure = _first_failure(failures, entries, dataset_dir)
-        check = f"check --dataset_dir {str(dataset_dir)!r} and the list paths"
+        # Every image was read but the model failed on each, so the weights or the model are at fault.
+        model_only = all(reason.startswith(_MODEL_REASON_PREFIX) for _, reason in failures)
+        problem = "could be embedded" if model_only else "could be read"
+        check = ("check the model and its weights (--checkpoint, --pretrained)" if model_only
+                 else f"check --dataset_dir {str(dataset_dir)!r} and the list paths")
         if output.exists():
             raise ExtractionError(
-                f"none of the {len(entries)} images could be read (first reason: {first_failure}), so {output} "
+                f"none of the {len(entries)} images {problem} (first reason: {first_failure}), so {output} "
                 f"and its failure report are left as they were; {check}"
             )
         write_failure_report(report, failure_lines)
         raise ExtractionError(
-            f"none of the {len(entries)} images could be read (first reason: {first_failure}; "
+            f"none of the {len(entries)} images {problem} (first reason: {first_failure}; "
             f"all are listed in {report}); {check}"
         )
     if output.exists():

@@ -98,6 +98,7 @@ from linear_adaptation.metrics import (  # noqa: E402
     search_depth,
 )
 
+_MAX_K = 2**63 - 1
 _logger = logging.getLogger(__name__)
 
 DEFAULT_K_LABELLED_SET = 100
@@ -468,6 +469,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.k = DEFAULT_K_LABELLED_SET if args.mode == "labelled_set" else DEFAULT_K_QUERY_DATABASE
     if args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")
+    if args.k > _MAX_K:
+        # .npz and .hdf5 rank files record k as a 64-bit integer
+        parser.error(f"--k must be at most {_MAX_K} (2**63 - 1), got {args.k}")
     if args.chunk_rows < 1:
         parser.error(f"--chunk_rows must be at least 1, got {args.chunk_rows}")
     if args.save_ranks is not None and os.path.splitext(args.save_ranks)[1].lower() not in RANK_EXTENSIONS:

@@ -912,6 +912,16 @@ def test_table_columns_for_long_labels(labelled_set, tmp_path, layer_params, cap
         assert _column_ends(row)[-len(_column_ends(header)):] == _column_ends(header)
 
 
+def test_k_beyond_int64_exit_2(labelled_set, tmp_path, capsys):
+    # Regression: this k crashed after the evaluation, while writing .npz and .hdf5 rank files
+    ranks = tmp_path / "ranks.npz"
+    code, error = _exit_status_and_error(_labelled_args(labelled_set, "--k", 2**63, "--save_ranks", ranks), capsys)
+    assert code == 2
+    assert f"--k must be at most {2**63 - 1} (2**63 - 1), got {2**63}" in error
+    assert not ranks.exists()
+    assert _run(_labelled_args(labelled_set, "--k", 2**63 - 1, "--save_ranks", ranks)) == 0
+
+
 def test_empty_output_path_exit_2(labelled_set, capsys):
     # Regression: an empty --save_json was reported as the folder '.'.
     code, error = _exit_status_and_error(_labelled_args(labelled_set, "--save_json", ""), capsys)

@@ -515,7 +515,17 @@ def test_recorded_paths_are_absolute(sample_dataset, tmp_path, monkeypatch):
     assert attrs["list_source"] == str(list_path)
 
 
-def test_nan_checkpoint_ends_run(extract, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "batch_size, message",
+    [
+        ("3", "NaN or Inf embeddings for every image of the first 3 batches"),
+        # Regression: with fewer images than a batch, the run ended with "none of the images could
+        # be read; check --dataset_dir", though every image was read and the weights were at fault.
+        ("64", "none of the 10 images could be embedded (first reason: the model returned NaN"),
+    ],
+    ids=["first_batches", "short_list"],
+)
+def test_nan_checkpoint_ends_run(extract, tmp_path, caplog, batch_size, message):
     # Regression: a checkpoint with one NaN weight gave all-NaN embeddings, written with exit 0
     import timm
 
@@ -524,9 +534,10 @@ def test_nan_checkpoint_ends_run(extract, tmp_path, caplog):
     torch.save(state, tmp_path / "nan.pth")
     options = [o for o in TINY if o not in ("--pretrained", "none")]
     with caplog.at_level(logging.ERROR):
-        code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth")
+        code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth", "--batch_size", batch_size)
     assert code == 1
-    assert "NaN or Inf embeddings for every image of the first 3 batches" in caplog.text
+    assert message in caplog.text
+    assert "--dataset_dir" not in caplog.text
     assert not output.exists()
 
 
@@ -705,9 +716,9 @@ def test_broken_model_needs_failed_batch():
         # a faulting kernel is not an allocation failure, so a smaller batch or resolution does not fix it
         (RuntimeError("CUDA error: an illegal memory access was encountered"),
          "an illegal memory access was encountered", "lower --batch_size"),
-        # timm checks input sizes with assert statements
-        (AssertionError("Input height (32) doesn't match model (384)."), "failed on each of the first 3 batches",
-         None),
+        # timm checks input sizes with assert statements in models that take one size only
+        (AssertionError("Input height (32) doesn't match model (384)."),
+         "it takes inputs of one size only. Pass --transforms RESIZE_SQUARE", None),
         (ValueError("Input image size (32*24) doesn't match model (224*224)."),
          "failed on each of the first 3 batches", None),
     ],
@@ -729,7 +740,9 @@ def test_model_errors_that_end_the_run(extract, monkeypatch, caplog, error, mess
     assert not output.exists()
 
 
-def test_assertion_on_one_shape_skips_its_images(extract, monkeypatch, sample_dataset):
+def test_assertion_on_one_shape_ends_run(extract, monkeypatch, caplog):
+    # Regression: a timm model that asserts one input size (vit_relpos_medium_patch16_cls_224 at
+    # --resolution 224) had every non-square image skipped, with exit 0.
     from feature_extraction.embedding import Embedder
 
     embed = Embedder.embed
@@ -740,9 +753,12 @@ def test_assertion_on_one_shape_skips_its_images(extract, monkeypatch, sample_da
         return embed(self, images)
 
     monkeypatch.setattr(Embedder, "embed", rejects_wide)
-    _, _, paths = sample_dataset
-    code, output = extract()
-    _assert_only_wide_image_skipped(code, output, paths, "the model cannot embed a 10x32 input (Input height (10)")
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert "the model rejected a batch of 1 image of 10x32 pixels (Input height (10)" in caplog.text
+    assert "takes inputs of one size only" in caplog.text
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)], ids=["keyboard_interrupt", "system_exit"])
