@@ -28,7 +28,6 @@ from feature_extraction.dataset import (
     ImageBatch,
     Window,
     WindowedImageDataset,
-    WindowEnd,
     auto_window_size,
     make_loader,
     resolve_worker_priority,
@@ -283,22 +282,24 @@ class _FirstFailures:
     batch_size: int
     batches: int = 0
     images: int = 0
+    embedded: bool = False  # set once a batch is embedded, after which failures are the images' own
 
     def add(self, shape: torch.Size) -> bool:
-        """Count a failed batch; return True when the failures so far mean that the model is broken."""
+        """Count a failed batch. Returns True when no batch was embedded and the failures mean a broken model."""
+        if self.embedded:
+            return False
         self.batches += 1
         self.images += shape[0]
         # a few odd images (panoramas, tiny crops) may come first, so a whole batch's worth must fail too
         return self.batches >= MAX_FAILED_FIRST_BATCHES and self.images >= self.batch_size
 
 
-def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _FirstFailures | None) -> str:
+def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _FirstFailures) -> str:
     """Return the skip reason for a batch the model rejected, or raise ExtractionError for a fatal error.
 
     Some architectures reject extreme shapes, e.g. when a feature map is pooled below one
     pixel, and those images are skipped like unreadable ones. Memory and CUDA errors, and a
-    model that has failed on every batch so far (`first_failures`, None once a batch was
-    embedded), end the run instead.
+    model that has failed on every batch so far (`first_failures`), end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, AssertionError):
@@ -315,7 +316,7 @@ def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _
         ) from error
     if "CUDA" in message:
         raise ExtractionError(f"the model failed on a batch of {_describe_batch(shape)}: {message}") from error
-    if first_failures is not None and first_failures.add(shape):
+    if first_failures.add(shape):
         raise ExtractionError(
             f"the model failed on each of the first {first_failures.batches} batches ({first_failures.images} "
             f"images), last on {_describe_batch(shape)}: {message}"
@@ -352,7 +353,6 @@ def _embed_windows(
     """
     collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     model_failures: dict[int, list[tuple[int, str]]] = {}
-    embedded_batches = 0
     first_failures = _FirstFailures(batch_size)
     failure_log = {"logged": 0}
     finished_rows = 0
@@ -377,13 +377,12 @@ def _embed_windows(
                     # Signal exceptions, Interrupted (an Exception) included, are raised again.
                     raise_wrapped_interrupt(e)
                     if str(e).startswith(_WORKER_DEATH_PREFIX):
-                        raise_if_worker_died(e, iterator)
-                    still_first = first_failures if embedded_batches == 0 else None
-                    reason = _shape_failure_reason(e, record.images.shape, still_first)
+                        _raise_if_worker_died(e, iterator)
+                    reason = _shape_failure_reason(e, record.images.shape, first_failures)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     continue
                 finite = torch.isfinite(vectors).all(dim=1)  # (B,)
-                if not bool(finite.any()) and embedded_batches == 0:
+                if not bool(finite.any()):
                     _check_first_non_finite_batch(record.images.shape, first_failures)
                 rows = record.rows[finite]
                 model_failures.setdefault(record.window, []).extend(
@@ -391,7 +390,7 @@ def _embed_windows(
                 )
                 if len(rows) == 0:
                     continue
-                embedded_batches += 1
+                first_failures.embedded = True
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
                 rows_list.append(rows.numpy())
                 vectors_list.append(vectors[finite].numpy().astype(store_dtype))
@@ -416,14 +415,14 @@ def _embed_windows(
             progress.update(len(failed_rows))
             _log_failures(failed_rows.tolist(), failed_reasons, entries, failure_log, report)
     except (RuntimeError, OSError, EOFError) as e:
-        raise_if_worker_died(e, iterator)
+        _raise_if_worker_died(e, iterator)
         raise
     finally:
         _shut_down_workers(iterator)
     return finished_rows
 
 
-def raise_if_worker_died(error: Exception, iterator) -> None:
+def _raise_if_worker_died(error: Exception, iterator) -> None:
     """Raise ExtractionError if `error` comes from a decode worker that died, for example by the OOM killer.
 
     DataLoader reports a dead worker with a RuntimeError from next() or, through its SIGCHLD

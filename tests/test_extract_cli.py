@@ -705,6 +705,10 @@ def test_broken_model_needs_failed_batch():
     # full batches: the third failure ends the run
     full = _FirstFailures(batch_size=16)
     assert [full.add(torch.Size([16, 64, 64, 3])) for _ in range(3)] == [False, False, True]
+    # once a batch is embedded, failures are the images' own
+    after = _FirstFailures(batch_size=16, embedded=True)
+    assert [after.add(torch.Size([16, 64, 64, 3])) for _ in range(3)] == [False, False, False]
+    assert after.batches == 0
 
 
 @pytest.mark.parametrize(
