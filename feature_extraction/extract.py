@@ -61,7 +61,7 @@ exit status:
   1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
        that could not be downloaded, unwritable output folder, no readable image, NaN or
        Inf embeddings from every image of the first batches, a fatal model error (out of
-       memory), a decode worker that died (the saved windows are kept; rerun to resume), or
+       memory, or errors on the first batches and on a square image), a decode worker that died (the saved windows are kept; rerun to resume), or
        another process extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, transforms that give
        other input sizes than a fixed-size model takes, CUDA requested but

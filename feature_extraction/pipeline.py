@@ -90,6 +90,8 @@ MAX_LOGGED_FAILURES = 20
 # a model that rejects this many batches, or returns only NaN or Inf for them, before
 # embedding any is broken, not the images
 MAX_FAILED_FIRST_BATCHES = 3
+# grey level of the square image that separates a model failing on every input from one rejecting odd shapes
+_PROBE_GREY = 128
 # seconds to wait for a decode worker after SIGKILL, which it cannot ignore
 _WORKER_KILL_TIMEOUT_SECONDS = 10
 # seconds to wait for a decode worker to exit after the main process lost its connection
@@ -282,10 +284,11 @@ class _FirstFailures:
     batch_size: int
     batches: int = 0
     images: int = 0
-    embedded: bool = False  # set once a batch is embedded, after which failures are the images' own
+    # set once a batch, or the square probe image, is embedded; later failures are the images' own
+    embedded: bool = False
 
     def add(self, shape: torch.Size) -> bool:
-        """Count a failed batch. Returns True when no batch was embedded and the failures mean a broken model."""
+        """Count a failed batch. Returns True when no batch was embedded and the failures may mean a broken model."""
         if self.embedded:
             return False
         self.batches += 1
@@ -294,12 +297,26 @@ class _FirstFailures:
         return self.batches >= MAX_FAILED_FIRST_BATCHES and self.images >= self.batch_size
 
 
-def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _FirstFailures) -> str:
+def _embeds_square_input(embedder: Embedder) -> bool:
+    """Return True when the model embeds one grey image of --resolution x --resolution pixels to finite values."""
+    size = embedder.transform.resolution
+    image = torch.full((1, size, size, 3), _PROBE_GREY, dtype=torch.uint8)
+    try:
+        return bool(torch.isfinite(embedder.embed(image)).all())
+    except Exception as e:
+        raise_wrapped_interrupt(e)
+        return False
+
+
+def _shape_failure_reason(
+    error: Exception, shape: torch.Size, first_failures: _FirstFailures, embedder: Embedder
+) -> str:
     """Return the skip reason for a batch the model rejected, or raise ExtractionError for a fatal error.
 
     Some architectures reject extreme shapes, e.g. when a feature map is pooled below one
     pixel, and those images are skipped like unreadable ones. Memory and CUDA errors, and a
-    model that has failed on every batch so far (`first_failures`), end the run instead.
+    model that has failed on every batch so far (`first_failures`) and on a square grey
+    image, end the run instead.
     """
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, AssertionError):
@@ -317,10 +334,16 @@ def _shape_failure_reason(error: Exception, shape: torch.Size, first_failures: _
     if "CUDA" in message:
         raise ExtractionError(f"the model failed on a batch of {_describe_batch(shape)}: {message}") from error
     if first_failures.add(shape):
-        raise ExtractionError(
-            f"the model failed on each of the first {first_failures.batches} batches ({first_failures.images} "
-            f"images), last on {_describe_batch(shape)}: {message}"
-        ) from error
+        # a window made only of panoramas can fill the first batches, so the model itself is tried once
+        if not _embeds_square_input(embedder):
+            raise ExtractionError(
+                f"the model failed on each of the first {first_failures.batches} batches ({first_failures.images} "
+                f"images), last on {_describe_batch(shape)}: {message}"
+            ) from error
+        _logger.info("the model failed on each of the first %d batches (%d images) but embeds a %dx%d input, so "
+                     "their images are skipped as shapes it cannot embed", first_failures.batches,
+                     first_failures.images, embedder.transform.resolution, embedder.transform.resolution)
+        first_failures.embedded = True
     height, width = shape[1:3]
     return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
 
@@ -378,7 +401,7 @@ def _embed_windows(
                     raise_wrapped_interrupt(e)
                     if str(e).startswith(_WORKER_DEATH_PREFIX):
                         _raise_if_worker_died(e, iterator)
-                    reason = _shape_failure_reason(e, record.images.shape, first_failures)
+                    reason = _shape_failure_reason(e, record.images.shape, first_failures, embedder)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     continue
                 finite = torch.isfinite(vectors).all(dim=1)  # (B,)

@@ -695,6 +695,47 @@ def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path):
     assert report.count("the model cannot embed a") == 4
 
 
+def test_window_of_odd_shapes_first_is_skipped(extract, sample_dataset, tmp_path):
+    # Regression: a first window made only of panoramas filled the first three batches, and the run
+    # ended as a broken model although the model embeds every other image.
+    root, _, paths = sample_dataset
+    widths = [320, 300, 280, 260, 240, 220, 200, 192]  # 64x6 to 64x10 after resizing: five shapes
+    panoramas = [f"odd/pano_{i}.jpg" for i in range(16)]
+    for i, name in enumerate(panoramas):
+        write_image(root / name, (widths[i % len(widths)], 30), seed=200 + i)
+    list_path = tmp_path / "panorama_window_first.txt"
+    list_path.write_text("".join(f"{p},0,0\n" for p in panoramas + paths), encoding="utf-8")
+
+    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size", "4",
+                           "--window_size", "16", list_file=list_path)
+    assert code == 0
+    _, ids, attrs = read_output(output)
+    assert attrs["num_failed"] == 17
+    assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
+    report = output.with_name(output.name + ".failed.txt").read_text()
+    assert report.count("the model cannot embed a") == 17
+
+
+def test_model_failing_on_square_input_is_broken(extract, monkeypatch, caplog):
+    # the square probe image must not rescue a model that fails on every input
+    from feature_extraction.embedding import Embedder
+
+    probes = []
+
+    def broken(self, images):
+        if bool((images == 128).all()):
+            probes.append(tuple(images.shape))
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(Embedder, "embed", broken)
+    with caplog.at_level(logging.ERROR):
+        code, output = extract()
+    assert code == 1
+    assert "failed on each of the first 3 batches" in caplog.text
+    assert probes == [(1, 32, 32, 3)]  # one grey image at --resolution 32
+    assert not output.exists()
+
+
 def test_broken_model_needs_failed_batch():
     from feature_extraction.pipeline import _FirstFailures
 
