@@ -674,46 +674,34 @@ def test_shape_the_model_rejects_is_skipped(extract, sample_dataset):
     _assert_only_wide_image_skipped(code, output, paths, "the model cannot embed a 21x64 input")
 
 
-def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path):
-    # Regression: three panoramas at the top of the list became the first three batches, so their
+@pytest.mark.parametrize(
+    "widths, batch_size",
+    [
+        # three shapes after resizing (64x6, 64x10 and 64x14), so three batches of one image
+        ([320, 192, 137], 8),
+        # a first window of 16 panoramas in five shapes (64x6 to 64x10), filling the first batches
+        ([320, 300, 280, 260, 240, 220, 200, 192] * 2, 4),
+    ],
+    ids=["three_panoramas", "panorama_window"],
+)
+def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path, widths, batch_size):
+    # Regression: panoramas at the top of the list became the first three batches, so their
     # failures ended the run as a broken model. Listed last, they were skipped.
     root, _, paths = sample_dataset
-    panoramas = [f"odd/pano_{i}.jpg" for i in range(3)]
-    # three shapes after resizing (64x6, 64x10 and 64x14), so three batches of one image
-    for i, (name, size) in enumerate(zip(panoramas, [(320, 30), (192, 30), (137, 30)])):
-        write_image(root / name, size, seed=100 + i)
+    panoramas = [f"odd/pano_{i}.jpg" for i in range(len(widths))]
+    for i, (name, width) in enumerate(zip(panoramas, widths)):
+        write_image(root / name, (width, 30), seed=100 + i)
     list_path = tmp_path / "panoramas_first.txt"
     list_path.write_text("".join(f"{p},0,0\n" for p in panoramas + paths), encoding="utf-8")
 
-    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size", "8",
-                           "--window_size", "16", list_file=list_path)
+    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size",
+                           str(batch_size), "--window_size", "16", list_file=list_path)
     assert code == 0
     _, ids, attrs = read_output(output)
-    assert attrs["num_failed"] == 4
+    assert attrs["num_failed"] == len(widths) + 1
     assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
     report = output.with_name(output.name + ".failed.txt").read_text()
-    assert report.count("the model cannot embed a") == 4
-
-
-def test_window_of_odd_shapes_first_is_skipped(extract, sample_dataset, tmp_path):
-    # Regression: a first window made only of panoramas filled the first three batches, and the run
-    # ended as a broken model although the model embeds every other image.
-    root, _, paths = sample_dataset
-    widths = [320, 300, 280, 260, 240, 220, 200, 192]  # 64x6 to 64x10 after resizing: five shapes
-    panoramas = [f"odd/pano_{i}.jpg" for i in range(16)]
-    for i, name in enumerate(panoramas):
-        write_image(root / name, (widths[i % len(widths)], 30), seed=200 + i)
-    list_path = tmp_path / "panorama_window_first.txt"
-    list_path.write_text("".join(f"{p},0,0\n" for p in panoramas + paths), encoding="utf-8")
-
-    code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size", "4",
-                           "--window_size", "16", list_file=list_path)
-    assert code == 0
-    _, ids, attrs = read_output(output)
-    assert attrs["num_failed"] == 17
-    assert ids == [escape_id(p) for p in paths if p != "b/wide.jpg"]
-    report = output.with_name(output.name + ".failed.txt").read_text()
-    assert report.count("the model cannot embed a") == 17
+    assert report.count("the model cannot embed a") == len(widths) + 1
 
 
 def test_model_failing_on_square_input_is_broken(extract, monkeypatch, caplog):
