@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -287,6 +288,15 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
         raise ImageListError(
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}"
         )
+    # a list cannot name these files, so no list could give them labels or select their rows
+    unlisted = [path for path in paths if "," in path or any(ord(c) < 32 or ord(c) == 127 for c in path)]
+    if unlisted:
+        files = "1 image file has" if len(unlisted) == 1 else f"{len(unlisted)} image files have"
+        raise ImageListError(
+            f"{files} a comma or a control character in the path under {str(root)!r}, such as {unlisted[0]!r}, "
+            "which a 'path,label,domain' list cannot name; rename them, or pass --selected_ids with a list of "
+            "the images to extract"
+        )
     path_of_id: dict[str, str] = {}
     for path in paths:
         other = path_of_id.setdefault(escape_id(path), path)
@@ -298,17 +308,35 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
     return [ListEntry(path, None, None, 0) for path in paths]
 
 
+def _path_spellings(path: str) -> list[str]:
+    """Return other spellings of a list path that can name its file, in the order they are tried."""
+    # a list rebuilt from an HDF5 index gives the escaped form of a Unicode file name
+    unicode_path = unescape_id(path) if _ESCAPED_CHAR.search(path) else path
+    spellings = [escape_id(path)] if not path.isascii() else []
+    # files copied from macOS keep decomposed (NFD) names, and lists are usually composed (NFC)
+    for form in ("NFC", "NFD"):
+        spellings.append(unicodedata.normalize(form, unicode_path))
+    return [spelling for spelling in dict.fromkeys(spellings) if spelling != path]
+
+
 def resolve_image_path(dataset_dir: str | os.PathLike, path: str) -> Path:
     """Return the file to read for a list path.
 
-    Some UnED folders (RP2K) store files under the escaped name rather than the
-    Unicode one, so the escaped form is used when only it exists.
+    Some UnED folders (RP2K) store files under the escaped name rather than the Unicode
+    one, lists rebuilt from an HDF5 index give escaped names, and files copied from macOS
+    have decomposed Unicode names. When the listed name does not exist, the first of
+    these spellings that exists is used. When none exists, the listed name is returned.
     """
     full = Path(dataset_dir) / path
-    if path.isascii() or _exists(full):
+    if path.isascii() and not _ESCAPED_CHAR.search(path):
         return full
-    escaped = Path(dataset_dir) / escape_id(path)
-    return escaped if _exists(escaped) else full
+    if _exists(full):
+        return full
+    for spelling in _path_spellings(path):
+        candidate = Path(dataset_dir) / spelling
+        if _exists(candidate):
+            return candidate
+    return full
 
 
 def _exists(path: Path) -> bool:

@@ -3,6 +3,7 @@ import argparse
 import logging
 import shutil
 import signal
+import unicodedata
 
 import h5py
 import numpy as np
@@ -101,6 +102,22 @@ def test_escaped_name_on_disk_is_read(extract, sample_dataset):
     assert code == 0
     assert attrs["num_failed"] == 0
     assert escape_id("c/货架/苹果.jpg") in ids
+
+
+def test_other_spellings_in_list_are_read(extract, sample_dataset, tmp_path):
+    # Regression: a list rebuilt from an HDF5 index (escaped names) and a decomposed file name
+    # copied from macOS both gave "file not found"
+    root, list_path, paths = sample_dataset
+    shutil.move(root / "c/café.jpg", root / unicodedata.normalize("NFD", "c/café.jpg"))
+    listed = [escape_id(p) if p.startswith("c/货架") else p for p in paths]
+    rebuilt = tmp_path / "rebuilt.txt"
+    rebuilt.write_text("".join(f"{p},0,0\n" for p in listed), encoding="utf-8")
+
+    code, output = extract(list_file=rebuilt)
+    _, ids, attrs = read_output(output)
+    assert code == 0
+    assert attrs["num_failed"] == 0
+    assert ids == [escape_id(p) for p in paths]
 
 
 def test_failed_images_reported_rows_aligned(extract, sample_dataset, tmp_path):

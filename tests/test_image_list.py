@@ -1,4 +1,5 @@
 import hashlib
+import unicodedata
 
 import pytest
 
@@ -181,6 +182,39 @@ def test_resolve_image_path_falls_back_to_escaped_name(tmp_path):
 
 def test_resolve_image_path_missing_keeps_listed_name(tmp_path):
     assert resolve_image_path(tmp_path, "货.jpg") == tmp_path / "货.jpg"
+
+
+def test_resolve_image_path_unescapes_listed_id(tmp_path):
+    # Regression: a list rebuilt from an HDF5 index names "naïve.jpg" as "na#U00efve.jpg"
+    (tmp_path / "naïve.jpg").write_bytes(b"u")
+    assert resolve_image_path(tmp_path, "na#U00efve.jpg") == tmp_path / "naïve.jpg"
+
+
+@pytest.mark.parametrize("listed_form, file_form", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_resolve_image_path_other_normalisation(tmp_path, listed_form, file_form):
+    # Regression: a composed list path did not find the decomposed file name that macOS copies keep
+    on_disk = unicodedata.normalize(file_form, "café.jpg")
+    (tmp_path / on_disk).write_bytes(b"u")
+    assert resolve_image_path(tmp_path, unicodedata.normalize(listed_form, "café.jpg")) == tmp_path / on_disk
+
+
+def test_resolve_image_path_prefers_exact_name(tmp_path):
+    # both spellings exist as separate files, so the listed one is read
+    for form in ("NFC", "NFD"):
+        (tmp_path / unicodedata.normalize(form, "café.jpg")).write_bytes(form.encode())
+    listed = unicodedata.normalize("NFD", "café.jpg")
+    assert resolve_image_path(tmp_path, listed) == tmp_path / listed
+
+
+@pytest.mark.parametrize("name", ["a,b.jpg", "nl\nx.jpg", "tab\ty.jpg"], ids=["comma", "newline", "tab"])
+def test_scan_image_dir_rejects_unlistable_names(tmp_path, name):
+    # Regression: such names were extracted, and the failure report split a newline name over two lines
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(ImageListError, match="1 image file has a comma or a control character") as info:
+        scan_image_dir(tmp_path)
+    assert repr(name) in str(info.value)
+    assert "--selected_ids" in str(info.value)
 
 
 def test_file_sha256_matches_hashlib(tmp_path):
