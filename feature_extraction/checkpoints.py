@@ -165,3 +165,5 @@ def load_state_dict_strict(
             "with, and that the keys use that library's layout"
         )
     module.load_state_dict(state_dict, strict=True)
+    # open_clip warns that a model built without a pretrained tag is random, so this line confirms the load
+    _logger.info("loaded %d tensors from --checkpoint %s", len(state_dict), source)

@@ -194,8 +194,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                               "BatchNorm are unaffected (default: %(default)s)")
     compute.add_argument("--window_size", metavar="ROWS", type=int,
                          help="consecutive list rows saved together; a killed run loses at most the "
-                              "windows in progress (default: list length / 8, between 128 and "
-                              f"{MAX_AUTO_WINDOW_SIZE}, so every worker gets windows on short lists)")
+                              "windows in progress. Each decode worker takes whole windows, so only as many "
+                              "workers start as there are windows (default: list length / 8, between 128 and "
+                              f"{MAX_AUTO_WINDOW_SIZE})")
 
     parser.set_defaults(
         partition="uned", hdf5_name="features", hdf5_compression=0, store_fp16=True, overwrite=False,

@@ -751,7 +751,14 @@ def _extract_locked(
                 dataset = WindowedImageDataset(
                     dataset_dir, [entry.path for entry in entries], pending, decode_options, batch_size
                 )
-                loader = make_loader(dataset, min(num_workers, len(pending)), pin_memory=torch_device.type == "cuda",
+                # each worker decodes whole windows, so workers beyond the pending windows would stay idle
+                workers = min(num_workers, len(pending))
+                if workers < num_workers:
+                    _logger.info("%d pending %s for --num_workers %d, so %d decode %s; a smaller --window_size "
+                                 "spreads the rows over more workers", len(pending),
+                                 "window" if len(pending) == 1 else "windows", num_workers, workers,
+                                 "worker starts" if workers == 1 else "workers start")
+                loader = make_loader(dataset, workers, pin_memory=torch_device.type == "cuda",
                                      worker_priority=worker_priority)
                 with logging_redirect_tqdm(), tqdm(
                     total=len(entries), initial=done_rows, unit="img", desc="extracting", mininterval=1.0

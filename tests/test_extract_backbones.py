@@ -233,6 +233,16 @@ def test_checkpoint_loaded_and_classifier_dropped(tmp_path):
     assert backbone.description["pretrained"] == ""
 
 
+def test_checkpoint_load_logged(tmp_path, caplog):
+    # open_clip logs "Model initialized randomly" before the checkpoint loads, so the load needs its own line
+    model = _save_resnet_state(tmp_path / "w.pth", seed=3)
+    with caplog.at_level(logging.INFO, logger="feature_extraction.checkpoints"):
+        build_backbone("timm", CNN, None, str(tmp_path / "w.pth"), "head")
+    model.reset_classifier(0)
+    expected = f"loaded {len(model.state_dict())} tensors from --checkpoint {str(tmp_path / 'w.pth')!r}"
+    assert expected in caplog.text
+
+
 @pytest.mark.parametrize("wrap, prefix", [("state_dict", ""), ("model", ""), (None, "module.")])
 def test_checkpoint_wrappers_accepted(tmp_path, wrap, prefix):
     _save_resnet_state(tmp_path / "w.pth", seed=1, wrap=wrap, prefix=prefix)

@@ -646,6 +646,15 @@ def test_interrupt_wrapped_in_model_error_stops_run(extract, monkeypatch, caplog
     assert not output.exists()
 
 
+def test_fewer_windows_than_workers_logged(extract, caplog):
+    # each worker decodes whole windows, so one window of 10 rows starts one of the two workers
+    with caplog.at_level(logging.INFO):
+        code, output = extract("--num_workers", "2", "--window_size", "16")
+    assert code == 0
+    assert "1 pending window for --num_workers 2, so 1 decode worker starts" in caplog.text
+    assert read_output(output)[0].shape[0] == 10
+
+
 def test_all_images_used_without_list(sample_dataset, tmp_path):
     root, _, paths = sample_dataset
     code = run_cli("--dataset_dir", root, "--hdf5_dir", tmp_path / "out", *TINY)
