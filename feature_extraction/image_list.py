@@ -310,8 +310,11 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
 
 def _path_spellings(path: str) -> list[str]:
     """Return other spellings of a list path that can name its file, in the order they are tried."""
-    # a list rebuilt from an HDF5 index gives the escaped form of a Unicode file name
-    unicode_path = unescape_id(path) if _ESCAPED_CHAR.search(path) else path
+    # a list rebuilt from an HDF5 index gives the escaped form of a Unicode file name. Only a path
+    # that escape_id gives back is decoded, so "#U002e#U002e" cannot become ".." and leave the folder.
+    unicode_path = unescape_id(path)
+    if escape_id(unicode_path) != path:
+        unicode_path = path
     spellings = [escape_id(path)] if not path.isascii() else []
     # files copied from macOS keep decomposed (NFD) names, and lists are usually composed (NFC)
     for form in ("NFC", "NFD"):

@@ -190,6 +190,16 @@ def test_resolve_image_path_unescapes_listed_id(tmp_path):
     assert resolve_image_path(tmp_path, "na#U00efve.jpg") == tmp_path / "naïve.jpg"
 
 
+@pytest.mark.parametrize("listed", ["#U002e#U002e/secret.jpg", "#U002fsecret.jpg"], ids=["dot_dot", "slash"])
+def test_resolve_image_path_keeps_ascii_escapes(tmp_path, listed):
+    # escape_id never writes ASCII characters as #U00xx, so such a path is not decoded into one
+    # that leaves the dataset folder
+    (tmp_path / "secret.jpg").write_bytes(b"s")
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    assert resolve_image_path(dataset, listed) == dataset / listed
+
+
 @pytest.mark.parametrize("listed_form, file_form", [("NFC", "NFD"), ("NFD", "NFC")])
 def test_resolve_image_path_other_normalisation(tmp_path, listed_form, file_form):
     # Regression: a composed list path did not find the decomposed file name that macOS copies keep
