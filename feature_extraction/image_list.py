@@ -14,11 +14,14 @@ import posixpath
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 _ESCAPED_CHAR = re.compile(r"#U([0-9a-f]{4})")
+# ASCII control characters, and a drive letter that makes a Windows path absolute
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 class ImageListError(ValueError):
@@ -79,13 +82,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _check_relative(path: str, list_path: str, line_no: int) -> None:
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", path) or path.startswith("\\"):
+    # string tests rather than PurePosixPath, which took most of the time of reading a long list
+    if path.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(path):
         raise ImageListError(
             f"{list_path}:{line_no}: absolute path {path!r} is not allowed; "
             "write paths relative to the image folder (extract.py's --dataset_dir)"
         )
-    if ".." in pure.parts or ".." in path.split("\\"):
+    if ".." in path.split("/") or ".." in path.split("\\"):
         raise ImageListError(
             f"{list_path}:{line_no}: path {path!r} contains '..' and could leave the image folder; "
             "write paths relative to that folder (extract.py's --dataset_dir) without '..'"
@@ -162,7 +165,8 @@ def read_first_fields(list_path: str) -> list[tuple[int, str]]:
 def _check_characters(path: str, list_path: str, line_no: int) -> None:
     # a NUL byte makes every file-system call on the path fail with ValueError, and other
     # control characters are never part of a real image path
-    control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    match = _CONTROL_CHAR.search(path)
+    control = match.group() if match else None
     if control == "\t":
         raise ImageListError(
             f"{list_path}:{line_no}: path {path!r} contains a tab; separate the fields of "
@@ -223,9 +227,18 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
             raise ImageListError(f"{list_path}:{line_no}: empty path in {line!r}")
         _check_characters(path, list_path, line_no)
         _check_relative(path, list_path, line_no)
-        # "./a.jpg" names the same file as "a.jpg" under a different id, so the image would
-        # become its own positive in retrieval
-        normalised = posixpath.normpath(path)
+        # two paths with one HDF5 id (a Unicode path and its escaped spelling) would give
+        # the output two rows with the same id
+        image_id = escape_id(path)
+        if image_id in first_line_of_id and first_line_of_id[image_id][1] != path:
+            other_line, other_path = first_line_of_id[image_id]
+            raise ImageListError(
+                f"{list_path}:{line_no}: path {path!r} has the same HDF5 id {image_id!r} as {other_path!r} "
+                f"on line {other_line}; keep one of the two lines"
+            )
+        # "./a.jpg" or a decomposed "café.jpg" names the same file as "a.jpg" or "café.jpg" under
+        # a different id, so the image would become its own positive in retrieval
+        normalised = unicodedata.normalize("NFC", posixpath.normpath(_decoded_path(path)))
         if normalised in first_line_of_normalised:
             other_line, other_path = first_line_of_normalised[normalised]
             if other_path == path:
@@ -236,15 +249,6 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
             raise ImageListError(
                 f"{list_path}:{line_no}: path {path!r} names the same file as {other_path!r} on line "
                 f"{other_line}; keep one of the two lines"
-            )
-        # two paths with one HDF5 id (a Unicode path and its escaped spelling) would give
-        # the output two rows with the same id
-        image_id = escape_id(path)
-        if image_id in first_line_of_id:
-            other_line, other_path = first_line_of_id[image_id]
-            raise ImageListError(
-                f"{list_path}:{line_no}: path {path!r} has the same HDF5 id {image_id!r} as {other_path!r} "
-                f"on line {other_line}; keep one of the two lines"
             )
         first_line_of_normalised[normalised] = (line_no, path)
         first_line_of_id[image_id] = (line_no, path)
@@ -278,6 +282,11 @@ def _walk_image_files(root: Path) -> list[str]:
     return found
 
 
+def _listable(path: str) -> bool:
+    """Return True when a list line can give `path`: list fields are split at commas and stripped."""
+    return not ("," in path or _CONTROL_CHAR.search(path) or "\ufeff" in path or path != path.strip())
+
+
 def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
     """List every image file under `dataset_dir` as unlabelled entries, sorted by path."""
     root = Path(dataset_dir)
@@ -289,13 +298,13 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
             f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}"
         )
     # a list cannot name these files, so no list could give them labels or select their rows
-    unlisted = [path for path in paths if "," in path or any(ord(c) < 32 or ord(c) == 127 for c in path)]
+    unlisted = [path for path in paths if not _listable(path)]
     if unlisted:
         files = "1 image file has" if len(unlisted) == 1 else f"{len(unlisted)} image files have"
         raise ImageListError(
-            f"{files} a comma or a control character in the path under {str(root)!r}, such as {unlisted[0]!r}, "
-            "which a 'path,label,domain' list cannot name; rename them, or pass --selected_ids with a list of "
-            "the images to extract"
+            f"{files} a path under {str(root)!r} that a 'path,label,domain' list cannot name, such as "
+            f"{unlisted[0]!r} (a comma, a control character, a byte-order mark, or spaces at its start or end); "
+            "rename them, or pass --selected_ids with a list of the images to extract"
         )
     path_of_id: dict[str, str] = {}
     for path in paths:
@@ -308,13 +317,21 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
     return [ListEntry(path, None, None, 0) for path in paths]
 
 
+def _decoded_path(path: str) -> str:
+    """Return the Unicode path whose ILIAS id is `path`, or `path` itself when it is no such id.
+
+    Only a path that escape_id gives back is decoded, so "#U002e#U002e" cannot become "..".
+    """
+    if not _ESCAPED_CHAR.search(path):
+        return path
+    unicode_path = unescape_id(path)
+    return unicode_path if escape_id(unicode_path) == path else path
+
+
 def _path_spellings(path: str) -> list[str]:
     """Return other spellings of a list path that can name its file, in the order they are tried."""
-    # a list rebuilt from an HDF5 index gives the escaped form of a Unicode file name. Only a path
-    # that escape_id gives back is decoded, so "#U002e#U002e" cannot become ".." and leave the folder.
-    unicode_path = unescape_id(path)
-    if escape_id(unicode_path) != path:
-        unicode_path = path
+    # a list rebuilt from an HDF5 index gives the escaped form of a Unicode file name
+    unicode_path = _decoded_path(path)
     spellings = [escape_id(path)] if not path.isascii() else []
     # files copied from macOS keep decomposed (NFD) names, and lists are usually composed (NFC)
     for form in ("NFC", "NFD"):

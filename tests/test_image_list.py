@@ -140,6 +140,16 @@ def test_read_list_requires_labels_when_asked(tmp_path):
         read_image_list(list_path, require_labels=True)
 
 
+@pytest.mark.parametrize("second", [unicodedata.normalize("NFD", "café.jpg"), "cafe#U0301.jpg"],
+                         ids=["decomposed", "escaped_decomposed"])
+def test_other_normalisation_is_second_spelling(tmp_path, second):
+    # Regression: both lines were kept, and extract.py read one file for two ids
+    list_path = tmp_path / "list.txt"
+    list_path.write_text(f"café.jpg,0,0\n{second},0,0\n", encoding="utf-8")
+    with pytest.raises(ImageListError, match=r"list.txt:2: path .* names the same file as 'café.jpg' on line 1"):
+        read_image_list(list_path)
+
+
 def test_scan_image_dir_sorted_relative(tmp_path):
     for name in ["b/2.jpg", "a/1.PNG", "a/notes.txt", "c.webp"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -216,12 +226,13 @@ def test_resolve_image_path_prefers_exact_name(tmp_path):
     assert resolve_image_path(tmp_path, listed) == tmp_path / listed
 
 
-@pytest.mark.parametrize("name", ["a,b.jpg", "nl\nx.jpg", "tab\ty.jpg"], ids=["comma", "newline", "tab"])
+@pytest.mark.parametrize("name", ["a,b.jpg", "nl\nx.jpg", "tab\ty.jpg", " top.jpg", "\ufeffbom.jpg"],
+                         ids=["comma", "newline", "tab", "leading_space", "byte_order_mark"])
 def test_scan_image_dir_rejects_unlistable_names(tmp_path, name):
     # Regression: such names were extracted, and the failure report split a newline name over two lines
     (tmp_path / "ok.jpg").write_bytes(b"x")
     (tmp_path / name).write_bytes(b"x")
-    with pytest.raises(ImageListError, match="1 image file has a comma or a control character") as info:
+    with pytest.raises(ImageListError, match="1 image file has a path under .* that a .* list cannot name") as info:
         scan_image_dir(tmp_path)
     assert repr(name) in str(info.value)
     assert "--selected_ids" in str(info.value)
