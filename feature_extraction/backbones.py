@@ -71,6 +71,8 @@ class Backbone:
     pretrained_cfg: str = ""
     # the only (height, width) input the model accepts, or None for a model that takes any size
     fixed_input_size: tuple[int, int] | None = None
+    # the (height, width) input size of the model's config, or None when the config gives none
+    input_size: tuple[int, int] | None = None
 
 
 def canonical_framework(framework: str) -> str:
@@ -155,6 +157,15 @@ class OpenClipImageEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------- timm
+
+
+def _height_width(size) -> tuple[int, int] | None:
+    """Return (height, width) from a config size: an int, (height, width) or timm's (channels, height, width)."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) in (2, 3) and all(isinstance(v, int) for v in size):
+        return int(size[-2]), int(size[-1])
+    return None
 
 
 def _timm_keeps_head(name: str, default_num_classes: int | None) -> bool:
@@ -245,6 +256,7 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
         patch_size=_timm_patch_size(net),
         description=description,
         pretrained_cfg=f"{name}.{cfg['tag']}" if cfg.get("tag") else name,
+        input_size=_height_width(cfg.get("input_size")),
     )
 
 
@@ -372,6 +384,7 @@ def build_open_clip(model: str, pretrained: str | None, checkpoint: str | None, 
         description=description,
         pretrained_cfg=f"{name}.{tag}" if force_preprocess else name,
         fixed_input_size=fixed_input_size,
+        input_size=_height_width(getattr(visual, "image_size", None)),
     )
 
 

@@ -59,10 +59,11 @@ exit status:
        <output>.failed.txt and counted in the log), or it already existed with the same settings
        and was left untouched, also in a folder that cannot be written
   1    the run failed: unreadable list, dataset folder or checkpoint, pretrained weights
-       that could not be downloaded, unwritable output folder, no readable image, NaN or
-       Inf embeddings from every image of the first batches, a fatal model error (out of
-       memory, or errors on the first batches and on a square image), a decode worker that died (the saved windows are kept; rerun to resume), or
-       another process extracting into the same output
+       that could not be downloaded, unwritable output folder, no readable image, NaN, Inf
+       or all-zero embeddings from every image of the first batches, a fatal model error
+       (out of memory, or errors on the first batches and on a square image), a decode
+       worker that died (the saved windows are kept; rerun to resume), or another process
+       extracting into the same output
   2    invalid arguments: a bad flag value, an unknown model or tag, transforms that give
        other input sizes than a fixed-size model takes, CUDA requested but
        absent, an output path that is a folder, or settings that differ from the partial

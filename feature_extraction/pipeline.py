@@ -87,7 +87,7 @@ FORMAT_VERSION = 2
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 # failures logged one by one before the log switches to a count
 MAX_LOGGED_FAILURES = 20
-# a model that rejects this many batches, or returns only NaN or Inf for them, before
+# a model that rejects this many batches, or returns only unusable embeddings for them, before
 # embedding any is broken, not the images
 MAX_FAILED_FIRST_BATCHES = 3
 # grey level of the square image that separates a model failing on every input from one rejecting odd shapes
@@ -98,12 +98,15 @@ _WORKER_KILL_TIMEOUT_SECONDS = 10
 _WORKER_EXIT_WAIT_SECONDS = 1
 # how DataLoader's errors about a dead worker start, in torch 2.x
 _WORKER_DEATH_PREFIX = "DataLoader worker (pid"
-# failure reason of a row whose embedding is not finite; later rows of the run are kept
+# failure reasons of rows whose embedding is not finite or is all zeros; later rows of the run are kept
 NON_FINITE_REASON = (
     "the model returned NaN or Inf values for this image; pass --comp_fp16 false if float16 overflowed"
 )
+ZERO_REASON = "the model returned an all-zero embedding for this image, which has no direction to normalise"
 # how the reasons of images that were read but that the model failed on start
 _MODEL_REASON_PREFIX = "the model "
+# how the reasons of images of a shape the model raised an error on start
+_SHAPE_REASON_PREFIX = "the model cannot embed a "
 
 
 class ExtractionError(Exception):
@@ -283,29 +286,111 @@ class _FirstFailures:
 
     batch_size: int
     batches: int = 0
-    images: int = 0
+    # images of the batches the model raised an error on, and of those it returned only unusable embeddings for
+    raised_images: int = 0
+    unusable_images: int = 0
     # set once a batch, or the square probe image, is embedded; later failures are the images' own
     embedded: bool = False
 
-    def add(self, shape: torch.Size) -> bool:
+    @property
+    def images(self) -> int:
+        return self.raised_images + self.unusable_images
+
+    def add(self, shape: torch.Size, raised: bool) -> bool:
         """Count a failed batch. Returns True when no batch was embedded and the failures may mean a broken model."""
         if self.embedded:
             return False
         self.batches += 1
-        self.images += shape[0]
+        if raised:
+            self.raised_images += shape[0]
+        else:
+            self.unusable_images += shape[0]
         # a few odd images (panoramas, tiny crops) may come first, so a whole batch's worth must fail too
         return self.batches >= MAX_FAILED_FIRST_BATCHES and self.images >= self.batch_size
 
 
-def _embeds_square_input(embedder: Embedder) -> bool:
-    """Return True when the model embeds one grey image of --resolution x --resolution pixels to finite values."""
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _unusable_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Return a (B,) mask of usable embeddings (finite, not all zeros) and the reason for each row."""
+    finite = torch.isfinite(vectors).all(dim=1)
+    usable = finite & vectors.ne(0).any(dim=1)
+    reasons = []
+    for row_usable, row_finite in zip(usable.tolist(), finite.tolist()):
+        if row_usable:
+            reasons.append("")
+        else:
+            reasons.append(ZERO_REASON if row_finite else NON_FINITE_REASON)
+    return usable, reasons
+
+
+def _probe_square_input(embedder: Embedder) -> str | None:
+    """Embed one grey image of --resolution x --resolution pixels.
+
+    Returns None when the model gives a usable embedding, else what went wrong.
+    """
     size = embedder.transform.resolution
     image = torch.full((1, size, size, 3), _PROBE_GREY, dtype=torch.uint8)
     try:
-        return bool(torch.isfinite(embedder.embed(image)).all())
+        vector = embedder.embed(image)
     except Exception as e:
         raise_wrapped_interrupt(e)
-        return False
+        return f"raised an error too ({_first_line(e)})"
+    usable, reasons = _unusable_rows(vector)
+    if bool(usable.all()):
+        return None
+    return "returned NaN or Inf values" if reasons[0] == NON_FINITE_REASON else "returned an all-zero embedding"
+
+
+def _input_size_advice(embedder: Embedder) -> str:
+    """Return the flags to check when the model raised errors on the first batches and on a square image."""
+    size = embedder.backbone.input_size
+    configured = f" ({size[0]}x{size[1]} in its config)" if size else ""
+    advice = f"Check --resolution and --transforms against the input size the model takes{configured}, then the weights"
+    if embedder.multiscale:
+        advice += ". --multiscale true also gives the model inputs rescaled by 0.707 and 1.414"
+    return advice
+
+
+def _check_first_failures(
+    first_failures: _FirstFailures, shape: torch.Size, embedder: Embedder, error: Exception | None
+) -> None:
+    """Count a batch the model raised `error` on, or returned only unusable embeddings for (`error` None).
+
+    Raises ExtractionError when no batch was embedded yet and the failures mean a broken model.
+    A model that raised errors is first tried on a grey square image, because a window made only
+    of panoramas can fill the first batches.
+    """
+    if not first_failures.add(shape, raised=error is not None):
+        return
+    probe = _probe_square_input(embedder) if error is not None else "not tried"
+    resolution = embedder.transform.resolution
+    if probe is None:
+        _logger.info("the model failed on each of the first %d batches (%d images) but embeds a %dx%d input, so "
+                     "their images are skipped as shapes it cannot embed", first_failures.batches,
+                     first_failures.images, resolution, resolution)
+        first_failures.embedded = True
+        return
+
+    parts = []
+    if first_failures.raised_images:
+        parts.append(f"raised an error on {first_failures.raised_images}")
+    if first_failures.unusable_images:
+        parts.append(f"returned NaN, Inf or all-zero embeddings for {first_failures.unusable_images}")
+    last = f" ({_first_line(error)})" if error is not None else ""
+    message = (f"the model failed on each of the first {first_failures.batches} batches: it {' and '.join(parts)} "
+               f"of their {first_failures.images} images, last on {_describe_batch(shape)}{last}")
+    if error is None:
+        fix = "Check the weights (--checkpoint), or pass --comp_fp16 false if float16 overflowed"
+    elif probe.startswith("raised"):
+        message += f". On a grey {resolution}x{resolution} image it {probe}"
+        fix = _input_size_advice(embedder)
+    else:
+        message += f". On a grey {resolution}x{resolution} image it {probe}"
+        fix = "Check the weights (--checkpoint)"
+    raise ExtractionError(f"{message}. {fix}") from error
 
 
 def _shape_failure_reason(
@@ -318,7 +403,7 @@ def _shape_failure_reason(
     model that has failed on every batch so far (`first_failures`) and on a square grey
     image, end the run instead.
     """
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = _first_line(error)
     if isinstance(error, AssertionError):
         # timm asserts the input size in models that take one size only, so skipping would drop every
         # image of another shape
@@ -333,29 +418,9 @@ def _shape_failure_reason(
         ) from error
     if "CUDA" in message:
         raise ExtractionError(f"the model failed on a batch of {_describe_batch(shape)}: {message}") from error
-    if first_failures.add(shape):
-        # a window made only of panoramas can fill the first batches, so the model itself is tried once
-        if not _embeds_square_input(embedder):
-            raise ExtractionError(
-                f"the model failed on each of the first {first_failures.batches} batches ({first_failures.images} "
-                f"images), last on {_describe_batch(shape)}: {message}"
-            ) from error
-        _logger.info("the model failed on each of the first %d batches (%d images) but embeds a %dx%d input, so "
-                     "their images are skipped as shapes it cannot embed", first_failures.batches,
-                     first_failures.images, embedder.transform.resolution, embedder.transform.resolution)
-        first_failures.embedded = True
+    _check_first_failures(first_failures, shape, embedder, error)
     height, width = shape[1:3]
-    return f"the model cannot embed a {height}x{width} input ({message}); --min_size pads small sides"
-
-
-def _check_first_non_finite_batch(shape: torch.Size, first_failures: _FirstFailures) -> None:
-    """Raise ExtractionError when NaN or Inf embeddings fill every batch so far: the model is broken."""
-    if first_failures.add(shape):
-        raise ExtractionError(
-            f"the model returned NaN or Inf embeddings for every image of the first {first_failures.batches} "
-            f"batches ({first_failures.images} images), last of {_describe_batch(shape)}. Check the weights "
-            "(--checkpoint), or pass --comp_fp16 false if float16 overflowed"
-        )
+    return f"{_SHAPE_REASON_PREFIX}{height}x{width} input ({message}); --min_size pads small sides"
 
 
 def _embed_windows(
@@ -404,19 +469,19 @@ def _embed_windows(
                     reason = _shape_failure_reason(e, record.images.shape, first_failures, embedder)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     continue
-                finite = torch.isfinite(vectors).all(dim=1)  # (B,)
-                if not bool(finite.any()):
-                    _check_first_non_finite_batch(record.images.shape, first_failures)
-                rows = record.rows[finite]
+                usable, reasons = _unusable_rows(vectors)  # (B,)
+                if not bool(usable.any()):
+                    _check_first_failures(first_failures, record.images.shape, embedder, None)
+                rows = record.rows[usable]
                 model_failures.setdefault(record.window, []).extend(
-                    (row, NON_FINITE_REASON) for row in record.rows[~finite].tolist()
+                    (row, reason) for row, reason in zip(record.rows.tolist(), reasons) if reason
                 )
                 if len(rows) == 0:
                     continue
                 first_failures.embedded = True
                 rows_list, vectors_list = collected.setdefault(record.window, ([], []))
                 rows_list.append(rows.numpy())
-                vectors_list.append(vectors[finite].numpy().astype(store_dtype))
+                vectors_list.append(vectors[usable].numpy().astype(store_dtype))
                 progress.update(len(rows))
                 continue
 
@@ -580,9 +645,15 @@ def _assemble_output(
         first_failure = _first_failure(failures, entries, dataset_dir)
         # Every image was read but the model failed on each, so the weights or the model are at fault.
         model_only = all(reason.startswith(_MODEL_REASON_PREFIX) for _, reason in failures)
+        shapes_only = all(reason.startswith(_SHAPE_REASON_PREFIX) for _, reason in failures)
         problem = "could be embedded" if model_only else "could be read"
-        check = ("check the model and its weights (--checkpoint, --pretrained)" if model_only
-                 else f"check --dataset_dir {str(dataset_dir)!r} and the list paths")
+        if shapes_only:
+            check = ("the model raised an error on each input size; pass --transforms RESIZE_SQUARE or RESIZE_PAD, "
+                     "which give every image one size, or --min_size, and check the model and its weights")
+        elif model_only:
+            check = "check the model and its weights (--checkpoint, --pretrained)"
+        else:
+            check = f"check --dataset_dir {str(dataset_dir)!r} and the list paths"
         if output.exists():
             raise ExtractionError(
                 f"none of the {len(entries)} images {problem} (first reason: {first_failure}), so {output} "
@@ -753,7 +824,8 @@ def _extract_locked(
                 )
                 # each worker decodes whole windows, so workers beyond the pending windows would stay idle
                 workers = min(num_workers, len(pending))
-                if workers < num_workers:
+                # a resumed run keeps its window size, so the advice applies to new runs only
+                if workers < num_workers and not finished:
                     _logger.info("%d pending %s for --num_workers %d, so %d decode %s; a smaller --window_size "
                                  "spreads the rows over more workers", len(pending),
                                  "window" if len(pending) == 1 else "windows", num_workers, workers,
@@ -801,8 +873,13 @@ def _extract_locked(
             e, saved, len(entries), store.directory, resume_command, kept_note,
         )
         raise
-    except BaseException:
+    except BaseException as e:
         temporary.unlink(missing_ok=True)
+        if isinstance(e, ExtractionError) and not published and _saved_rows(store, windows) == 0:
+            # nothing to resume, and the manifest would make a command with corrected settings exit 2
+            if store.directory.exists():
+                store.remove()
+            raise
         # the error message advises a rerun, and with --overwrite true that rerun would delete the saved windows
         saved = _saved_rows(store, windows) if overwrite and not published else 0
         if saved:
@@ -817,7 +894,8 @@ def _extract_locked(
     summary.seconds = time.monotonic() - start_time
     if failures:
         # with rows left out, a reader that pairs row i with list line i gives later rows wrong labels
-        _logger.warning("%d of %d images were skipped (unreadable, a shape the model rejects, or NaN or Inf embeddings); "
-                        "their paths and reasons are in %s. The ILIAS trainer pairs rows with list lines by position, "
-                        "so give it the list without these paths", len(failures), len(entries), report)
+        _logger.warning("%d of %d images were skipped (unreadable, a shape the model rejects, or NaN, Inf or "
+                        "all-zero embeddings); their paths and reasons are in %s. The ILIAS trainer pairs rows with "
+                        "list lines by position, so give it the list without these paths",
+                        len(failures), len(entries), report)
     return summary

@@ -535,7 +535,7 @@ def test_recorded_paths_are_absolute(sample_dataset, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "batch_size, message",
     [
-        ("3", "NaN or Inf embeddings for every image of the first 3 batches"),
+        ("3", "returned NaN, Inf or all-zero embeddings for 3 of their 3 images"),
         # Regression: with fewer images than a batch, the run ended with "none of the images could
         # be read; check --dataset_dir", though every image was read and the weights were at fault.
         ("64", "none of the 10 images could be embedded (first reason: the model returned NaN"),
@@ -558,7 +558,45 @@ def test_nan_checkpoint_ends_run(extract, tmp_path, caplog, batch_size, message)
     assert not output.exists()
 
 
-def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
+def test_zero_checkpoint_ends_run(extract, tmp_path, caplog):
+    # Regression: a checkpoint of zeros gave all-zero rows, written with exit 0
+    import timm
+
+    state = {key: torch.zeros_like(value) if value.is_floating_point() else value
+             for key, value in timm.create_model("resnet10t", num_classes=0).state_dict().items()}
+    torch.save(state, tmp_path / "zero.pth")
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    with caplog.at_level(logging.ERROR):
+        code, output = extract(*options, "--checkpoint", tmp_path / "zero.pth")
+    assert code == 1
+    assert "returned NaN, Inf or all-zero embeddings for" in caplog.text
+    assert not output.exists()
+
+
+def test_corrected_command_after_broken_model_runs(extract, tmp_path):
+    # Regression: the failed run left a partial run without rows, so the command with working weights
+    # exited 2 naming the changed checkpoint
+    import timm
+
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    state["conv1.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    options = [o for o in TINY if o not in ("--pretrained", "none")]
+    code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth")
+    assert code == 1
+    assert not output.with_name(output.name + ".parts").exists()
+
+    state["conv1.0.weight"][0, 0, 0, 0] = 0.0
+    torch.save(state, tmp_path / "fixed.pth")
+    code, output = extract(*options, "--checkpoint", tmp_path / "fixed.pth")
+    assert code == 0
+    assert read_output(output)[0].shape[0] == 10
+
+
+@pytest.mark.parametrize("value, reason", [(float("inf"), "NaN or Inf"), (0.0, "all-zero embedding")],
+                         ids=["inf", "zero"])
+def test_unusable_rows_listed_as_failed(extract, sample_dataset, monkeypatch, value, reason):
+    # Regression for the zero case: an all-zero row was stored, though rows are promised unit length
     from feature_extraction.embedding import Embedder
 
     _, _, paths = sample_dataset
@@ -569,7 +607,7 @@ def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
         vectors = original(self, images).clone()
         calls["n"] += 1
         if calls["n"] == 2:
-            vectors[0] = float("inf")
+            vectors[0] = value
         return vectors
 
     monkeypatch.setattr(Embedder, "embed", embed_with_overflow)
@@ -580,9 +618,10 @@ def test_non_finite_rows_listed_as_failed(extract, sample_dataset, monkeypatch):
     assert code == 0
     assert features.shape == (9, 512)
     assert np.isfinite(features).all()
+    assert (np.abs(features).max(axis=1) > 0).all()
     assert attrs["num_failed"] == 1
     assert len(report) == 1
-    assert "NaN or Inf" in report[0]
+    assert reason in report[0]
     failed_path = report[0].split(",")[0]
     assert escape_id(failed_path) not in ids
     assert ids == [escape_id(p) for p in paths if p != failed_path]
@@ -730,7 +769,8 @@ def test_odd_shapes_first_are_skipped(extract, sample_dataset, tmp_path, widths,
     assert report.count("the model cannot embed a") == len(widths) + 1
 
 
-def test_model_failing_on_square_input_is_broken(extract, monkeypatch, caplog):
+@pytest.mark.parametrize("multiscale", [False, True], ids=["single_scale", "multiscale"])
+def test_model_failing_on_square_input_is_broken(extract, monkeypatch, caplog, multiscale):
     # the square probe image must not rescue a model that fails on every input
     from feature_extraction.embedding import Embedder
 
@@ -743,10 +783,57 @@ def test_model_failing_on_square_input_is_broken(extract, monkeypatch, caplog):
 
     monkeypatch.setattr(Embedder, "embed", broken)
     with caplog.at_level(logging.ERROR):
-        code, output = extract()
+        code, output = extract("--multiscale", str(multiscale).lower())
     assert code == 1
-    assert "failed on each of the first 3 batches" in caplog.text
+    assert "failed on each of the first 3 batches: it raised an error on 3 of their 3 images" in caplog.text
+    assert "On a grey 32x32 image it raised an error too (mat1 and mat2 shapes cannot be multiplied)" in caplog.text
+    # resnet10t's config gives its training input size
+    assert "Check --resolution and --transforms against the input size the model takes (176x176 in its config)" \
+        in caplog.text
+    assert ("--multiscale true also gives the model inputs rescaled" in caplog.text) is multiscale
     assert probes == [(1, 32, 32, 3)]  # one grey image at --resolution 32
+    assert not output.exists()
+    # nothing was saved, so no partial run is left to make a corrected command exit 2
+    assert not output.with_name(output.name + ".parts").exists()
+
+
+def test_mixed_first_failures_counted_by_kind(extract, monkeypatch, caplog):
+    # Regression: errors and NaN embeddings on the first batches were all reported as NaN
+    from feature_extraction.embedding import Embedder
+
+    sizes = []
+
+    def raise_then_nan(self, images):
+        sizes.append(images.shape[0])
+        if len(sizes) <= 2:
+            raise RuntimeError("Output size is too small")
+        return torch.full((images.shape[0], 8), float("nan"))
+
+    monkeypatch.setattr(Embedder, "embed", raise_then_nan)
+    with caplog.at_level(logging.ERROR):
+        code, _ = extract()
+    assert code == 1
+    expected = (f"it raised an error on {sizes[0] + sizes[1]} and returned NaN, Inf or all-zero embeddings for "
+                f"{sizes[2]} of their {sum(sizes)} images")
+    assert expected in caplog.text
+
+
+def test_unembeddable_shapes_only_suggest_transforms(extract, sample_dataset, tmp_path, caplog):
+    # a list too short to fill the first batches, made only of shapes the model raises errors on
+    root, _, _ = sample_dataset
+    panoramas = [f"odd/pano_{i}.jpg" for i in range(3)]
+    for i, (name, width) in enumerate(zip(panoramas, [320, 192, 137])):
+        write_image(root / name, (width, 30), seed=300 + i)
+    list_path = tmp_path / "panoramas_only.txt"
+    list_path.write_text("".join(f"{p},0,0\n" for p in panoramas), encoding="utf-8")
+
+    with caplog.at_level(logging.ERROR):
+        code, output = extract("--framework", "och", "--model", "RN50", "--resolution", "64", "--batch_size", "8",
+                               list_file=list_path)
+    assert code == 1
+    assert "none of the 3 images could be embedded" in caplog.text
+    assert "pass --transforms RESIZE_SQUARE or RESIZE_PAD, which give every image one size, or --min_size" \
+        in caplog.text
     assert not output.exists()
 
 
@@ -755,14 +842,14 @@ def test_broken_model_needs_failed_batch():
 
     # three single odd images do not yet mean a broken model at batch size 16
     first = _FirstFailures(batch_size=16)
-    assert [first.add(torch.Size([1, 64, 6, 3])) for _ in range(3)] == [False, False, False]
-    assert first.add(torch.Size([13, 64, 64, 3])) is True
+    assert [first.add(torch.Size([1, 64, 6, 3]), raised=True) for _ in range(3)] == [False, False, False]
+    assert first.add(torch.Size([13, 64, 64, 3]), raised=True) is True
     # full batches: the third failure ends the run
     full = _FirstFailures(batch_size=16)
-    assert [full.add(torch.Size([16, 64, 64, 3])) for _ in range(3)] == [False, False, True]
+    assert [full.add(torch.Size([16, 64, 64, 3]), raised=False) for _ in range(3)] == [False, False, True]
     # once a batch is embedded, failures are the images' own
     after = _FirstFailures(batch_size=16, embedded=True)
-    assert [after.add(torch.Size([16, 64, 64, 3])) for _ in range(3)] == [False, False, False]
+    assert [after.add(torch.Size([16, 64, 64, 3]), raised=True) for _ in range(3)] == [False, False, False]
     assert after.batches == 0
 
 

@@ -76,6 +76,19 @@ def test_interrupted_run_resumes_to_same_file(extract, monkeypatch, caplog):
     assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
 
 
+def test_resume_omits_window_size_advice(extract, monkeypatch, caplog):
+    # a resumed run must keep its --window_size, so it is not advised to change it
+    _stop_after_windows(monkeypatch, 2)
+    assert extract("--num_workers", "2")[0] == 143
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--num_workers", "2")
+    assert code == 0
+    assert "resuming: 2 of 3 windows (8 rows)" in caplog.text
+    assert "--window_size" not in caplog.text
+
+
 def test_sigint_exit_code_130(extract, monkeypatch):
     _stop_after_windows(monkeypatch, 1, signal.SIGINT)
     code, _ = extract()
