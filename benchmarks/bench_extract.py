@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.cli import emit_summary  # noqa: E402
+from benchmarks.cli import SummaryWriteError, check_json_writable, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from feature_extraction.allocator import keep_freed_memory_mapped  # noqa: E402
 from feature_extraction.backbones import FRAMEWORKS, NO_WEIGHTS, POOLINGS, build_backbone  # noqa: E402
@@ -80,8 +80,12 @@ LIST_NAME = "list.txt"
 FEATURES_NAME = "features_uned.hdf5"
 ROUND_REQUEST_NAME = "round_request.json"
 ROUND_RESULT_NAME = "round_result.json"
-WORK_DIR_FILES = (LIST_NAME, FEATURES_NAME, ROUND_REQUEST_NAME, ROUND_RESULT_NAME, "precision_float32.hdf5",
-                  "precision_autocast.hdf5")
+WORK_DIR_MARKER = "bench_extract_work_dir.txt"
+PRECISION_NAMES = ("precision_float32.hdf5", "precision_autocast.hdf5")
+WORK_DIR_FILES = (LIST_NAME, FEATURES_NAME, ROUND_REQUEST_NAME, ROUND_RESULT_NAME, *PRECISION_NAMES, WORK_DIR_MARKER)
+# run_extraction also writes and deletes files named after its output: OUTPUT.parts/, OUTPUT.parts.lock,
+# OUTPUT.tmp and OUTPUT.failed.txt (feature_extraction/store.py and hdf5_output.py)
+EXTRACTION_OUTPUTS = (FEATURES_NAME, *PRECISION_NAMES)
 ROUND_SCRIPT = Path(__file__).resolve().with_name("extract_round.py")
 
 
@@ -161,7 +165,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="folder for the list, the HDF5 outputs and the files that pass each round's settings "
                           "and results (list.txt, features_uned.hdf5, round_request.json, round_result.json and, "
                           "with --compare_precision, precision_float32.hdf5 and precision_autocast.hdf5), kept "
-                          "after the run (default: a temporary folder, deleted)")
+                          "after the run. The benchmark marks the folder with bench_extract_work_dir.txt, and a "
+                          "rerun with the same folder replaces these files. Any other folder that already holds "
+                          "one of these files, or one that run_extraction keeps beside its output such as "
+                          "features_uned.hdf5.parts, is rejected, because it may contain an extract.py run. A "
+                          "folder with a round_request.json counts as the benchmark's own too, as earlier "
+                          "versions left no marker (default: a temporary folder, deleted)")
     run.add_argument("--json", metavar="PATH", help="also write the summary to this JSON file (default: none)")
 
     parser.set_defaults(
@@ -203,8 +212,10 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.json is not None:
         check_output_file(parser, "--json", args.json)
         check_not_an_input(parser, "--json", args.json, inputs)
+        check_json_writable(parser, args.json)
     if args.work_dir is not None:
         check_not_a_work_dir_file(parser, args)
+        check_work_dir_reusable(parser, args.work_dir)
 
 
 def check_not_a_work_dir_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -219,6 +230,33 @@ def check_not_a_work_dir_file(parser: argparse.ArgumentParser, args: argparse.Na
                              f"{args.work_dir!r}; choose another --work_dir")
 
 
+def written_by_benchmark(name: str) -> bool:
+    """Return whether the benchmark writes, replaces or deletes a file of this name in its work folder."""
+    return name in WORK_DIR_FILES or any(name.startswith(output + ".") for output in EXTRACTION_OUTPUTS)
+
+
+def check_work_dir_reusable(parser: argparse.ArgumentParser, work_dir: str) -> None:
+    """Reject a --work_dir whose files the benchmark would replace, unless an earlier benchmark run made it.
+
+    An earlier run leaves WORK_DIR_MARKER, or round_request.json before the marker existed.
+    Any other folder with such files may contain an extract.py run's output or partial run.
+    """
+    if not os.path.isdir(work_dir):
+        return
+    try:
+        names = set(os.listdir(work_dir))
+    except OSError as e:
+        parser.error(f"--work_dir {work_dir!r} cannot be read: {e.strerror or e}; choose another --work_dir")
+    if WORK_DIR_MARKER in names or ROUND_REQUEST_NAME in names:
+        return
+    found = sorted(name for name in names if written_by_benchmark(name))
+    if found:
+        parser.error(
+            f"--work_dir {work_dir!r} contains files that the benchmark would replace or delete ({', '.join(found)}) "
+            f"and no {WORK_DIR_MARKER} from an earlier bench_extract.py run; choose an empty or new --work_dir"
+        )
+
+
 def select_entries(dataset_dir: str, selected_ids: str | None, num_images: int) -> list[ListEntry]:
     """Return `num_images` entries spread evenly over the list (or the folder scan); all for 0."""
     entries = read_image_list(selected_ids) if selected_ids is not None else scan_image_dir(dataset_dir)
@@ -226,6 +264,13 @@ def select_entries(dataset_dir: str, selected_ids: str | None, num_images: int) 
         return entries
     positions = np.linspace(0, len(entries) - 1, num_images).round().astype(np.int64)
     return [entries[i] for i in positions]
+
+
+def mark_work_dir(work_dir: Path) -> None:
+    """Write the marker that lets a rerun with this --work_dir replace the files of this run."""
+    text = ("This folder is a --work_dir of benchmarks/bench_extract.py. "
+            "A rerun with the same --work_dir replaces its files.\n")
+    (work_dir / WORK_DIR_MARKER).write_text(text, encoding="utf-8")
 
 
 def write_list(entries: list[ListEntry], path: Path) -> None:
@@ -444,6 +489,22 @@ def median_of_rounds(rounds: list[dict]) -> dict:
     return {"distinct_shapes": rounds[0]["distinct_shapes"], **medians}
 
 
+def _count(number: int, singular: str, plural: str) -> str:
+    return f"{number} {singular if number == 1 else plural}"
+
+
+def describe_workers(summary: dict) -> str:
+    """Describe the decode workers the end-to-end run started, and why there are fewer than --num_workers."""
+    windows = (f"{_count(summary['num_windows'], 'window', 'windows')} of up to "
+               f"{summary['window_size']} rows")
+    if summary["num_workers"] == 0:
+        return f"0, decoding in the main process ({windows})"
+    if summary["decode_workers"] < summary["num_workers"]:
+        return (f"{summary['decode_workers']} of --num_workers {summary['num_workers']}, one per window "
+                f"({windows}); lower --window_size to use more")
+    return f"{summary['decode_workers']} ({windows})"
+
+
 def format_results(summary: dict) -> str:
     """Return the main numbers as aligned `name: value` lines."""
     medians = f", median of {summary['rounds']} rounds" if summary["rounds"] > 1 else ""
@@ -457,7 +518,8 @@ def format_results(summary: dict) -> str:
         f"(embedder with normalisation: {summary['embed_images_per_second']:.2f}){medians}",
         f"end-to-end / forward-only:   {summary['end_to_end_over_forward']:.3f}{medians}",
         f"decode images/s, 1 process:  {summary['decode_images_per_second']:.2f}{first_round}",
-        f"peak memory, {summary['max_processes']} processes{first_round}: "
+        f"decode workers:              {describe_workers(summary)}",
+        f"peak memory, {_count(summary['max_processes'], 'process', 'processes')}{first_round}: "
         f"main RSS + workers' USS {summary['peak_rss_uss_mib']:.0f} MiB, "
         f"RSS sum {summary['peak_rss_mib']:.0f} MiB, PSS sum {summary['peak_pss_mib']:.0f} MiB",
     ]
@@ -474,11 +536,14 @@ def format_results(summary: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Extract end to end, time the forward pass on the same batches, and print the results."""
+    # before any work of this run, so that it measures only the other jobs on the machine
+    load_before = load_average()
     _logger.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     device = resolve_device(args.device)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[device.type]
     entries = select_entries(args.dataset_dir, args.selected_ids, args.num_images)
     window_size = args.window_size or auto_window_size(len(entries))
+    num_windows = len(split_windows(len(entries), window_size))
     settings = dict(
         dataset_dir=args.dataset_dir, framework=args.framework, model=args.model,
         pretrained=None if args.checkpoint else NO_WEIGHTS, checkpoint=args.checkpoint, pooling=args.pooling,
@@ -494,12 +559,12 @@ def main(args: argparse.Namespace) -> int:
         else:
             work_dir = Path(args.work_dir)
             work_dir.mkdir(parents=True, exist_ok=True)
+            mark_work_dir(work_dir)
         list_path = work_dir / LIST_NAME
         write_list(entries, list_path)
 
         # end to end in a new process (with the memory of that process and its decode workers), then
         # forward only on the same batches, alternated so that a drift of the machine's speed hits both
-        load_before = load_average()
         rounds = []
         for round_index in range(args.rounds):
             extraction = extract_in_new_process(settings, list_path, work_dir / FEATURES_NAME, work_dir,
@@ -539,6 +604,9 @@ def main(args: argparse.Namespace) -> int:
             "store_fp16": args.store_fp16,
             "batch_size": batch_size,
             "num_workers": args.num_workers,
+            # run_extraction starts one worker per window at most
+            "decode_workers": min(args.num_workers, num_windows),
+            "num_windows": num_windows,
             "window_size": window_size,
             "num_images": len(entries),
             "num_embedded": extraction["num_embedded"],
@@ -571,7 +639,7 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and check the arguments, set up logging and run main.
 
     Returns extract.py's exit statuses: 2 for invalid arguments such as an unknown model,
-    1 for a failed extraction or a --work_dir that cannot be written, 130 for Ctrl-C, and
+    1 for a failed extraction or a --work_dir or --json file that cannot be written, 130 for Ctrl-C, and
     128 + the signal number for a round process killed by a signal.
     """
     parser = get_args_parser()
@@ -588,6 +656,9 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_SIGINT
     except EXTRACTION_ERRORS as e:
         return log_extraction_error(e)
+    except SummaryWriteError as e:
+        _logger.error("%s", e)
+        return EXIT_ERROR
     except OSError as e:
         _logger.error("benchmark failed: %s", e)
         return EXIT_ERROR

@@ -10,8 +10,8 @@ standard deviation, minimum and maximum of each.
         --val_features heldout.hdf5 --val_list heldout_paths.txt --seeds 30
 
 Results go to stdout; one `summary: {...}` JSON line ends them (also saved with --json).
-Exit status: 0 on success, 1 for unusable stored embeddings or a diverged run, 2 for
-invalid arguments.
+Exit status: 0 on success, 1 for unusable stored embeddings, a diverged run or a --json
+file that could not be written, 2 for invalid arguments.
 """
 import argparse
 import logging
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_train import stored_inputs  # noqa: E402
-from benchmarks.cli import emit_summary  # noqa: E402
+from benchmarks.cli import SummaryWriteError, check_json_writable, check_threads, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.reference_step import train_reference  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
@@ -79,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also count the seeds whose all-queries mAP@k reaches MAP (percent, 0 to 100) "
                              "(default: none)")
     parser.add_argument("--threads", metavar="N", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
+                        help="torch intra-op threads, at most the usable cores (default: torch's choice, one per "
+                             "usable core)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the summary to this JSON file (default: none)")
     return parser
 
@@ -94,6 +95,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      f"above 2**63 - 1; lower --first_seed or --seeds")
     if args.threshold is not None and not (math.isfinite(args.threshold) and 0 <= args.threshold <= 100):
         parser.error(f"--threshold is {args.threshold}; it must be a percentage from 0 to 100")
+    check_threads(parser, args.threads)
 
     input_flags = ("train_features", "train_list", "val_features", "val_list")
     inputs = {f"--{name}": [getattr(args, name)] for name in input_flags}
@@ -101,6 +103,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.json is not None:
         check_output_file(parser, "--json", args.json)
         check_not_an_input(parser, "--json", args.json, inputs)
+        check_json_writable(parser, args.json)
 
 
 def score(state_dict: dict, validation: LabelledEmbeddings, val_k: int) -> tuple[float, float]:
@@ -130,6 +133,8 @@ def _format_sd(sd: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    # before any work of this run, so that it measures only the other jobs on the machine
+    load_before = load_average()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     train, validation = stored_inputs(
@@ -140,7 +145,6 @@ def main(args: argparse.Namespace) -> int:
     raw = evaluate_retrieval(None, validation, torch.from_numpy(validation.features), args.val_k)
     print(f"raw embeddings: all-queries mAP@{args.val_k} {raw['all_queries']['map']:.2f}, macro {raw['map']:.2f}")
 
-    load_before = load_average()
     scores = {name: {"all_queries": [], "macro": []} for name in RUNS}
     print(f"{'seed':>4}  {'trainer all':>11}  {'macro':>6}  {'reference all':>13}  {'macro':>6}")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -183,7 +187,7 @@ def run(argv: list[str] | None = None) -> int:
     logging.getLogger("linear_adaptation").setLevel(logging.WARNING)  # one line per seed is enough
     try:
         return main(args)
-    except (DataError, ImageListError, TrainingError) as e:
+    except (DataError, ImageListError, TrainingError, SummaryWriteError) as e:
         _logger.error("%s", e)
         return 1
 

@@ -12,12 +12,12 @@ real ones from HDF5 files and lists as train_lin_adapt.py reads them.
 
 Results go to stdout: a table of epochs, then one `summary: {...}` JSON line (also saved
 with --json). The run log goes to stderr. Exit status: 0 on success, 1 for unusable
-stored embeddings or a diverged run, 2 for invalid arguments.
+stored embeddings, a diverged run, synthetic data that ran out of memory or a --json file
+that could not be written, 2 for invalid arguments.
 """
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.cli import emit_summary  # noqa: E402
+from benchmarks.cli import SummaryWriteError, check_json_writable, check_threads, emit_summary  # noqa: E402
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
-from benchmarks.memory import PeakMemorySampler, max_rss_mib  # noqa: E402
+from benchmarks.memory import PeakMemorySampler, available_memory_bytes, max_rss_mib  # noqa: E402
 from feature_extraction.flags import bool_flag  # noqa: E402
 from feature_extraction.image_list import ImageListError  # noqa: E402
 from linear_adaptation import train_lin_adapt  # noqa: E402
@@ -43,7 +43,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_seed,
 )
 from linear_adaptation.features_io import DataError  # noqa: E402
-from linear_adaptation.synthetic import make_synthetic_dataset  # noqa: E402
+from linear_adaptation.synthetic import estimate_memory, make_synthetic_dataset  # noqa: E402
 from linear_adaptation.trainer import (  # noqa: E402
     AMP_MODES,
     CLASSIFIER_INITS,
@@ -70,10 +70,15 @@ SIZE_FLAGS = tuple(PRESETS["cpu"])
 DEVICES = ("auto", "cpu", "cuda")
 STORED_FLAGS = ("train_features", "train_list", "val_features", "val_list")
 _MIB = 1024 * 1024
+_GIB = 1024 * _MIB
 _MIN_CLASS_SIZE = 2  # make_synthetic_dataset's default, so that every image has a positive
 
 # the trainer script's own defaults, so the benchmark follows them if they change
 _TRAINER_DEFAULTS = train_lin_adapt.get_args_parser()
+
+
+class SyntheticDataError(Exception):
+    """The synthetic embeddings could not be generated; the message names the flags to lower."""
 
 
 def _trainer_default(name: str):
@@ -144,10 +149,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "generation, first-touch page faults) are left out of the timed run; 0 times a fresh "
                           "process as a user runs it")
     run.add_argument("--repeats", metavar="N", type=int,
-                     help="train N times in this process and report the median training seconds (for an even N, "
-                          "the mean of the two middle runs) with the epoch table of the middle run (the faster "
-                          "of the two middle runs for an even N); for small sets, where one run takes well under "
-                          "a second and its time varies by tens of percent")
+                     help="train N times in this process and report the median run by training seconds (for an "
+                          "even N, the faster of the two middle runs): its epoch table, training seconds, seconds "
+                          "per epoch, steps/s and seconds to --target_map. train_seconds_repeats lists the "
+                          "training seconds of all N runs. For small sets, where one run takes well under a "
+                          "second and its time varies by tens of percent")
     run.add_argument("--target_map", metavar="MAP", type=float,
                      help="also report the training seconds until the held-out mAP@k first reaches MAP "
                           "(percent, 0 to 100, checked after each epoch; needs a held-out set) (default: none)")
@@ -214,10 +220,7 @@ def check_recipe_numbers(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"--weight_decay is {args.weight_decay}; it must be 0 or positive")
     if args.target_map is not None and not 0 <= args.target_map <= 100:
         parser.error(f"--target_map is {args.target_map}; it must be a percentage from 0 to 100")
-    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.threads is not None and args.threads > usable_cores:
-        parser.error(f"--threads is {args.threads} but this process may use {usable_cores} cores; "
-                     f"give at most {usable_cores}")
+    check_threads(parser, args.threads)
 
 
 # checked only for synthetic data, because the help text states that --train_features ignores them
@@ -238,6 +241,26 @@ def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--num_classes is {args.num_classes}; the classification loss needs at least 2")
     if args.batch_size > args.num_images:
         parser.error(f"--batch_size {args.batch_size} exceeds --num_images {args.num_images}; lower --batch_size")
+    check_synthetic_memory(parser, args)
+
+
+def check_synthetic_memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject synthetic sizes whose embeddings and generation need more memory than is available now."""
+    estimate = estimate_memory(args.num_images, args.num_classes, args.num_heldout_images, args.num_heldout_classes,
+                               args.dim, args.storage_dtype)
+    available = available_memory_bytes()
+    if estimate.total <= available:
+        return
+    advice = "lower --num_images, --num_heldout_images or --dim"
+    if args.storage_dtype != "float16":
+        advice += ", or use --storage_dtype float16"
+    parser.error(
+        f"the synthetic data need about {estimate.total / _GIB:.1f} GiB of memory: "
+        f"{estimate.train_features / _GIB:.1f} GiB of training embeddings ({args.num_images} x {args.dim} "
+        f"{args.storage_dtype}), {estimate.heldout_features / _GIB:.1f} GiB of held-out embeddings "
+        f"({args.num_heldout_images} x {args.dim}) and about {estimate.generation / _GIB:.1f} GiB to generate them. "
+        f"Only {available / _GIB:.1f} GiB is available; {advice}"
+    )
 
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -247,6 +270,7 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.json is not None:
         check_output_file(parser, "--json", args.json)
         check_not_an_input(parser, "--json", args.json, inputs)
+        check_json_writable(parser, args.json)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -260,16 +284,25 @@ def synthetic_inputs(
     *, num_images: int, num_classes: int, dim: int, num_heldout_images: int, num_heldout_classes: int,
     storage_dtype: str, seed: int,
 ) -> tuple[LabelledEmbeddings, LabelledEmbeddings]:
-    """Generate the training and held-out sets as the trainer takes them, rows in list order."""
-    data = make_synthetic_dataset(
-        num_train_images=num_images,
-        num_train_classes=num_classes,
-        num_heldout_images=num_heldout_images,
-        num_heldout_classes=num_heldout_classes,
-        dim=dim,
-        dtype=storage_dtype,
-        seed=seed,
-    )
+    """Generate the training and held-out sets as the trainer takes them, rows in list order.
+
+    Raises SyntheticDataError when memory runs out, which check_synthetic_memory's estimate
+    can miss when other processes allocate memory in the meantime.
+    """
+    try:
+        data = make_synthetic_dataset(
+            num_train_images=num_images,
+            num_train_classes=num_classes,
+            num_heldout_images=num_heldout_images,
+            num_heldout_classes=num_heldout_classes,
+            dim=dim,
+            dtype=storage_dtype,
+            seed=seed,
+        )
+    except MemoryError as e:
+        raise SyntheticDataError(
+            f"generating the synthetic data ran out of memory ({e}); lower --num_images, --num_heldout_images or --dim"
+        ) from e
     splits = []
     for split in (data.train, data.heldout):
         rows = np.arange(split.features.shape[0], dtype=np.int64)
@@ -398,6 +431,8 @@ def summarise(result: TrainResult, *, args: argparse.Namespace, data: dict, memo
 
 def main(args: argparse.Namespace) -> int:
     """Generate or load the embeddings, train with timing, optionally profile, and print the results."""
+    # before any work of this run, so that it measures only the other jobs on the machine
+    load_before = load_average()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -441,13 +476,13 @@ def main(args: argparse.Namespace) -> int:
     # timed training, as train_lin_adapt.py runs it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    load_before = load_average()
     runs = []
     with PeakMemorySampler() as memory:
         for _ in range(args.repeats):
             seed_everything(args.seed)
             runs.append(train_linear_adapter(train, validation=validation, val_k=args.val_k, show_progress=False,
                                              **recipe))
+    # every per-run number comes from this one run, so that they describe the same training
     result = sorted(runs, key=lambda run: run.train_seconds)[(len(runs) - 1) // 2]  # the (lower) middle run
     gpu_peak = None
     if device.type == "cuda":
@@ -455,7 +490,6 @@ def main(args: argparse.Namespace) -> int:
                     "reserved": round(torch.cuda.max_memory_reserved(device) / _MIB, 1)}
     summary = summarise(result, args=args, data=data, memory=memory, gpu_peak=gpu_peak, load_before=load_before)
     summary["train_seconds_repeats"] = [run.train_seconds for run in runs]
-    summary["train_seconds"] = float(np.median(summary["train_seconds_repeats"]))
 
     print(format_epochs(result, args.val_k))
     if args.profile_steps:
@@ -474,7 +508,7 @@ def run(argv: list[str] | None = None) -> int:
     train_lin_adapt.setup_logging()
     try:
         return main(args)
-    except (DataError, ImageListError, TrainingError) as e:
+    except (DataError, ImageListError, TrainingError, SyntheticDataError, SummaryWriteError) as e:
         _logger.error("%s", e)
         return 1
 

@@ -95,3 +95,12 @@ class PeakMemorySampler:
 def max_rss_mib() -> float:
     """Return this process's peak RSS over its whole life (getrusage ru_maxrss, KiB on Linux) in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_memory_bytes() -> int:
+    """Return the memory the system can give new allocations without swapping (psutil's `available`).
+
+    NOTE: a cgroup memory limit, as in a container, is not taken into account, so a run
+    can pass this check and still be stopped at the limit.
+    """
+    return psutil.virtual_memory().available

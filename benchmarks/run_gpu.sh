@@ -11,6 +11,7 @@
 #                extra flags appended to each command; a repeated flag overrides the one before
 #
 # Both runs start even when the first fails, and the script exits with the first failure.
+# A missing or empty RESULTS_DIR prints the usage and exits with status 2.
 set -uo pipefail
 # no file-name expansion: TRAIN_ARGS and EXTRACT_ARGS are split into words on purpose, never globbed
 set -f
@@ -24,7 +25,12 @@ absolute() {
     esac
 }
 
-results=$(absolute "${1:?usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]}")
+# checked here, because a failed ${1:?} inside $(...) would end only that subshell
+if [ -z "${1:-}" ]; then
+    echo "usage: bash benchmarks/run_gpu.sh RESULTS_DIR [IMAGES_DIR]" >&2
+    exit 2
+fi
+results=$(absolute "$1")
 images=$(absolute "${2:-}")
 python=${PYTHON:-python3}
 # a name without a slash is looked up in PATH, and a relative path is resolved like RESULTS_DIR

@@ -1,3 +1,5 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -5,7 +7,7 @@ from feature_extraction.image_list import read_image_list
 from linear_adaptation.features_io import join_by_id, load_hdf5_features
 from linear_adaptation.knn import knn_search
 from linear_adaptation.metrics import labelled_set_metrics
-from linear_adaptation.synthetic import long_tailed_sizes, make_synthetic_dataset, write_split
+from linear_adaptation.synthetic import estimate_memory, long_tailed_sizes, make_synthetic_dataset, write_split
 
 SMALL = dict(
     num_train_images=600, num_train_classes=60, num_heldout_images=200, num_heldout_classes=20, dim=48, nuisance_rank=4
@@ -81,3 +83,23 @@ def test_write_split_round_trip(tmp_path):
     assert np.array_equal(joined.labels, data.heldout.labels)
     assert np.array_equal(joined.domains, data.heldout.domains)
     assert np.array_equal(joined.rows, np.arange(200))
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(num_train_images=20000, num_train_classes=2000, num_heldout_images=2000, num_heldout_classes=200, dim=64),
+    dict(num_train_images=5000, num_train_classes=50, num_heldout_images=500, num_heldout_classes=10, dim=512,
+         dtype="float16"),
+])
+def test_memory_estimate_covers_peak(sizes):
+    # numpy reports its allocations to tracemalloc, so the traced peak covers the arrays and the id strings
+    tracemalloc.start()
+    try:
+        make_synthetic_dataset(**sizes)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    estimate = estimate_memory(**sizes)
+
+    assert estimate.total >= peak
+    assert estimate.total < 3 * peak  # an estimate, but not so loose that it rejects sizes that fit
+    assert estimate.train_features == sizes["num_train_images"] * sizes["dim"] * np.dtype(sizes.get("dtype", "float32")).itemsize
