@@ -43,7 +43,7 @@ from linear_adaptation.arg_checks import (  # noqa: E402
     check_seed,
 )
 from linear_adaptation.features_io import DataError  # noqa: E402
-from linear_adaptation.synthetic import estimate_memory, make_synthetic_dataset  # noqa: E402
+from linear_adaptation.synthetic import DEFAULT_NUISANCE_RANK, estimate_memory, make_synthetic_dataset  # noqa: E402
 from linear_adaptation.trainer import (  # noqa: E402
     AMP_MODES,
     CLASSIFIER_INITS,
@@ -241,6 +241,9 @@ def check_synthetic_sizes(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--num_classes is {args.num_classes}; the classification loss needs at least 2")
     if args.batch_size > args.num_images:
         parser.error(f"--batch_size {args.batch_size} exceeds --num_images {args.num_images}; lower --batch_size")
+    if args.dim < DEFAULT_NUISANCE_RANK:
+        parser.error(f"--dim is {args.dim} but the shared nuisance component of the synthetic data has rank "
+                     f"{DEFAULT_NUISANCE_RANK}; give --dim {DEFAULT_NUISANCE_RANK} or more")
     check_synthetic_memory(parser, args)
 
 

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 _CHUNK_ROWS = 16384
-_DEFAULT_NUISANCE_RANK = 16
+DEFAULT_NUISANCE_RANK = 16
 
 # Host bytes per generated row besides its embedding: the int64 labels, domains and class
 # indices with their temporary copies, and the Python strings of the ids. An estimate:
@@ -70,7 +70,7 @@ class MemoryEstimate(NamedTuple):
 
 def estimate_memory(num_train_images: int, num_train_classes: int, num_heldout_images: int,
                     num_heldout_classes: int, dim: int, dtype: str | np.dtype = "float32",
-                    nuisance_rank: int = _DEFAULT_NUISANCE_RANK) -> MemoryEstimate:
+                    nuisance_rank: int = DEFAULT_NUISANCE_RANK) -> MemoryEstimate:
     """Estimate the peak host memory of make_synthetic_dataset with these sizes, without allocating it.
 
     The generation part counts the per-row labels and ids, the float32 class centres, the
@@ -166,7 +166,7 @@ def make_synthetic_dataset(
     num_heldout_classes: int = 200,
     dim: int = 768,
     num_domains: int = 4,
-    nuisance_rank: int = _DEFAULT_NUISANCE_RANK,
+    nuisance_rank: int = DEFAULT_NUISANCE_RANK,
     nuisance_scale: float = 0.3,
     noise_scale: float = 2.0,
     size_exponent: float = 0.5,

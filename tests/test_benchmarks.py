@@ -449,6 +449,7 @@ def test_train_bench_even_repeats_one_run(capsys):
         (["--num_heldout_classes", "400"], "--num_heldout_images is 120 but --num_heldout_classes 400 needs"),
         (["--num_classes", "1", "--num_images", "600"], "--num_classes is 1; the classification loss needs at least 2"),
         (["--batch_size", "1000"], "--batch_size 1000 exceeds --num_images 600"),
+        (["--dim", "8"], "--dim is 8 but the shared nuisance component of the synthetic data has rank 16"),
         (["--seed", "-1"], "--seed is -1; it must lie between 0 and 2**63 - 1"),
         (["--data_seed", str(10**23)], f"--data_seed is {10**23}"),
         (["--target_map", "nan"], "--target_map is nan; it must be a percentage from 0 to 100"),
