@@ -121,6 +121,8 @@ class ExtractionSummary:
     num_failed: int = 0
     seconds: float = 0.0
     rows_this_run: int = 0
+    # rows with an embedding in the windows this run saved, so far
+    embedded_this_run: int = 0
     embed_seconds: float = 0.0
     already_complete: bool = False
 
@@ -355,9 +357,12 @@ def _input_size_advice(embedder: Embedder) -> str:
 
 
 def _check_first_failures(
-    first_failures: _FirstFailures, shape: torch.Size, embedder: Embedder, error: Exception | None
+    first_failures: _FirstFailures, shape: torch.Size, embedder: Embedder, error: Exception | None,
+    non_finite: bool = False,
 ) -> None:
     """Count a batch the model raised `error` on, or returned only unusable embeddings for (`error` None).
+
+    `non_finite` is True when some of those embeddings were NaN or Inf rather than all zeros.
 
     Raises ExtractionError when no batch was embedded yet and the failures mean a broken model.
     A model that raised errors is first tried on a grey square image, because a window made only
@@ -383,7 +388,9 @@ def _check_first_failures(
     message = (f"the model failed on each of the first {first_failures.batches} batches: it {' and '.join(parts)} "
                f"of their {first_failures.images} images, last on {_describe_batch(shape)}{last}")
     if error is None:
-        fix = "Check the weights (--checkpoint), or pass --comp_fp16 false if float16 overflowed"
+        fix = "Check the weights (--checkpoint)"
+        if non_finite and embedder.autocast_dtype == torch.float16:
+            fix += ", or pass --comp_fp16 false if float16 overflowed"
     elif probe.startswith("raised"):
         message += f". On a grey {resolution}x{resolution} image it {probe}"
         fix = _input_size_advice(embedder)
@@ -434,10 +441,12 @@ def _embed_windows(
     progress: tqdm,
     report: Path,
     batch_size: int,
+    summary: ExtractionSummary,
 ) -> int:
     """Embed every batch the loader yields and save each window once all its rows are in.
 
-    Returns the number of rows finished in this call.
+    Returns the number of rows finished in this call, and counts the embedded rows of the
+    saved windows in `summary.embedded_this_run` as they are saved.
     """
     collected: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     model_failures: dict[int, list[tuple[int, str]]] = {}
@@ -471,7 +480,8 @@ def _embed_windows(
                     continue
                 usable, reasons = _unusable_rows(vectors)  # (B,)
                 if not bool(usable.any()):
-                    _check_first_failures(first_failures, record.images.shape, embedder, None)
+                    _check_first_failures(first_failures, record.images.shape, embedder, None,
+                                          non_finite=NON_FINITE_REASON in reasons)
                 rows = record.rows[usable]
                 model_failures.setdefault(record.window, []).extend(
                     (row, reason) for row, reason in zip(record.rows.tolist(), reasons) if reason
@@ -499,6 +509,7 @@ def _embed_windows(
             assert len(rows) + len(failed_rows) == window.stop - window.start, "window rows lost"
 
             store.write_window(window, WindowPart(rows[order], vectors[order], failed_rows, failed_reasons))
+            summary.embedded_this_run += len(rows)
             finished_rows += window.stop - window.start
             progress.update(len(failed_rows))
             _log_failures(failed_rows.tolist(), failed_reasons, entries, failure_log, report)
@@ -531,9 +542,9 @@ def _raise_if_worker_died(error: Exception, iterator) -> None:
     signals = sorted({signal.Signals(-code).name for code in codes if code < 0 and -code in signal.valid_signals()})
     cause = f"was killed by {', '.join(signals)}" if signals else "exited"
     raise ExtractionError(
-        f"a decode worker process {cause} during the run ({str(error).splitlines()[0].strip()}). The saved windows "
-        "are kept: rerun the same command to resume. A worker killed by SIGKILL often means that the machine ran "
-        "out of memory, so also lower --num_workers or --window_size, or ask for more memory"
+        f"a decode worker process {cause} during the run ({str(error).splitlines()[0].strip()}). Rerun the same "
+        "command, which resumes from the windows saved so far. A worker killed by SIGKILL often means that the "
+        "machine ran out of memory, so also lower --num_workers or ask for more memory"
     ) from error
 
 
@@ -796,6 +807,8 @@ def _extract_locked(
                      "output replaces it", store.directory, output)
     replacing = output.exists()
 
+    # a partial run that an earlier command saved is never removed here: it may replace the output
+    started_here = overwrite or store.read_manifest() is None
     try:
         if overwrite:
             _remove_stale_files(output, store)
@@ -839,7 +852,7 @@ def _extract_locked(
                     summary.rows_this_run = _embed_windows(
                         loader=loader, embedder=embedder, store=store, windows={w.index: w for w in pending},
                         store_dtype=store_dtype, entries=entries, progress=progress, report=report,
-                        batch_size=batch_size,
+                        batch_size=batch_size, summary=summary,
                     )
                     summary.embed_seconds = time.monotonic() - embed_start
 
@@ -875,8 +888,8 @@ def _extract_locked(
         raise
     except BaseException as e:
         temporary.unlink(missing_ok=True)
-        if isinstance(e, ExtractionError) and not published and _saved_rows(store, windows) == 0:
-            # nothing to resume, and the manifest would make a command with corrected settings exit 2
+        if isinstance(e, ExtractionError) and started_here and not published and summary.embedded_this_run == 0:
+            # no embedding to resume, and the manifest would make a command with corrected settings exit 2
             if store.directory.exists():
                 store.remove()
             raise

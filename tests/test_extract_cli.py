@@ -570,25 +570,28 @@ def test_zero_checkpoint_ends_run(extract, tmp_path, caplog):
         code, output = extract(*options, "--checkpoint", tmp_path / "zero.pth")
     assert code == 1
     assert "returned NaN, Inf or all-zero embeddings for" in caplog.text
+    # zeros are no float16 overflow, and this run has no float16 autocast
+    assert "--comp_fp16" not in caplog.text
     assert not output.exists()
 
 
-def test_corrected_command_after_broken_model_runs(extract, tmp_path):
-    # Regression: the failed run left a partial run without rows, so the command with working weights
-    # exited 2 naming the changed checkpoint
+@pytest.mark.parametrize("window_size", ["4", "2"], ids=["nothing_saved", "failed_rows_saved"])
+def test_corrected_command_after_broken_model_runs(extract, tmp_path, window_size):
+    # Regression: the failed run left a partial run without embeddings (at window size 2, windows of
+    # failed rows only), so the command with working weights exited 2 naming the changed checkpoint
     import timm
 
     state = timm.create_model("resnet10t", num_classes=0).state_dict()
     state["conv1.0.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pth")
     options = [o for o in TINY if o not in ("--pretrained", "none")]
-    code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth")
+    code, output = extract(*options, "--checkpoint", tmp_path / "nan.pth", "--window_size", window_size)
     assert code == 1
     assert not output.with_name(output.name + ".parts").exists()
 
     state["conv1.0.weight"][0, 0, 0, 0] = 0.0
     torch.save(state, tmp_path / "fixed.pth")
-    code, output = extract(*options, "--checkpoint", tmp_path / "fixed.pth")
+    code, output = extract(*options, "--checkpoint", tmp_path / "fixed.pth", "--window_size", window_size)
     assert code == 0
     assert read_output(output)[0].shape[0] == 10
 

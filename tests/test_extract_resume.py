@@ -293,6 +293,35 @@ def test_stopped_overwrite_run_resumes_over_output(extract, monkeypatch, caplog)
     assert sorted(p.name for p in output.parent.iterdir()) == ["features_uned.hdf5"]
 
 
+def test_failed_resume_keeps_overwrite_run(extract, monkeypatch, caplog):
+    # Regression: a resumed --overwrite run that failed before saving a window deleted the partial run,
+    # so the next rerun kept the old output instead of replacing it
+    _, output = extract()
+    before = output.read_bytes()
+
+    def stop(self, images):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(Embedder, "embed", stop)
+    assert extract("--resolution", "40", "--overwrite", "true")[0] == 143
+
+    def out_of_memory(self, images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Embedder, "embed", out_of_memory)
+    assert extract("--resolution", "40")[0] == 1
+    parts = output.with_name(output.name + ".parts")
+    assert (parts / "manifest.json").exists()
+    assert output.read_bytes() == before
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        code, _ = extract("--resolution", "40")
+    assert code == 0
+    assert "resuming the partial run of --overwrite true" in caplog.text
+    assert read_output(output)[2]["resolution"] == 40
+
+
 def test_rerun_with_output_settings_keeps_replacement(extract, monkeypatch, caplog):
     # the command requests the output that exists, so that output stays, and the saved windows of
     # the replacement stay too, because the command may lack only one of its flags
