@@ -246,9 +246,14 @@ def read_image_list(list_path: str | os.PathLike, require_labels: bool = False) 
                     f"{list_path}:{line_no}: duplicate path {path!r} (first on line {other_line}); "
                     "remove the repeated line"
                 )
+            spelling = ""
+            if posixpath.normpath(_decoded_path(path)) != posixpath.normpath(_decoded_path(other_path)):
+                # the two look alike when printed, so their ids show the difference
+                spelling = (f" in another Unicode normalisation (ids {escape_id(path)!r} and "
+                            f"{escape_id(other_path)!r})")
             raise ImageListError(
                 f"{list_path}:{line_no}: path {path!r} names the same file as {other_path!r} on line "
-                f"{other_line}; keep one of the two lines"
+                f"{other_line}{spelling}; keep one of the two lines"
             )
         first_line_of_normalised[normalised] = (line_no, path)
         first_line_of_id[image_id] = (line_no, path)
@@ -283,8 +288,15 @@ def _walk_image_files(root: Path) -> list[str]:
 
 
 def _listable(path: str) -> bool:
-    """Return True when a list line can give `path`: list fields are split at commas and stripped."""
-    return not ("," in path or _CONTROL_CHAR.search(path) or "\ufeff" in path or path != path.strip())
+    """Return True when a list line can give `path`: read_image_list splits fields at commas, strips them and checks them."""
+    if "," in path or path != path.strip():
+        return False
+    try:
+        _check_characters(path, "", 0)
+        _check_relative(path, "", 0)
+    except ImageListError:
+        return False
+    return True
 
 
 def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
@@ -303,16 +315,26 @@ def scan_image_dir(dataset_dir: str | os.PathLike) -> list[ListEntry]:
         files = "1 image file has" if len(unlisted) == 1 else f"{len(unlisted)} image files have"
         raise ImageListError(
             f"{files} a path under {str(root)!r} that a 'path,label,domain' list cannot name, such as "
-            f"{unlisted[0]!r} (a comma, a control character, a byte-order mark, or spaces at its start or end); "
+            f"{unlisted[0]!r} (a comma, a control character, a byte-order mark, spaces at its start or end, or a "
+            "form that lists reject as absolute or leaving the folder); "
             "rename them, or pass --selected_ids with a list of the images to extract"
         )
     path_of_id: dict[str, str] = {}
+    path_of_normalised: dict[str, str] = {}
     for path in paths:
         other = path_of_id.setdefault(escape_id(path), path)
         if other != path:
             raise ImageListError(
                 f"{other!r} and {path!r} under {str(root)!r} have the same HDF5 id {escape_id(path)!r}; "
                 "pass --selected_ids with a list that names only one of them"
+            )
+        # a list rejects the second of two names that differ only in Unicode normalisation
+        other = path_of_normalised.setdefault(unicodedata.normalize("NFC", path), path)
+        if other != path:
+            raise ImageListError(
+                f"{escape_id(other)!r} and {escape_id(path)!r} under {str(root)!r} are one name in two Unicode "
+                "normalisations, which no list can name both of; rename one, or pass --selected_ids with a list "
+                "that names only one of them"
             )
     return [ListEntry(path, None, None, 0) for path in paths]
 

@@ -150,6 +150,23 @@ def test_other_normalisation_is_second_spelling(tmp_path, second):
         read_image_list(list_path)
 
 
+def test_scan_image_dir_rejects_two_normalisations(tmp_path):
+    # Regression: both files were extracted, and a list built from the output's ids was rejected; sorted
+    # by path, the decomposed name comes first
+    for form in ("NFC", "NFD"):
+        (tmp_path / unicodedata.normalize(form, "café.jpg")).write_bytes(b"x")
+    with pytest.raises(ImageListError, match="'cafe#U0301.jpg' and 'caf#U00e9.jpg' .* one name in two Unicode"):
+        scan_image_dir(tmp_path)
+
+
+def test_other_normalisation_message_shows_ids(tmp_path):
+    list_path = tmp_path / "list.txt"
+    list_path.write_text("café.jpg,0,0\n" + unicodedata.normalize("NFD", "café.jpg") + ",0,0\n", encoding="utf-8")
+    with pytest.raises(ImageListError, match=r"in another Unicode normalisation \(ids 'cafe#U0301.jpg' and "
+                                             r"'caf#U00e9.jpg'\)"):
+        read_image_list(list_path)
+
+
 def test_scan_image_dir_sorted_relative(tmp_path):
     for name in ["b/2.jpg", "a/1.PNG", "a/notes.txt", "c.webp"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -226,8 +243,10 @@ def test_resolve_image_path_prefers_exact_name(tmp_path):
     assert resolve_image_path(tmp_path, listed) == tmp_path / listed
 
 
-@pytest.mark.parametrize("name", ["a,b.jpg", "nl\nx.jpg", "tab\ty.jpg", " top.jpg", "\ufeffbom.jpg"],
-                         ids=["comma", "newline", "tab", "leading_space", "byte_order_mark"])
+@pytest.mark.parametrize("name", ["a,b.jpg", "nl\nx.jpg", "tab\ty.jpg", " top.jpg", "\ufeffbom.jpg", "..\\x.jpg",
+                                  "\\x.jpg"],
+                         ids=["comma", "newline", "tab", "leading_space", "byte_order_mark", "backslash_dots",
+                              "backslash_start"])
 def test_scan_image_dir_rejects_unlistable_names(tmp_path, name):
     # Regression: such names were extracted, and the failure report split a newline name over two lines
     (tmp_path / "ok.jpg").write_bytes(b"x")
