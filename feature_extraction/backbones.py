@@ -237,7 +237,10 @@ def build_timm(model: str, pretrained: str | None, checkpoint: str | None, pooli
         description["pretrained"] = ""
         classifier = net.pretrained_cfg.get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        ignored = () if keep_head else tuple(f"{c}." for c in classifier)
+        # a classifier such as LeViT's "head.linear" sits in a head module with other layers ("head.bn"),
+        # which num_classes=0 removes too; only keys the model lacks are dropped
+        heads = {c.rpartition(".")[0] for c in classifier if "." in c}
+        ignored = () if keep_head else tuple(f"{c}." for c in (*classifier, *sorted(heads)))
         load_state_dict_strict(net, read_state_dict(checkpoint), ignored_prefixes=ignored, source=repr(checkpoint))
     elif random_weights:
         _logger.warning("timm model %s has random weights (--pretrained none): embeddings are meaningless", name)

@@ -233,6 +233,18 @@ def test_checkpoint_loaded_and_classifier_dropped(tmp_path):
     assert backbone.description["pretrained"] == ""
 
 
+def test_checkpoint_with_levit_head_loads(tmp_path, caplog):
+    # Regression: LeViT's head keeps a BatchNorm beside its classifier ("head.bn"), whose keys were
+    # rejected as unexpected in a plain timm state dict
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model("levit_128s").state_dict(), tmp_path / "levit.pth")
+    with caplog.at_level(logging.INFO, logger="feature_extraction.checkpoints"):
+        backbone = build_backbone("timm", "levit_128s", None, str(tmp_path / "levit.pth"), "head")
+    assert "ignoring 14 checkpoint keys the model does not use: " in caplog.text
+    with torch.inference_mode():
+        assert backbone.module(_images(224, 224)).shape[-1] == 384
+
+
 def test_checkpoint_load_logged(tmp_path, caplog):
     # open_clip logs "Model initialized randomly" before the checkpoint loads, so the load needs its own line
     model = _save_resnet_state(tmp_path / "w.pth", seed=3)
