@@ -27,8 +27,13 @@ def check_json_writable(parser: argparse.ArgumentParser, path: str) -> None:
     reports as allowed to write everywhere, even under /proc.
     """
     target = Path(os.path.abspath(path))
+    if target.exists() and not target.is_file():
+        # opening a FIFO waits for a reader and takes it from the final write, so it is left to that write
+        return
+    # a symlink creates its target, which is what the cleanup must remove
+    created = Path(os.path.realpath(target))
     missing_folders = [folder for folder in target.parents if not folder.exists()]
-    existed = os.path.lexists(target)
+    existed = created.exists()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "a", encoding="utf-8"):
@@ -36,7 +41,7 @@ def check_json_writable(parser: argparse.ArgumentParser, path: str) -> None:
     except OSError as e:
         parser.error(f"--json {path!r} cannot be written: {e.strerror or e}; choose another path")
     finally:
-        _remove_created(target, existed, missing_folders)
+        _remove_created(created, existed, missing_folders)
 
 
 def _remove_created(target: Path, existed: bool, created_folders: list[Path]) -> None:
@@ -68,13 +73,14 @@ def emit_summary(summary: dict, json_path: str | None) -> None:
     if json_path is None:
         return
     path = Path(json_path)
-    existed = os.path.lexists(path)
+    created = Path(os.path.realpath(path))
+    existed = created.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         if not existed:
-            _unlink_quietly(path)
+            _unlink_quietly(created)
         raise SummaryWriteError(
             f"cannot write the summary to --json {json_path!r}: {e.strerror or e}. The summary line printed on "
             "stdout above has the same content"

@@ -815,6 +815,30 @@ def test_train_bench_json_check_leaves_nothing(capsys, tmp_path):
     assert json.loads(json_path.read_text()) == printed_summary(capsys.readouterr().out)
 
 
+def test_json_check_leaves_fifo_to_reader(tmp_path):
+    # Regression: the check opened a FIFO, which waited for a reader and then gave it an early end of file
+    import threading
+
+    from benchmarks.cli import check_json_writable
+
+    fifo = tmp_path / "summary.json"
+    os.mkfifo(fifo)
+    checker = threading.Thread(target=check_json_writable, args=(None, str(fifo)), daemon=True)
+    checker.start()
+    checker.join(timeout=10)
+    assert not checker.is_alive()
+
+
+def test_json_check_removes_file_made_through_symlink(tmp_path):
+    # Regression: a dangling symlink's target, created by the check, was left behind
+    from benchmarks.cli import check_json_writable
+
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    check_json_writable(None, str(tmp_path / "link.json"))
+    assert not (tmp_path / "target.json").exists()
+    assert (tmp_path / "link.json").is_symlink()
+
+
 @pytest.mark.parametrize("extra", [["--dim", str(10**12)], ["--num_images", str(10**11)]])
 def test_train_bench_rejects_data_beyond_memory(capsys, extra):
     # Regression: these sizes ended in numpy's _ArrayMemoryError traceback. Both need terabytes.
