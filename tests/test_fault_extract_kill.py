@@ -377,7 +377,7 @@ def test_killed_decode_worker_stops_run(images, reference, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr[-3000:]
     assert "a decode worker process was killed by SIGKILL during the run" in stderr
-    assert "rerun the same command to resume" in stderr
+    assert "Rerun the same command, which resumes from the windows saved so far" in stderr
     assert "Traceback" not in stderr
     _assert_nothing_final(out_dir)
 
