@@ -315,7 +315,7 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def _unusable_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+def _usable_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Return a (B,) mask of usable embeddings (finite, not all zeros) and the reason for each row."""
     finite = torch.isfinite(vectors).all(dim=1)
     usable = finite & vectors.ne(0).any(dim=1)
@@ -340,7 +340,7 @@ def _probe_square_input(embedder: Embedder) -> str | None:
     except Exception as e:
         raise_wrapped_interrupt(e)
         return f"raised an error too ({_first_line(e)})"
-    usable, reasons = _unusable_rows(vector)
+    usable, reasons = _usable_rows(vector)
     if bool(usable.all()):
         return None
     return "returned NaN or Inf values" if reasons[0] == NON_FINITE_REASON else "returned an all-zero embedding"
@@ -370,9 +370,9 @@ def _check_first_failures(
     """
     if not first_failures.add(shape, raised=error is not None):
         return
-    probe = _probe_square_input(embedder) if error is not None else "not tried"
     resolution = embedder.transform.resolution
-    if probe is None:
+    probe = _probe_square_input(embedder) if error is not None else None
+    if error is not None and probe is None:
         _logger.info("the model failed on each of the first %d batches (%d images) but embeds a %dx%d input, so "
                      "their images are skipped as shapes it cannot embed", first_failures.batches,
                      first_failures.images, resolution, resolution)
@@ -387,16 +387,14 @@ def _check_first_failures(
     last = f" ({_first_line(error)})" if error is not None else ""
     message = (f"the model failed on each of the first {first_failures.batches} batches: it {' and '.join(parts)} "
                f"of their {first_failures.images} images, last on {_describe_batch(shape)}{last}")
-    if error is None:
-        fix = "Check the weights (--checkpoint)"
-        if non_finite and embedder.autocast_dtype == torch.float16:
-            fix += ", or pass --comp_fp16 false if float16 overflowed"
-    elif probe.startswith("raised"):
+    if probe is not None:
         message += f". On a grey {resolution}x{resolution} image it {probe}"
+    if probe is not None and probe.startswith("raised"):
         fix = _input_size_advice(embedder)
     else:
-        message += f". On a grey {resolution}x{resolution} image it {probe}"
         fix = "Check the weights (--checkpoint)"
+        if error is None and non_finite and embedder.autocast_dtype == torch.float16:
+            fix += ", or pass --comp_fp16 false if float16 overflowed"
     raise ExtractionError(f"{message}. {fix}") from error
 
 
@@ -478,7 +476,7 @@ def _embed_windows(
                     reason = _shape_failure_reason(e, record.images.shape, first_failures, embedder)
                     model_failures.setdefault(record.window, []).extend((row, reason) for row in record.rows.tolist())
                     continue
-                usable, reasons = _unusable_rows(vectors)  # (B,)
+                usable, reasons = _usable_rows(vectors)  # (B,)
                 if not bool(usable.any()):
                     _check_first_failures(first_failures, record.images.shape, embedder, None,
                                           non_finite=NON_FINITE_REASON in reasons)
